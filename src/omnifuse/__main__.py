@@ -1,0 +1,5 @@
+import sys
+
+from omnifuse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ``omnifuse`` command line: generate, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named preset (random weights, seeded); see `omnifuse info --list`")
+    src.add_argument("--checkpoint", help="a checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _pipeline(args: argparse.Namespace):
+    from omnifuse.pipeline import Pipeline
+
+    if args.preset:
+        return Pipeline.from_preset(args.preset, seed=getattr(args, "init_seed", 0))
+    return Pipeline.from_checkpoint(args.checkpoint)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args)
+    sampling = pipe.sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stream = not args.json and sys.stdout.isatty()
+    shown: list[int] = []
+    printed = 0
+
+    def on_token(tok: int) -> None:  # stream the text as it grows
+        nonlocal printed
+        shown.append(tok)
+        text = pipe.tokenizer.decode(shown)
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+
+    t0 = time.perf_counter()
+    result = pipe.generate(args.prompt, args.image or [], sampling, chat=args.chat,
+                           on_token=on_token if stream else None)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        out = {
+            "text": result.text,
+            "tokens": result.tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "visual_tokens": result.visual_tokens,
+            "completion_tokens": len(result.tokens),
+            "finish_reason": result.finish_reason,
+            "kv_cache_bytes": result.kv_cache_bytes,
+            "images": result.images,
+            "seconds": round(elapsed, 4),
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        if not stream:
+            sys.stdout.write(result.text)
+        sys.stdout.write("\n")
+        print(f"[{len(result.tokens)} tokens, {result.prompt_tokens} prompt tokens "
+              f"({result.visual_tokens} visual), KV cache {result.kv_cache_bytes:,} bytes, "
+              f"{elapsed:.2f} s, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from omnifuse.estimates import model_info
+    from omnifuse.presets import get_preset, preset_names
+
+    if args.list:
+        print("\n".join(preset_names()))
+        return 0
+    if args.preset:
+        config = get_preset(args.preset)
+    elif args.checkpoint:
+        from omnifuse.checkpoint import read_config
+
+        config = read_config(args.checkpoint)
+    else:
+        raise ValueError("give --preset NAME, --checkpoint DIR or --list")
+    info = model_info(config)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"omnifuse info: {info['name']}", show_header=False)
+    for key, value in info.items():
+        if key == "parameters":
+            for part, n in value.items():
+                table.add_row(f"parameters.{part}", f"{n:,}")
+        else:
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from omnifuse.demo import run_demo
+
+    run_demo(max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnifuse", description="Multimodal transformers: every fusion strategy in one codebase.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt and images")
+    _add_model_args(g)
+    g.add_argument("--image", action="append", help="an image file; repeat for several images")
+    g.add_argument("--prompt", required=True, help="the prompt; <image> marks where each image goes")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="parameters, visual tokens and cache sizes of a model")
+    src = i.add_mutually_exclusive_group()
+    src.add_argument("--preset")
+    src.add_argument("--checkpoint")
+    src.add_argument("--list", action="store_true", help="list the presets")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="the main job on built-in data")
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from omnifuse.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:  # bad input: one clear line, no traceback
+        print(f"omnifuse: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

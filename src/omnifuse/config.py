@@ -1,0 +1,331 @@
+"""Model configuration: frozen, validated dataclasses that round-trip to JSON and YAML.
+
+Configs are data (DESIGN contract 2). Each dataclass settles its derived fields once in
+``__post_init__`` and asserts its invariants there; nothing edits a config afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "ConfigError",
+    "VisionConfig",
+    "ImageConfig",
+    "ConnectorConfig",
+    "FusionConfig",
+    "DecoderConfig",
+    "TextConfig",
+    "ModelConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclass: derived fields are settled once
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image encoder (CLIP-style: patch conv, optional CLS, learned positions, pre-norm)."""
+
+    image_size: int = 224  # the resolution the position embedding was learned at
+    patch_size: int = 14
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_channels: int = 3
+    use_cls: bool = True
+    activation: str = "gelu"  # gelu | quick_gelu (CLIP)
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # CLIP's pre_layrnorm on the embeddings
+    patch_bias: bool = False
+    qkv_bias: bool = True
+    # Which hidden state feeds the connector: 0 is the embedding output, -1 the last layer,
+    # -2 the one before (LLaVA). A tuple concatenates several layers along the channel axis.
+    feature_layer: Union[int, tuple[int, ...]] = -1
+    # "default" drops the CLS token from the features (LLaVA), "full" keeps it.
+    feature_select: str = "default"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "num_channels"):
+            _check(getattr(self, name) > 0, f"vision.{name} must be positive, got {getattr(self, name)}")
+        _check(self.image_size % self.patch_size == 0,
+               f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check(self.activation in ("gelu", "quick_gelu"), f"vision.activation {self.activation!r} unknown")
+        _check(self.feature_select in ("default", "full"),
+               f"vision.feature_select must be 'default' or 'full', got {self.feature_select!r}")
+        if isinstance(self.feature_layer, list):
+            _set(self, "feature_layer", tuple(self.feature_layer))
+        layers = self.feature_layers
+        for i in layers:
+            _check(-(self.num_layers + 1) <= i <= self.num_layers,
+                   f"vision.feature_layer {i} is outside the {self.num_layers + 1} hidden states")
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        fl = self.feature_layer
+        return tuple(fl) if isinstance(fl, tuple) else (fl,)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def cls_tokens(self) -> int:
+        """CLS tokens kept in the features handed to the connector."""
+        return 1 if (self.use_cls and self.feature_select == "full") else 0
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden_size * len(self.feature_layers)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How an image becomes pixel crops.
+
+    mode "fixed": one ``image_size`` square crop, by ``resize`` (stretch), ``pad`` (pad to square
+    with the mean colour, LLaVA-1.5) or ``crop`` (shortest edge then centre crop, CLIP).
+    mode "dynamic": one crop at native aspect ratio, sides multiples of the patch size, at most
+    ``max_patches`` patches (NaViT / Qwen2-VL style).
+    mode "tiles": a best-fit canvas of up to ``max_tiles`` ``image_size`` tiles (Llama 3.2), plus
+    a low-resolution overview crop when ``overview`` is set (GPT-4V / InternVL style).
+    """
+
+    mode: str = "fixed"
+    image_size: int = 224
+    resize: str = "resize"
+    max_patches: int = 256
+    min_patches: int = 1
+    max_tiles: int = 4
+    overview: bool = True
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    max_pixels: int = 64_000_000  # refuse to decode larger images (decompression bombs)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("fixed", "dynamic", "tiles"),
+               f"image.mode must be fixed, dynamic or tiles, got {self.mode!r}")
+        _check(self.resize in ("resize", "pad", "crop"),
+               f"image.resize must be resize, pad or crop, got {self.resize!r}")
+        _check(self.image_size > 0, f"image.image_size must be positive, got {self.image_size}")
+        _check(0 < self.min_patches <= self.max_patches,
+               f"image.min_patches {self.min_patches} / max_patches {self.max_patches} invalid")
+        _check(self.max_tiles >= 1, f"image.max_tiles must be >= 1, got {self.max_tiles}")
+        _set(self, "mean", tuple(float(x) for x in self.mean))
+        _set(self, "std", tuple(float(x) for x in self.std))
+        _check(len(self.mean) == 3 and len(self.std) == 3, "image.mean and image.std need 3 values")
+        _check(self.max_pixels > 0, "image.max_pixels must be positive")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Projects vision features to the decoder width: ``linear`` or ``mlp`` (two layers, GELU)."""
+
+    type: str = "mlp"
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        from omnifuse.connectors import CONNECTORS
+
+        _check(self.type in CONNECTORS, f"connector.type {self.type!r} unknown; known: {sorted(CONNECTORS)}")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """``early``: visual tokens spliced into the sequence. ``cross``: gated cross-attention layers
+    inserted before the listed decoder layers (or before every ``cross_attention_every``-th)."""
+
+    type: str = "early"
+    cross_attention_layers: tuple[int, ...] = ()
+    cross_attention_every: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.type in ("early", "cross"), f"fusion.type must be early or cross, got {self.type!r}")
+        _set(self, "cross_attention_layers", tuple(int(i) for i in self.cross_attention_layers))
+        _check(self.cross_attention_every >= 0, "fusion.cross_attention_every must be >= 0")
+        if self.type == "cross":
+            _check(bool(self.cross_attention_layers) != bool(self.cross_attention_every),
+                   "cross fusion needs exactly one of cross_attention_layers or cross_attention_every")
+        _check(len(set(self.cross_attention_layers)) == len(self.cross_attention_layers),
+               f"fusion.cross_attention_layers has duplicates: {self.cross_attention_layers}")
+
+    def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layer indices that get a cross-attention block in front of them."""
+        if self.type != "cross":
+            return ()
+        if self.cross_attention_every:
+            n = self.cross_attention_every
+            return tuple(range(n - 1, num_layers, n))  # Flamingo: every n-th layer
+        return tuple(sorted(self.cross_attention_layers))
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 0  # 0 means num_heads (multi-head attention)
+    head_dim: int = 0  # 0 means hidden_size // num_heads
+    intermediate_size: int = 11008
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_position: int = 4096  # the context length
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position"):
+            _check(getattr(self, name) > 0, f"decoder.{name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_heads == 0:
+            _set(self, "num_kv_heads", self.num_heads)
+        if self.head_dim == 0:
+            _check(self.hidden_size % self.num_heads == 0,
+                   f"decoder.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            _set(self, "head_dim", self.hidden_size // self.num_heads)
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"decoder.num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        _check(self.head_dim % 2 == 0, f"decoder.head_dim {self.head_dim} must be even for RoPE")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Tokenizer and special tokens. ``tokenizer`` is ``bytes`` (built in) or ``file``
+    (``tokenizer.json`` + ``tokenizer_config.json`` in the checkpoint folder)."""
+
+    tokenizer: str = "bytes"
+    image_token: str = "<image>"
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    pad_token: str = "<pad>"
+    chat_template: str = ""  # jinja2; empty means the tokenizer's own, if any
+
+    def __post_init__(self) -> None:
+        _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vision", "image", "connector", "fusion", "decoder", "text"):
+            _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
+        if self.image.mode == "fixed" or self.image.mode == "tiles":
+            _check(self.image.image_size % self.vision.patch_size == 0,
+                   f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
+                   f"{self.vision.patch_size}")
+        for i in self.fusion.resolved_layers(self.decoder.num_layers):
+            _check(0 <= i < self.decoder.num_layers,
+                   f"fusion.cross_attention_layers index {i} is outside 0..{self.decoder.num_layers - 1}")
+
+    @property
+    def cross_layers(self) -> tuple[int, ...]:
+        return self.fusion.resolved_layers(self.decoder.num_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation: nested dicts with the same field names; unknown keys are errors.
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return config_from_dict(tp, value, where)
+    origin = get_origin(tp)
+    if origin is tuple:
+        return tuple(value)
+    if origin is Union:
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config keys in {where or cls.__name__}: {unknown}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value types surface here
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def save_config(cfg: ModelConfig, path: str | Path) -> None:
+    path = Path(path)
+    data = config_to_dict(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return config_from_dict(ModelConfig, data)

@@ -1,0 +1,86 @@
+"""Vision Transformer image encoder (Dosovitskiy et al. 2021) in the CLIP layout LLaVA uses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnifuse.nn.attention import ViTAttention
+from omnifuse.nn.mlp import ViTMLP
+
+
+class ViTLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, activation: str, eps: float, qkv_bias: bool) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = ViTAttention(dim, num_heads, bias=qkv_bias)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = ViTMLP(dim, hidden, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding, optional CLS token, learned positions, pre-norm layers.
+
+    Positions are learned for ``image_size // patch_size`` squared patches and bicubically
+    interpolated for other grids, so crops of any patch-multiple size (dynamic resolution) work.
+    ``forward`` returns the selected hidden state(s): ``feature_layers`` index the list of
+    ``num_layers + 1`` hidden states (0 = embeddings), several are concatenated on channels, and
+    ``drop_cls`` removes the CLS token (LLaVA's "default" feature select strategy).
+    """
+
+    def __init__(self, *, image_size: int, patch_size: int, dim: int, num_layers: int, num_heads: int,
+                 hidden: int, num_channels: int = 3, use_cls: bool = True, activation: str = "gelu",
+                 eps: float = 1e-5, pre_norm: bool = True, patch_bias: bool = False, qkv_bias: bool = True,
+                 feature_layers: tuple[int, ...] = (-1,), drop_cls: bool = True) -> None:
+        super().__init__()
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.use_cls, self.drop_cls = use_cls, drop_cls and use_cls
+        n_layers_total = num_layers + 1
+        self.feature_layers = tuple(i % n_layers_total for i in feature_layers)
+        # Layers past the deepest selected feature never influence the output: skip building them.
+        self.num_layers_used = max(self.feature_layers)
+        self.patch_embedding = nn.Conv2d(num_channels, dim, patch_size, stride=patch_size, bias=patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(dim)) if use_cls else None
+        self.position_embedding = nn.Parameter(torch.zeros(self.grid * self.grid + int(use_cls), dim))
+        self.pre_layernorm = nn.LayerNorm(dim, eps=eps) if pre_norm else None
+        self.layers = nn.ModuleList(
+            ViTLayer(dim, num_heads, hidden, activation, eps, qkv_bias) for _ in range(self.num_layers_used)
+        )
+
+    def positions(self, rows: int, cols: int) -> torch.Tensor:
+        """Position embeddings for a (rows, cols) patch grid: (rows*cols + cls, D)."""
+        pos = self.position_embedding
+        cls_pos, patch_pos = (pos[:1], pos[1:]) if self.use_cls else (pos[:0], pos)
+        if (rows, cols) != (self.grid, self.grid):
+            d = patch_pos.shape[-1]
+            grid = patch_pos.reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)  # (1, D, g, g)
+            grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+            patch_pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(rows * cols, d)
+        return torch.cat([cls_pos, patch_pos], dim=0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: (N, C, H, W) with H, W multiples of patch_size
+        # -> (N, rows*cols [+1 if CLS kept], D * len(feature_layers))
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, rows, cols)
+        rows, cols = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (N, rows*cols, D)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        x = x + self.positions(rows, cols)
+        if self.pre_layernorm is not None:
+            x = self.pre_layernorm(x)
+        states = {0: x} if 0 in self.feature_layers else {}
+        for i, layer in enumerate(self.layers, start=1):
+            x = layer(x)
+            if i in self.feature_layers:
+                states[i] = x
+        out = torch.cat([states[i] for i in self.feature_layers], dim=-1)
+        return out[:, 1:] if self.drop_cls else out

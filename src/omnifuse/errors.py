@@ -1,0 +1,14 @@
+"""The error types that mean "bad input" (reported as one line by the CLI and as 4xx by a server)."""
+
+from omnifuse.checkpoint import CheckpointError
+from omnifuse.config import ConfigError
+from omnifuse.fusion import FeatureCountError
+from omnifuse.inference import ContextOverflowError
+from omnifuse.processing.image import ImageError
+from omnifuse.processing.text import TokenizerError
+
+USER_ERRORS = (CheckpointError, ConfigError, FeatureCountError, ContextOverflowError, ImageError,
+               TokenizerError, FileNotFoundError, ValueError)
+
+__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "FeatureCountError", "ContextOverflowError",
+           "ImageError", "TokenizerError"]

@@ -1,0 +1,14 @@
+"""Fusion strategies: how media features meet the text sequence."""
+
+from omnifuse.fusion.cross import CrossAttentionLayer, MediaMemory, TanhGate, build_memory, cross_attention_mask
+from omnifuse.fusion.early import FeatureCountError, splice_features
+
+__all__ = [
+    "CrossAttentionLayer",
+    "FeatureCountError",
+    "MediaMemory",
+    "TanhGate",
+    "build_memory",
+    "cross_attention_mask",
+    "splice_features",
+]

@@ -1,0 +1,18 @@
+"""Inference: caches, sampling and generation."""
+
+from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCache
+from omnifuse.inference.generate import ContextOverflowError, Step, generate, generate_stream, left_pad
+from omnifuse.inference.sampling import SamplingConfig, sample_next
+
+__all__ = [
+    "ContextOverflowError",
+    "CrossAttentionCache",
+    "InferenceCache",
+    "KVCache",
+    "SamplingConfig",
+    "Step",
+    "generate",
+    "generate_stream",
+    "left_pad",
+    "sample_next",
+]

@@ -1,0 +1,237 @@
+"""The multimodal model: vision encoder -> connector -> fusion (early or cross) -> decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from omnifuse.config import ModelConfig
+from omnifuse.connectors import CONNECTORS
+from omnifuse.encoders import VisionTransformer
+from omnifuse.fusion import (CrossAttentionLayer, FeatureCountError, build_memory, cross_attention_mask,
+                             splice_features)
+from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCache
+from omnifuse.nn import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU
+from omnifuse.processing.image import ImageProcessor, ProcessedImage
+
+__all__ = ["DecoderLayer", "MultimodalModel", "build_model", "build_image_processor"]
+
+
+class DecoderLayer(nn.Module):
+    """Llama block: x + attn(norm(x)); x + swiglu(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.self_attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x, cos, sin, mask, cache=None, start: int = 0):  # (B, T, D) -> (B, T, D)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_image_processor(config: ModelConfig) -> ImageProcessor:
+    return ImageProcessor(config.image, patch_size=config.vision.patch_size, cls_tokens=config.vision.cls_tokens)
+
+
+@dataclass
+class _Positions:
+    position_ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when plain causal attention suffices
+    start: int
+
+
+class MultimodalModel(nn.Module):
+    """A vision-language model with early or cross-attention fusion.
+
+    ``forward(input_ids, attention_mask, images, cache)`` returns logits. ``images`` is one list per
+    row of processed images, in prompt order. Early fusion needs each image's placeholder token
+    repeated ``num_tokens`` times in ``input_ids``; cross fusion needs one placeholder per image,
+    placed where the text that may look at the image begins.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        v, d = config.vision, config.decoder
+        self.vision_encoder = VisionTransformer(
+            image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
+            num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
+            activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
+            qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default",
+        )
+        self.connector = CONNECTORS[config.connector.type](v.feature_dim, d.hidden_size, bias=config.connector.bias)
+        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps)
+            for _ in range(d.num_layers)
+        )
+        self.cross_layers = nn.ModuleDict({
+            str(i): CrossAttentionLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
+                                        d.intermediate_size, d.norm_eps)
+            for i in config.cross_layers
+        })
+        self.norm = RMSNorm(d.hidden_size, d.norm_eps)
+        self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
+        if d.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(d.head_dim, d.rope_theta)
+        self.image_processor = build_image_processor(config)
+        self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+        ve = self.vision_encoder
+        nn.init.normal_(ve.position_embedding, std=std)
+        if ve.class_embedding is not None:
+            nn.init.normal_(ve.class_embedding, std=std)
+        # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
+
+    @property
+    def is_cross(self) -> bool:
+        return self.config.fusion.type == "cross"
+
+    def new_cache(self, batch_size: int, max_len: int) -> InferenceCache:
+        d = self.config.decoder
+        if max_len > d.max_position:
+            raise ValueError(f"cache length {max_len} exceeds the context length {d.max_position}")
+        p = self.lm_head.weight
+        return InferenceCache(KVCache(d.num_layers, batch_size, d.num_kv_heads, max_len, d.head_dim,
+                                      dtype=p.dtype, device=p.device))
+
+    # ------------------------------------------------------------------ media
+    def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
+        """Vision encoder + connector for each image: a list of (num_tokens, D_decoder)."""
+        if not images:
+            return []
+        device = self.lm_head.weight.device
+        crops = [img.pixel_values for img in images]
+        out_crops: list[torch.Tensor | None] = [None] * len(crops)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(crops):
+            by_shape.setdefault(tuple(c.shape[1:]), []).append(i)
+        for idx in by_shape.values():  # crops of one size share a batch
+            batch = torch.cat([crops[i] for i in idx]).to(device)  # (N, 3, H, W)
+            feats = self.connector(self.vision_encoder(batch))  # (N, tokens_per_crop, D)
+            for i, f in zip(idx, feats.split([crops[i].shape[0] for i in idx])):
+                out_crops[i] = f.reshape(-1, f.shape[-1])
+        for img, f in zip(images, out_crops):
+            if f.shape[0] != img.num_tokens:  # contract 1: num_tokens equals what the model produces
+                raise FeatureCountError(f"image produced {f.shape[0]} tokens but its processor predicted {img.num_tokens}")
+        return out_crops  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ forward
+    def _positions(self, attention_mask: torch.Tensor, cache: KVCache | None) -> _Positions:
+        b, t = attention_mask.shape
+        start = cache.length if cache is not None else 0
+        offset = cache.next_position[:, None] if cache is not None else 0
+        position_ids = (offset + attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        if cache is not None:
+            if start + t > cache.max_len:
+                raise ValueError(f"sequence of {start + t} tokens exceeds the cache length {cache.max_len}")
+            cache.key_mask[:, start:start + t] = attention_mask.bool()
+            cache.next_position += attention_mask.long().sum(1)
+            keys = cache.key_mask[:, :start + t]
+        else:
+            keys = attention_mask.bool()
+        if bool(keys.all()) and (start == 0 or t == 1):
+            return _Positions(position_ids, None, start)  # plain causal (prefill) / full (decode)
+        s = start + t
+        q_pos = torch.arange(start, s, device=keys.device)[:, None]  # (T, 1)
+        k_pos = torch.arange(s, device=keys.device)[None, :]  # (1, S)
+        causal = k_pos <= q_pos  # (T, S)
+        # A query at a padding position would see no key at all (NaN); let it see itself.
+        mask = (keys[:, None, :] & causal) | (k_pos == q_pos)  # (B, T, S)
+        return _Positions(position_ids, mask[:, None], start)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = left padding
+        images: list[list[ProcessedImage]] | None = None,
+        cache: InferenceCache | None = None,
+        image_features: list[list[torch.Tensor]] | None = None,  # precomputed (n_i, D) per image
+        last_only: bool = False,
+    ) -> torch.Tensor:  # (B, T, V), or (B, 1, V) with last_only
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if images is not None and image_features is None:
+            if len(images) != b:
+                raise FeatureCountError(f"got images for {len(images)} rows but the batch has {b}")
+            flat = self.encode_images([img for row in images for img in row])
+            it = iter(flat)
+            image_features = [[next(it) for _ in row] for row in images]
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        has_media = image_features is not None and any(len(r) for r in image_features)
+        if not self.is_cross and (has_media or self._count_placeholders(input_ids)):
+            x = splice_features(x, input_ids, image_features or [[] for _ in range(b)], self._placeholder())
+        cross = self._cross_inputs(input_ids, image_features, cache, x.dtype) if self.is_cross else None
+
+        kv_cache = cache.self_attn if cache is not None else None
+        pos = self._positions(attention_mask, kv_cache)
+        cos, sin = self.rope(pos.position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if cross is not None and str(i) in self.cross_layers:
+                kv = cross[0][i] if cross[0] is not None else self.cross_layers[str(i)].cross_attn.memory_kv(cross[3])
+                x = self.cross_layers[str(i)](x, kv, cross[1], cross[2])
+            x = layer(x, cos, sin, pos.mask, kv_cache.layer(i) if kv_cache is not None else None, pos.start)
+        if kv_cache is not None:
+            kv_cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _placeholder(self) -> int:
+        if self.placeholder_id is None:
+            raise FeatureCountError("the model has no image placeholder id; set model.placeholder_id")
+        return self.placeholder_id
+
+    def _count_placeholders(self, input_ids: torch.Tensor) -> int:
+        return 0 if self.placeholder_id is None else int((input_ids == self.placeholder_id).sum())
+
+    def _cross_inputs(self, input_ids, image_features, cache, dtype):
+        """(kv per layer or None, mask, row_visible, memory) for the cross-attention layers, or None
+        when the batch has no media."""
+        b = input_ids.shape[0]
+        placeholders = (input_ids == self.placeholder_id) if self.placeholder_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if image_features is not None:
+            for row, feats in enumerate(image_features):
+                n = int(placeholders[row].sum())
+                if n != len(feats):
+                    raise FeatureCountError(f"row {row}: the prompt has {n} image placeholder tokens but {len(feats)} images were given")
+            mem = build_memory(image_features, self.config.decoder.hidden_size, dtype, input_ids.device)
+            seen0 = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+            kv = None
+            if cache is not None:
+                kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
+                cache.cross = CrossAttentionCache(kv, mem.image_index, seen0.clone())
+            index, memory = mem.image_index, mem.features
+        elif cache is not None and cache.cross is not None:
+            kv, index, memory, seen0 = cache.cross.kv, cache.cross.image_index, None, cache.cross.images_seen
+        else:
+            if int(placeholders.sum()):
+                raise FeatureCountError(f"the prompt has {int(placeholders.sum())} image placeholder tokens but no images were given")
+            return None  # no media anywhere in the batch: every cross-attention layer is identity
+        images_seen = seen0[:, None] + placeholders.long().cumsum(1)  # (B, T)
+        if cache is not None and cache.cross is not None:
+            cache.cross.images_seen = images_seen[:, -1].clone()
+        mask, row_visible = cross_attention_mask(images_seen, index)
+        return kv, mask, row_visible.to(dtype), memory
+
+
+def build_model(config: ModelConfig) -> MultimodalModel:
+    return MultimodalModel(config)

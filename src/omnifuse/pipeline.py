@@ -1,0 +1,140 @@
+"""Prompt + images in, text out: tokenizer, image processor and model wired together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omnifuse.checkpoint import load_checkpoint
+from omnifuse.estimates import cross_kv_bytes_per_state, kv_bytes_per_token
+from omnifuse.fusion import FeatureCountError
+from omnifuse.inference import SamplingConfig, generate_stream
+from omnifuse.model import MultimodalModel, build_model
+from omnifuse.presets import get_preset
+from omnifuse.processing.image import ProcessedImage
+from omnifuse.processing.text import Tokenizer, expand_image_tokens, load_tokenizer
+
+__all__ = ["GenerationResult", "Pipeline"]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int  # context positions the prompt takes, visual tokens included for early fusion
+    visual_tokens: int  # tokens (early) or cross-attention states (cross) all images produce
+    finish_reason: str  # "stop" or "length"
+    kv_cache_bytes: int  # self-attention cache for prompt + output, plus the cross-attention cache
+    images: list[dict] = field(default_factory=list)  # per image: size, tokens, tiles
+
+
+class Pipeline:
+    def __init__(self, model: MultimodalModel, tokenizer: Tokenizer) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = model.image_processor
+        self.image_token = model.config.text.image_token
+        model.placeholder_id = tokenizer.image_token_id
+        if tokenizer.vocab_size > model.config.decoder.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                             f"{model.config.decoder.vocab_size}")
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0) -> Pipeline:
+        """A randomly initialised preset (seeded, so the same name and seed give the same weights)."""
+        config = get_preset(name)
+        torch.manual_seed(seed)
+        return cls(build_model(config), load_tokenizer(config.text))
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path) -> Pipeline:
+        model = load_checkpoint(folder)
+        return cls(model, load_tokenizer(model.config.text, folder))
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_ids(self, prompt: str, images: Sequence[ProcessedImage] = (), chat: bool = False) -> list[int]:
+        """Token ids for ``prompt`` with one placeholder per image.
+
+        A prompt without placeholders gets them in front (LLaVA's ``<image>\\n`` convention);
+        otherwise the prompt's placeholders must equal the number of images. Early fusion expands
+        each placeholder to its image's token count.
+        """
+        n_marks = prompt.count(self.image_token)
+        if n_marks == 0 and images:
+            prompt = (self.image_token * len(images)) + "\n" + prompt
+        elif n_marks != len(images):
+            raise FeatureCountError(f"the prompt has {n_marks} image placeholders ({self.image_token}) "
+                                    f"but {len(images)} images were given")
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = self.tokenizer.encode(prompt)  # never doubles a bos the template already wrote
+        if not self.model.is_cross:
+            ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
+        return ids
+
+    def process_images(self, sources: Sequence) -> list[ProcessedImage]:
+        return [self.processor(s) for s in sources]
+
+    def cache_bytes(self, sequence_tokens: int, visual_tokens: int) -> int:
+        """Cache bytes one request holds: KV for every context position, plus cross-attention
+        K/V for every visual state in cross-attention models (same rule as ``omnifuse info``)."""
+        cfg = self.model.config
+        dtype_bytes = self.model.lm_head.weight.element_size()
+        total = sequence_tokens * kv_bytes_per_token(cfg, dtype_bytes)
+        if self.model.is_cross:
+            total += visual_tokens * cross_kv_bytes_per_state(cfg, dtype_bytes)
+        return total
+
+    # ------------------------------------------------------------------ generation
+    def sampling(self, **kwargs) -> SamplingConfig:
+        kwargs.setdefault("stop_token_ids", tuple(self.tokenizer.eos_token_ids))
+        return SamplingConfig(**kwargs)
+
+    def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None,
+                       sampling: SamplingConfig | None = None, chat: bool = False,
+                       on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+        """Generate for several prompts at once (left-padded). ``images[i]`` are prompt i's sources
+        (paths, bytes or PIL images). ``on_token(row, id)`` is called as tokens arrive (streaming)."""
+        sampling = sampling or self.sampling()
+        images = images or [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        processed = [self.process_images(srcs) for srcs in images]
+        rows = [self.prompt_ids(p, imgs, chat) for p, imgs in zip(prompts, processed)]
+        has_images = any(processed)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        stops = set(sampling.stop_token_ids)
+        for step in generate_stream(self.model, rows, processed if has_images else None, sampling,
+                                    pad_id=self.tokenizer.pad_token_id):
+            for r in range(len(prompts)):
+                if not bool(step.active[r]):
+                    continue
+                tok = int(step.tokens[r])
+                if tok in stops:
+                    done[r] = True
+                    continue
+                out[r].append(tok)
+                if on_token is not None:
+                    on_token(r, tok)
+        return [
+            GenerationResult(
+                text=self.tokenizer.decode(toks),
+                tokens=toks,
+                prompt_tokens=len(ids),
+                visual_tokens=sum(img.num_tokens for img in imgs),
+                finish_reason="stop" if d else "length",
+                kv_cache_bytes=self.cache_bytes(len(ids) + len(toks), sum(img.num_tokens for img in imgs)),
+                images=[{"width": img.original_size[0], "height": img.original_size[1], "tokens": img.num_tokens,
+                         "crops": int(img.pixel_values.shape[0]), "tiles": list(img.tiles)} for img in imgs],
+            )
+            for toks, ids, imgs, d in zip(out, rows, processed, done)
+        ]
+
+    def generate(self, prompt: str, images: Sequence = (), sampling: SamplingConfig | None = None,
+                 chat: bool = False, on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        callback = (lambda _row, tok: on_token(tok)) if on_token is not None else None
+        return self.generate_batch([prompt], [list(images)], sampling, chat, callback)[0]

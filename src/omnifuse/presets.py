@@ -1,0 +1,84 @@
+"""Named model configurations.
+
+``tiny-*`` presets are small enough for fast CPU tests and demos. Full-size presets describe
+published architectures for the planner and ``omnifuse info``; they are never instantiated with
+real memory in tests (``omnifuse info`` builds them on the meta device).
+"""
+
+from __future__ import annotations
+
+from omnifuse.config import (ConfigError, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig,
+                             TextConfig, VisionConfig)
+
+__all__ = ["PRESETS", "get_preset", "preset_names"]
+
+_TINY_VISION = VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_layers=3, num_heads=4,
+                            intermediate_size=128, feature_layer=-2)
+_TINY_DECODER = DecoderConfig(vocab_size=260, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                              intermediate_size=256, max_position=2048, rope_theta=10000.0)
+
+PRESETS: dict[str, ModelConfig] = {
+    # LLaVA-style: CLIP-like ViT, penultimate layer without CLS, MLP connector, tokens in the sequence.
+    "tiny-early": ModelConfig(
+        name="tiny-early",
+        vision=_TINY_VISION,
+        image=ImageConfig(mode="fixed", image_size=64, resize="pad"),
+        connector=ConnectorConfig(type="mlp"),
+        fusion=FusionConfig(type="early"),
+        decoder=_TINY_DECODER,
+        text=TextConfig(tokenizer="bytes"),
+    ),
+    # Llama-3.2-Vision-style: tiles on a best-fit canvas, CLS kept, gated cross-attention layers.
+    "tiny-cross": ModelConfig(
+        name="tiny-cross",
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=3, num_heads=4,
+                            intermediate_size=128, feature_layer=-1, feature_select="full"),
+        image=ImageConfig(mode="tiles", image_size=32, max_tiles=4, overview=False),
+        connector=ConnectorConfig(type="linear"),
+        fusion=FusionConfig(type="cross", cross_attention_layers=(1, 3)),
+        decoder=_TINY_DECODER,
+        text=TextConfig(tokenizer="bytes"),
+    ),
+    # LLaVA-1.5 7B (Liu et al. 2023): CLIP ViT-L/14 at 336 px, layer -2 without CLS, mlp2x_gelu,
+    # Vicuna-7B (Llama 2 7B) decoder. 576 visual tokens per image.
+    "llava-1.5-7b": ModelConfig(
+        name="llava-1.5-7b",
+        vision=VisionConfig(image_size=336, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                            intermediate_size=4096, activation="quick_gelu", feature_layer=-2,
+                            feature_select="default"),
+        image=ImageConfig(mode="fixed", image_size=336, resize="pad"),
+        connector=ConnectorConfig(type="mlp"),
+        fusion=FusionConfig(type="early"),
+        decoder=DecoderConfig(vocab_size=32064, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                              intermediate_size=11008, rope_theta=10000.0, max_position=4096),
+        text=TextConfig(tokenizer="file", image_token="<image>"),
+    ),
+    # Llama 3.2 11B Vision (Meta 2024): 560 px tiles (up to 4), 1601 states per tile (40x40 + CLS),
+    # ViT-H/14 features from the last and five intermediate layers (6 x 1280 = 7680 channels), a
+    # Llama 3.1 8B decoder with 8 gated cross-attention layers (every 4th self-attention layer).
+    # The vision encoder's 8 global layers, tile and gated position embeddings are not modelled yet.
+    "llama-3.2-11b-vision": ModelConfig(
+        name="llama-3.2-11b-vision",
+        vision=VisionConfig(image_size=560, patch_size=14, hidden_size=1280, num_layers=32, num_heads=16,
+                            intermediate_size=5120, activation="gelu", feature_layer=(3, 7, 15, 23, 30, 32),
+                            feature_select="full"),
+        image=ImageConfig(mode="tiles", image_size=560, max_tiles=4, overview=False),
+        connector=ConnectorConfig(type="linear"),
+        fusion=FusionConfig(type="cross", cross_attention_every=4),
+        decoder=DecoderConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                              intermediate_size=14336, rope_theta=500000.0, max_position=131072),
+        text=TextConfig(tokenizer="file", image_token="<|image|>", bos_token="<|begin_of_text|>",
+                        eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}") from None

@@ -1,0 +1,1 @@
+"""Media and text processing: decode, resize/tile, normalise; tokenise and render chat templates."""

@@ -1,0 +1,373 @@
+"""Images to pixel crops: loading, resizing by mode, normalisation and exact visual-token counts.
+
+Three modes (``ImageConfig.mode``):
+
+- ``fixed``: one ``S x S`` crop by stretching, LLaVA-1.5 padding to a square, or CLIP's shortest
+  edge resize plus centre crop (pixel-identical to Hugging Face ``CLIPImageProcessor``).
+- ``dynamic``: one crop at native aspect ratio with sides that are multiples of the patch size
+  (Qwen2-VL ``smart_resize``, counted in patches instead of pixels).
+- ``tiles``: Llama 3.2 Vision's best-fit canvas of ``S x S`` tiles (pixel-identical to Hugging Face
+  ``MllamaImageProcessor``), optionally followed by a low-resolution overview crop.
+
+``ImageProcessor.num_tokens(width, height)`` is a pure function of the image size, so a prompt can
+be laid out (and its cost known) before any pixel is decoded; it always equals the count of the
+crops that ``__call__`` returns.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from omnifuse.config import ConfigError, ImageConfig
+
+__all__ = [
+    "ImageError",
+    "load_image",
+    "ProcessedImage",
+    "ImageProcessor",
+    "aspect_ratio_id",
+]
+
+ImageSource = Union[str, Path, bytes, bytearray, Image.Image]
+
+# Pillow >= 9.1 moved the filters into an enum; the old module constants still work on 10+.
+_BICUBIC = Image.Resampling.BICUBIC
+_BILINEAR = Image.Resampling.BILINEAR
+# CLIP-style crop of a thin image: above this many pixels the resized-then-cropped intermediate is
+# skipped (see ImageProcessor._fixed).
+_MAX_INTERMEDIATE_PIXELS = 16_000_000
+
+
+class ImageError(ValueError):
+    """An image cannot be used: missing, empty, undecodable, too large or zero-sized.
+
+    The message names the problem and the numbers involved."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    return str(source)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {name} has zero size ({width} x {height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image {name} has {width} x {height} = {width * height} pixels, "
+                         f"more than max_pixels = {max_pixels}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # Pillow converts 16-bit to 8-bit by clipping at 255, which turns most images white;
+        # rescale the 16-bit range instead (files opened as "I" are 16-bit PNG/TIFF data).
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img.copy()  # detach from any file the caller still holds
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert image mode {img.mode!r} to RGB: {e}") from None
+
+
+def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image:
+    """Open ``source`` (a path, encoded bytes or a PIL image) as an upright RGB image.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing. Every failure is an ``ImageError``.
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        img = source
+        opened = None
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.exists():
+                raise ImageError(f"image file not found: {path}")
+            if not path.is_file():
+                raise ImageError(f"image path is not a file: {path}")
+            if path.stat().st_size == 0:
+                raise ImageError(f"image file is empty (0 bytes): {path}")
+            fp: object = str(path)
+        elif isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise ImageError("image bytes are empty (0 bytes)")
+            fp = io.BytesIO(bytes(source))
+        else:
+            raise ImageError(f"image source must be a path, bytes or PIL.Image.Image, "
+                             f"got {type(source).__name__}")
+        try:
+            with warnings.catch_warnings():
+                # Our own max_pixels check below governs; PIL's hard DecompressionBombError (twice
+                # its MAX_IMAGE_PIXELS) still applies and becomes an ImageError.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(fp)  # lazy: reads the header only
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image {name} is too large to decode: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageError(f"cannot decode image {name}: {e}") from None
+        img = opened
+
+    try:
+        _check_pixels(img.width, img.height, max_pixels, name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()  # decode now, so a truncated file fails here and not later
+                img = ImageOps.exif_transpose(img)
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image {name} is too large to decode: {e}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"cannot decode image {name}: {e}") from None
+        return _to_rgb(img)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.2 tile canvas (Hugging Face MllamaImageProcessor; these must match it exactly)
+
+
+def _supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
+    """All (rows, cols) with rows * cols <= max_tiles, rows major: Mllama's id order."""
+    return [(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if r * c <= max_tiles]
+
+
+def aspect_ratio_id(rows: int, cols: int, max_tiles: int) -> int:
+    """Mllama's aspect-ratio id: the 1-based index of (rows, cols) among the supported canvases
+    (0 is kept for batch padding)."""
+    ratios = _supported_aspect_ratios(max_tiles)
+    if (rows, cols) not in ratios:
+        raise ImageError(f"tile canvas {rows} x {cols} is not supported with max_tiles = {max_tiles}")
+    return ratios.index((rows, cols)) + 1
+
+
+def _optimal_canvas(width: int, height: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(rows, cols) of Mllama's get_optimal_tiled_canvas: the canvas needing the least upscaling,
+    else the least downscaling; ties go to the smallest area (first in id order)."""
+    ratios = _supported_aspect_ratios(max_tiles)
+    # Scale that fits the image inside each canvas; same float operations as the numpy original.
+    scales = [min(c * tile / width, r * tile / height) for r, c in ratios]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(s for s in scales if s < 1)
+    candidates = [rc for rc, s in zip(ratios, scales) if s == chosen]
+    return min(candidates, key=lambda rc: rc[0] * rc[1])  # min() keeps the first of equal areas
+
+
+def _fit_to_canvas(width: int, height: int, canvas_w: int, canvas_h: int, tile: int) -> tuple[int, int]:
+    """(w, h) of Mllama's get_image_size_fit_to_canvas: aspect kept, each side clipped to
+    [tile, canvas] before choosing the limiting one."""
+    target_w = min(max(width, tile), canvas_w)
+    target_h = min(max(height, tile), canvas_h)
+    scale_h = target_h / height
+    scale_w = target_w / width
+    if scale_w < scale_h:
+        return target_w, min(math.floor(height * scale_w) or 1, target_h)
+    return min(math.floor(width * scale_h) or 1, target_w), target_h
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    pixel_values: torch.Tensor  # (N_crops, 3, H, W) float32, normalised
+    num_tokens: int  # visual tokens the model produces for this image: crops * tokens per crop
+    grid: tuple[int, int]  # (patch rows, patch cols) of each crop
+    tiles: tuple[int, int]  # (rows, cols) of the tile canvas in "tiles" mode, else (1, 1)
+    original_size: tuple[int, int]  # (width, height) after EXIF transpose
+
+
+class ImageProcessor:
+    """Turns images into normalised crops for a ViT with ``patch_size`` patches.
+
+    ``cls_tokens`` is the number of extra tokens per crop the encoder hands on (1 when a CLS token
+    is kept, ``VisionConfig.cls_tokens``).
+    """
+
+    def __init__(self, config: ImageConfig, patch_size: int, cls_tokens: int = 0):
+        if patch_size <= 0:
+            raise ConfigError(f"patch_size must be positive, got {patch_size}")
+        if cls_tokens < 0:
+            raise ConfigError(f"cls_tokens must be >= 0, got {cls_tokens}")
+        if config.mode in ("fixed", "tiles") and config.image_size % patch_size:
+            raise ConfigError(f"image.image_size {config.image_size} is not a multiple of "
+                              f"patch_size {patch_size}")
+        self.config = config
+        self.patch_size = patch_size
+        self.cls_tokens = cls_tokens
+        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+
+    # --- sizes from metadata only ------------------------------------------------------------
+
+    def _dynamic_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) in patches: Qwen2-VL smart_resize with patches as the unit."""
+        cfg, p = self.config, self.patch_size
+        rows = max(1, round(height / p))
+        cols = max(1, round(width / p))
+        if rows * cols > cfg.max_patches:
+            beta = math.sqrt(height * width / (cfg.max_patches * p * p))
+            rows = max(1, math.floor(height / beta / p))
+            cols = max(1, math.floor(width / beta / p))
+        elif rows * cols < cfg.min_patches:
+            beta = math.sqrt(cfg.min_patches * p * p / (height * width))
+            rows = math.ceil(height * beta / p)
+            cols = math.ceil(width * beta / p)
+        # Float rounding, and the one-patch floor on a very thin side, can overshoot the budget:
+        # shrink the longer side until it fits (at 1 x 1 it always does, as max_patches >= 1).
+        while rows * cols > cfg.max_patches:
+            if cols >= rows:
+                cols = max(1, min(cols - 1, cfg.max_patches // rows))
+            else:
+                rows = max(1, min(rows - 1, cfg.max_patches // cols))
+        return rows, cols
+
+    def _check_size(self, width: int, height: int) -> None:
+        if not (isinstance(width, numbers.Integral) and isinstance(height, numbers.Integral)) \
+                or width <= 0 or height <= 0:
+            raise ImageError(f"image size must be positive integers, got {width} x {height}")
+
+    def canvas(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of the tile canvas in "tiles" mode; (1, 1) in the other modes."""
+        self._check_size(width, height)
+        if self.config.mode != "tiles":
+            return (1, 1)
+        return _optimal_canvas(width, height, self.config.max_tiles, self.config.image_size)
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) the image content is resized to: the crop itself in "fixed" / "dynamic" mode,
+        the image inside the (zero-padded) canvas in "tiles" mode."""
+        self._check_size(width, height)
+        cfg, s = self.config, self.config.image_size
+        if cfg.mode == "fixed":
+            return (s, s)
+        if cfg.mode == "dynamic":
+            rows, cols = self._dynamic_grid(width, height)
+            return (cols * self.patch_size, rows * self.patch_size)
+        rows, cols = self.canvas(width, height)
+        return _fit_to_canvas(width, height, cols * s, rows * s, s)
+
+    def _layout(self, width: int, height: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(number of crops, patch grid per crop, tile canvas)."""
+        cfg, p = self.config, self.patch_size
+        if cfg.mode == "dynamic":
+            return 1, self._dynamic_grid(width, height), (1, 1)
+        side = cfg.image_size // p
+        if cfg.mode == "fixed":
+            return 1, (side, side), (1, 1)
+        rows, cols = self.canvas(width, height)
+        return rows * cols + int(cfg.overview), (side, side), (rows, cols)
+
+    def num_tokens(self, width: int, height: int) -> int:
+        """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
+        self._check_size(width, height)
+        crops, (gh, gw), _ = self._layout(width, height)
+        return crops * (gh * gw + self.cls_tokens)
+
+    # --- pixels ------------------------------------------------------------------------------
+
+    def _normalise(self, img: Image.Image) -> torch.Tensor:
+        """RGB uint8 image -> (3, H, W) float32, (x / 255 - mean) / std."""
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+        return (x.to(torch.float32) / 255.0 - self._mean) / self._std
+
+    def _fixed(self, img: Image.Image) -> Image.Image:
+        cfg, s = self.config, self.config.image_size
+        w, h = img.size
+        if cfg.resize == "resize":
+            return img.resize((s, s), _BICUBIC)
+        if cfg.resize == "pad":
+            # LLaVA-1.5 expand2square: centre on a square of the mean colour, then resize.
+            if w != h:
+                fill = tuple(round(255 * m) for m in cfg.mean)
+                side = max(w, h)
+                square = Image.new("RGB", (side, side), fill)
+                square.paste(img, ((side - w) // 2, (side - h) // 2))
+                img = square
+            return img.resize((s, s), _BICUBIC)
+        # CLIP: shortest edge to s (HF get_resize_output_image_size), then HF center_crop offsets.
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)
+        new_w, new_h = (s, new_long) if w <= h else (new_long, s)
+        left, top = (new_w - s) // 2, (new_h - s) // 2
+        if new_w * new_h <= _MAX_INTERMEDIATE_PIXELS:
+            return img.resize((new_w, new_h), _BICUBIC).crop((left, top, left + s, top + s))
+        # A very thin image would need a huge intermediate (1 x 5000 at s=224 is 224 x 1.1M): resample
+        # only the source box behind the crop, one axis at a time as Pillow does internally (a
+        # two-axis box gives different pixels in Pillow). Equal to the path above up to float
+        # rounding of the box edges: at most 1/255 on a few pixels.
+        sx, sy = w / new_w, h / new_h
+        img = img.resize((s, h), _BICUBIC, box=(left * sx, 0, (left + s) * sx, h))  # width first
+        return img.resize((s, s), _BICUBIC, box=(0, top * sy, s, (top + s) * sy))
+
+    def _tiles(self, img: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
+        cfg, s = self.config, self.config.image_size
+        rows, cols = self.canvas(*img.size)
+        # Mllama: bilinear resize into the canvas, zero (black) padding right and bottom before
+        # normalisation, then row-major s x s tiles.
+        canvas = Image.new("RGB", (cols * s, rows * s), (0, 0, 0))
+        canvas.paste(img.resize(self.target_size(*img.size), _BILINEAR), (0, 0))
+        crops = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+        if cfg.overview:
+            crops.append(img.resize((s, s), _BICUBIC))  # whole image, low resolution
+        return crops, (rows, cols)
+
+    def __call__(self, source: ImageSource) -> ProcessedImage:
+        img = load_image(source, max_pixels=self.config.max_pixels)
+        width, height = img.size
+        mode = self.config.mode
+        tiles = (1, 1)
+        if mode == "fixed":
+            crops = [self._fixed(img)]
+        elif mode == "dynamic":
+            crops = [img.resize(self.target_size(width, height), _BICUBIC)]  # Qwen2-VL: bicubic
+        else:
+            crops, tiles = self._tiles(img)
+        pixel_values = torch.stack([self._normalise(c) for c in crops])  # (N_crops, 3, H, W)
+
+        n_crops, grid, _ = self._layout(width, height)
+        p = self.patch_size
+        expected = (n_crops, 3, grid[0] * p, grid[1] * p)
+        if tuple(pixel_values.shape) != expected:  # the token count would silently be wrong
+            raise AssertionError(f"pixel_values {tuple(pixel_values.shape)} != layout {expected} "
+                                 f"for a {width} x {height} image in {mode!r} mode")
+        return ProcessedImage(
+            pixel_values=pixel_values,
+            num_tokens=self.num_tokens(width, height),
+            grid=grid,
+            tiles=tiles,
+            original_size=(width, height),
+        )
+
+    def preprocess(self, images: list) -> list[ProcessedImage]:
+        """Process several images; each keeps its own crop count and grid."""
+        if not isinstance(images, (list, tuple)):
+            raise ImageError(f"preprocess expects a list of images, got {type(images).__name__}")
+        return [self(image) for image in images]
