@@ -176,10 +176,12 @@ class MultimodalModel(nn.Module):
             it = iter(flat)
             image_features = [[next(it) for _ in row] for row in images]
         x = self.embed_tokens(input_ids)  # (B, T, D)
+        # Media enter at prefill. A placeholder id the model itself generates later is just a token.
+        decoding = cache is not None and cache.self_attn.length > 0
         has_media = image_features is not None and any(len(r) for r in image_features)
-        if not self.is_cross and (has_media or self._count_placeholders(input_ids)):
+        if not self.is_cross and not decoding and (has_media or self._count_placeholders(input_ids)):
             x = splice_features(x, input_ids, image_features or [[] for _ in range(b)], self._placeholder())
-        cross = self._cross_inputs(input_ids, image_features, cache, x.dtype) if self.is_cross else None
+        cross = self._cross_inputs(input_ids, image_features, cache, decoding, x.dtype) if self.is_cross else None
 
         kv_cache = cache.self_attn if cache is not None else None
         pos = self._positions(attention_mask, kv_cache)
@@ -203,11 +205,14 @@ class MultimodalModel(nn.Module):
     def _count_placeholders(self, input_ids: torch.Tensor) -> int:
         return 0 if self.placeholder_id is None else int((input_ids == self.placeholder_id).sum())
 
-    def _cross_inputs(self, input_ids, image_features, cache, dtype):
+    def _cross_inputs(self, input_ids, image_features, cache, decoding, dtype):
         """(kv per layer or None, mask, row_visible, memory) for the cross-attention layers, or None
         when the batch has no media."""
         b = input_ids.shape[0]
-        placeholders = (input_ids == self.placeholder_id) if self.placeholder_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if self.placeholder_id is None or decoding:
+            placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
+        else:
+            placeholders = input_ids == self.placeholder_id
         if image_features is not None:
             for row, feats in enumerate(image_features):
                 n = int(placeholders[row].sum())

@@ -86,7 +86,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode == "RGB":
-        return img.copy()  # detach from any file the caller still holds
+        return img  # already a copy: exif_transpose never returns its input
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
@@ -334,7 +334,8 @@ class ImageProcessor:
         # normalisation, then row-major s x s tiles.
         canvas = Image.new("RGB", (cols * s, rows * s), (0, 0, 0))
         canvas.paste(img.resize(self.target_size(*img.size), _BILINEAR), (0, 0))
-        crops = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+        crops = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
+                 for r in range(rows) for c in range(cols)]
         if cfg.overview:
             crops.append(img.resize((s, s), _BICUBIC))  # whole image, low resolution
         return crops, (rows, cols)
