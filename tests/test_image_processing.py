@@ -258,7 +258,7 @@ def test_pad_mode_centres_on_mean_colour():
     std = torch.tensor(cfg.std).view(3, 1)
     out = ImageProcessor(cfg, patch_size=14)(Image.new("RGB", (80, 40), (0, 0, 0)))
     px = out.pixel_values[0]  # (3, s, s): black band in the middle rows, mean colour above/below
-    fill = torch.tensor([round(255 * m) for m in cfg.mean]).view(3, 1) / 255
+    fill = torch.tensor([int(255 * m) for m in cfg.mean]).view(3, 1) / 255
     torch.testing.assert_close(px[:, 0, :], ((fill - mean) / std).expand(3, s))
     torch.testing.assert_close(px[:, s - 1, :], ((fill - mean) / std).expand(3, s))
     torch.testing.assert_close(px[:, s // 2, :], ((0 - mean) / std).expand(3, s))

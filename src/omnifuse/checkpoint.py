@@ -83,6 +83,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     with torch.device("meta"):
         model = build_model(config)
     model = model.to_empty(device=device)  # no random init: every tensor comes from the file
+    model.tie_weights()
     model.rope.reset_buffers()
     try:
         with safe_open(str(weights), framework="pt", device=str(device)) as f:

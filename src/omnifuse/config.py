@@ -199,11 +199,20 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     max_position: int = 4096  # the context length
     tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v/o projections (HF LlamaConfig.attention_bias)
+    # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1 long-context scaling).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position"):
             _check(getattr(self, name) > 0, f"decoder.{name} must be positive, got {getattr(self, name)}")
+        _check(self.num_kv_heads >= 0, f"decoder.num_kv_heads must be positive (or 0 for num_heads), got {self.num_kv_heads}")
+        _check(self.head_dim >= 0, f"decoder.head_dim must be positive (or 0 to derive it), got {self.head_dim}")
         if self.num_kv_heads == 0:
             _set(self, "num_kv_heads", self.num_heads)
         if self.head_dim == 0:
@@ -213,6 +222,11 @@ class DecoderConfig:
         _check(self.num_heads % self.num_kv_heads == 0,
                f"decoder.num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
         _check(self.head_dim % 2 == 0, f"decoder.head_dim {self.head_dim} must be even for RoPE")
+        _check(self.rope_type in ("default", "llama3"), f"decoder.rope_type {self.rope_type!r} unknown; "
+               "known: default, llama3")
+        if self.rope_type == "llama3":
+            _check(self.rope_factor > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor,
+                   "decoder llama3 rope scaling needs rope_factor > 0 and high_freq_factor > low_freq_factor")
 
 
 @dataclass(frozen=True)
@@ -277,14 +291,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return config_from_dict(tp, value, where)
     origin = get_origin(tp)
-    if origin is tuple:
-        return tuple(value)
-    if origin is Union:
-        if isinstance(value, list):
-            return tuple(value)
-        return value
+    if origin is tuple or origin is Union:
+        if origin is tuple and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value) if isinstance(value, list) else value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return value
 
 

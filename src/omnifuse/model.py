@@ -22,10 +22,11 @@ __all__ = ["DecoderLayer", "MultimodalModel", "build_model", "build_image_proces
 class DecoderLayer(nn.Module):
     """Llama block: x + attn(norm(x)); x + swiglu(norm(x))."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, eps: float,
+                 bias: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(dim, eps)
-        self.self_attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim)
+        self.self_attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim, bias=bias)
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
@@ -67,7 +68,8 @@ class MultimodalModel(nn.Module):
         self.connector = CONNECTORS[config.connector.type](v.feature_dim, d.hidden_size, bias=config.connector.bias)
         self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps)
+            DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps,
+                         bias=d.attention_bias)
             for _ in range(d.num_layers)
         )
         self.cross_layers = nn.ModuleDict({
@@ -77,14 +79,23 @@ class MultimodalModel(nn.Module):
         })
         self.norm = RMSNorm(d.hidden_size, d.norm_eps)
         self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
-        if d.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(d.head_dim, d.rope_theta)
+        self.tie_weights()
+        scaling = None
+        if d.rope_type == "llama3":
+            scaling = {"factor": d.rope_factor, "low_freq_factor": d.rope_low_freq_factor,
+                       "high_freq_factor": d.rope_high_freq_factor, "original_max_position": d.rope_original_max_position}
+        self.rope = RotaryEmbedding(d.head_dim, d.rope_theta, scaling)
         self.image_processor = build_image_processor(config)
         self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head when the config says so (again after
+        ``to_empty``, which gives every parameter its own storage)."""
+        if self.config.decoder.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for m in self.modules():

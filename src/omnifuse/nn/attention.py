@@ -30,7 +30,7 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
 
     def forward(
         self,

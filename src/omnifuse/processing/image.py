@@ -222,8 +222,9 @@ class ImageProcessor:
         self.config = config
         self.patch_size = patch_size
         self.cls_tokens = cls_tokens
-        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+        # device="cpu" explicitly: a model built under `with torch.device("meta")` builds this too.
+        self._mean = torch.tensor(config.mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
+        self._std = torch.tensor(config.std, dtype=torch.float32, device="cpu").view(3, 1, 1)
 
     # --- sizes from metadata only ------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class ImageProcessor:
         if cfg.resize == "pad":
             # LLaVA-1.5 expand2square: centre on a square of the mean colour, then resize.
             if w != h:
-                fill = tuple(round(255 * m) for m in cfg.mean)
+                fill = tuple(int(255 * m) for m in cfg.mean)  # LLaVA and HF truncate, not round
                 side = max(w, h)
                 square = Image.new("RGB", (side, side), fill)
                 square.paste(img, ((side - w) // 2, (side - h) // 2))
