@@ -32,12 +32,18 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, model: MultimodalModel, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: MultimodalModel, tokenizer: Tokenizer,
+                 stop_token_ids: tuple[int, ...] | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.processor = model.image_processor
         self.image_token = model.config.text.image_token
+        if model.placeholder_id is not None and model.placeholder_id != tokenizer.image_token_id:
+            raise ValueError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
+                             f"id {tokenizer.image_token_id} for {self.image_token!r}")
         model.placeholder_id = tokenizer.image_token_id
+        # A checkpoint's generation_config.json decides when the reference stops; else the tokenizer's eos.
+        self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else tuple(tokenizer.eos_token_ids)
         if tokenizer.vocab_size > model.config.decoder.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{model.config.decoder.vocab_size}")
@@ -51,6 +57,12 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path) -> Pipeline:
+        """An omnifuse checkpoint, or a Hugging Face folder (LLaVA, Mllama) with its tokenizer."""
+        from omnifuse.interop import is_hf_checkpoint, load_hf_model
+
+        if is_hf_checkpoint(folder):
+            model, stops = load_hf_model(folder)
+            return cls(model, load_tokenizer(model.config.text, folder), stops)
         model = load_checkpoint(folder)
         return cls(model, load_tokenizer(model.config.text, folder))
 
@@ -90,7 +102,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
     def sampling(self, **kwargs) -> SamplingConfig:
-        kwargs.setdefault("stop_token_ids", tuple(self.tokenizer.eos_token_ids))
+        kwargs.setdefault("stop_token_ids", self.stop_token_ids)
         return SamplingConfig(**kwargs)
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None,

@@ -1,0 +1,193 @@
+"""Reading Hugging Face checkpoint folders: config, (sharded) safetensors, key maps.
+
+A key map is a list of ``(pattern, replacement)`` regexes applied to normalised checkpoint keys;
+a replacement of ``None`` marks a tensor the model knowingly does not use (e.g. CLIP's pooled-output
+norm when LLaVA reads an inner layer). Tensors are read one at a time from memory-mapped files and
+copied into a model built on the meta device, so a checkpoint is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from omnifuse.checkpoint import CheckpointError
+
+__all__ = ["KeyMap", "read_hf_config", "iter_safetensors", "load_mapped", "rope_settings"]
+
+KeyMap = list[tuple[str, str | None]]
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """``model.safetensors``, or every shard named by ``model.safetensors.index.json``."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (needs \"weight_map\"): {e}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} is missing shard files named in {index.name}: {missing}")
+        return [folder / s for s in shards]
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder} has only pickle weights (.bin/.pt); omnifuse reads safetensors only "
+                              "(convert with transformers: save_pretrained(..., safe_serialization=True))")
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """(key, lazy slice handle) for every tensor; nothing is read until asked."""
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+        with handle as f:
+            for key in f.keys():
+                yield key, f
+
+
+def _map_key(key: str, key_map: KeyMap) -> tuple[bool, str | None]:
+    for pattern, repl in key_map:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return True, (m.expand(repl) if repl is not None else None)
+    return False, None
+
+
+def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap,
+                normalise=lambda k: k, transforms: dict[str, Any] | None = None) -> None:
+    """Fill ``model`` from the folder's safetensors through ``key_map``.
+
+    Raises ``CheckpointError`` naming every checkpoint key the map does not know, every model
+    tensor nothing filled (missing), and every shape mismatch.
+    """
+    folder = Path(folder)
+    own = model.state_dict(keep_vars=True)
+    filled: set[str] = set()
+    unexpected, shapes = [], []
+    transforms = transforms or {}
+    for key, handle in iter_safetensors(weight_files(folder)):
+        known, target = _map_key(normalise(key), key_map)
+        if not known:
+            unexpected.append(key)
+            continue
+        if target is None:
+            continue  # deliberately unused
+        if target not in own:
+            unexpected.append(f"{key} (-> {target})")
+            continue
+        tensor = handle.get_tensor(key)
+        for pattern, fn in transforms.items():
+            if re.fullmatch(pattern, target):
+                tensor = fn(tensor)
+        param = own[target]
+        if tuple(tensor.shape) != tuple(param.shape):
+            shapes.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+            continue
+        with torch.no_grad():
+            param.data.copy_(tensor)  # converts dtype (e.g. bf16 checkpoint -> float32 model)
+        filled.add(target)
+    groups: dict[int, list[str]] = {}
+    for name, t in own.items():
+        groups.setdefault(id(t), []).append(name)
+    missing = [names[0] for names in groups.values() if not any(n in filled for n in names)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    if shapes:
+        problems.append(f"mis-shaped keys {shapes[:20]}")
+    if problems:
+        raise CheckpointError(f"{folder} does not fit the model: " + "; ".join(problems))
+
+
+def rope_settings(text: dict[str, Any]) -> dict[str, Any]:
+    """DecoderConfig RoPE fields from a HF text config (``rope_parameters`` in transformers 5,
+    ``rope_theta`` + ``rope_scaling`` before)."""
+    params = dict(text.get("rope_parameters") or {})
+    scaling = text.get("rope_scaling") or {}
+    theta = params.get("rope_theta", text.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    source = params if params.get("rope_type", "default") != "default" else scaling
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if rope_type == "default":
+        return out
+    if rope_type != "llama3":
+        raise CheckpointError(f"rope scaling type {rope_type!r} is not supported (supported: default, llama3)")
+    out.update(rope_type="llama3", rope_factor=float(source["factor"]),
+               rope_low_freq_factor=float(source["low_freq_factor"]),
+               rope_high_freq_factor=float(source["high_freq_factor"]),
+               rope_original_max_position=int(source["original_max_position_embeddings"]))
+    return out
+
+
+def llama_decoder_kwargs(text: dict[str, Any]) -> dict[str, Any]:
+    """DecoderConfig fields from a HF Llama text config; unsupported options are named."""
+    if text.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"text hidden_act {text['hidden_act']!r} is not supported (Llama uses silu)")
+    if text.get("mlp_bias"):
+        raise CheckpointError("text mlp_bias=true is not supported")
+    heads = text.get("num_attention_heads", 32)
+    hidden = text.get("hidden_size", 4096)
+    return dict(
+        vocab_size=text.get("vocab_size", 32000),
+        hidden_size=hidden,
+        num_layers=text.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or hidden // heads,
+        intermediate_size=text.get("intermediate_size", 11008),
+        norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        max_position=text.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(text.get("tie_word_embeddings", False)),
+        attention_bias=bool(text.get("attention_bias", False)),
+        **rope_settings(text),
+    )
+
+
+def read_json_if_present(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def stop_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...] | None:
+    """Stop ids the reference would use: generation_config.json's eos_token_id, if any."""
+    gen = read_json_if_present(folder / "generation_config.json")
+    eos = gen.get("eos_token_id", None)
+    if eos is None:
+        return None
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)

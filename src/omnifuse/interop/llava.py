@@ -1,0 +1,142 @@
+"""LLaVA / LLaVA-1.5 checkpoints in Hugging Face layout (``LlavaForConditionalGeneration``).
+
+CLIP vision tower -> hidden state(s) at ``vision_feature_layer`` (CLS dropped for the "default"
+strategy) -> 2-layer GELU projector -> Llama decoder, image features written over the expanded
+``<image>`` tokens. Both key layouts of published checkpoints load: ``language_model.model.*`` /
+``vision_tower.vision_model.*`` (transformers < 4.52 and re-saved checkpoints) and
+``model.language_model.*`` / ``model.vision_tower.*`` (newer).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnifuse.checkpoint import CheckpointError
+from omnifuse.config import (CLIP_MEAN, CLIP_STD, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig,
+                             ModelConfig, TextConfig, VisionConfig)
+from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped, read_json_if_present
+
+__all__ = ["llava_config", "llava_key_map", "normalise_llava_key", "load_llava"]
+
+# transformers' CLIPVisionConfig defaults, for keys a saved config leaves out.
+_CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
+
+
+def _image_config(folder: Path, image_size: int) -> ImageConfig:
+    """The reference image processor's settings (``preprocessor_config.json``) as an ImageConfig."""
+    pre = read_json_if_present(folder / "preprocessor_config.json")
+    if not pre:
+        return ImageConfig(mode="fixed", image_size=image_size, resize="crop")
+    resample = pre.get("resample", 3)
+    if resample != 3:
+        raise CheckpointError(f"preprocessor resample={resample} is not supported (LLaVA uses 3, bicubic)")
+    size = pre.get("size", {"shortest_edge": image_size})
+    crop = pre.get("crop_size", size)
+    crop_side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else int(crop)
+    if pre.get("do_pad"):
+        mode = "pad"
+    elif pre.get("do_center_crop", True) and isinstance(size, dict) and "shortest_edge" in size:
+        mode = "crop"
+        if size["shortest_edge"] != crop_side:
+            raise CheckpointError(f"preprocessor resizes to {size['shortest_edge']} but crops {crop_side}; "
+                                  "only equal sizes are supported")
+    else:
+        mode = "resize"
+        crop_side = size.get("height", image_size) if isinstance(size, dict) else int(size)
+    if pre.get("do_normalize", True) is False or pre.get("do_rescale", True) is False:
+        raise CheckpointError("preprocessor without rescale/normalize is not supported")
+    return ImageConfig(mode="fixed", image_size=int(crop_side), resize=mode,
+                       mean=tuple(pre.get("image_mean", CLIP_MEAN)), std=tuple(pre.get("image_std", CLIP_STD)))
+
+
+def _image_token(folder: Path, token_id: int) -> str:
+    tok = read_json_if_present(folder / "tokenizer.json")
+    for added in tok.get("added_tokens", []):
+        if added.get("id") == token_id:
+            return added["content"]
+    vocab = tok.get("model", {}).get("vocab", {})
+    if isinstance(vocab, dict):
+        for text, i in vocab.items():
+            if i == token_id:
+                return text
+    return "<image>"
+
+
+def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
+    """(omnifuse config, image token id) from a LLaVA ``config.json``."""
+    folder = Path(folder)
+    vision = {**_CLIP_DEFAULTS, **(hf.get("vision_config") or {})}
+    if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise CheckpointError(f"LLaVA vision tower {vision['model_type']!r} is not supported (supported: clip_vision_model)")
+    text = hf.get("text_config") or {}
+    if text.get("model_type", "llama") not in ("llama", "mistral") or text.get("sliding_window"):
+        raise CheckpointError(f"LLaVA language model {text.get('model_type')!r} is not supported (supported: llama)")
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"projector_hidden_act {hf['projector_hidden_act']!r} is not supported (gelu)")
+    layer = hf.get("vision_feature_layer", -2)
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    image_token_id = int(hf.get("image_token_id", hf.get("image_token_index", 32000)))
+    config = ModelConfig(
+        name=str(folder.name),
+        vision=VisionConfig(
+            image_size=vision["image_size"], patch_size=vision["patch_size"], hidden_size=vision["hidden_size"],
+            num_layers=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
+            intermediate_size=vision["intermediate_size"], num_channels=vision["num_channels"], use_cls=True,
+            activation=vision["hidden_act"], norm_eps=float(vision["layer_norm_eps"]), pre_norm=True,
+            patch_bias=False, qkv_bias=True, feature_layer=tuple(layer) if isinstance(layer, list) else int(layer),
+            feature_select=strategy,
+        ),
+        image=_image_config(folder, vision["image_size"]),
+        connector=ConnectorConfig(type="mlp", bias=bool(hf.get("multimodal_projector_bias", True))),
+        fusion=FusionConfig(type="early"),
+        decoder=DecoderConfig(**llama_decoder_kwargs(text)),
+        text=TextConfig(tokenizer="file", image_token=_image_token(folder, image_token_id)),
+    )
+    return config, image_token_id
+
+
+def normalise_llava_key(key: str) -> str:
+    key = re.sub(r"^model\.(vision_tower|language_model|multi_modal_projector)\.", r"\1.", key)
+    key = key.replace("vision_tower.vision_model.", "vision_tower.")
+    key = re.sub(r"^language_model\.model\.", "language_model.", key)
+    return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+
+def llava_key_map(layers_used: int) -> KeyMap:
+    used = "|".join(str(i) for i in range(layers_used)) or "-"
+    return [
+        (r"vision_tower\.embeddings\.class_embedding", "vision_encoder.class_embedding"),
+        (r"vision_tower\.embeddings\.patch_embedding\.weight", "vision_encoder.patch_embedding.weight"),
+        (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_encoder.position_embedding"),
+        (r"vision_tower\.embeddings\.position_ids", None),
+        (r"vision_tower\.pre_layrnorm\.(weight|bias)", r"vision_encoder.pre_layernorm.\1"),
+        (rf"vision_tower\.encoder\.layers\.({used})\.(.+)", r"vision_encoder.layers.\1.\2"),
+        # Layers after the deepest feature layer, and the pooled-output norm, never reach LLaVA's features.
+        (r"vision_tower\.encoder\.layers\.\d+\..+", None),
+        (r"vision_tower\.post_layernorm\.(weight|bias)", None),
+        (r"multi_modal_projector\.(linear_[12]\.(?:weight|bias))", r"connector.\1"),
+        (r"language_model\.embed_tokens\.weight", "embed_tokens.weight"),
+        (r"language_model\.layers\.(\d+)\.(.+)", r"layers.\1.\2"),
+        (r"language_model\.norm\.weight", "norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r".*rotary_emb\.inv_freq", None),
+    ]
+
+
+def load_llava(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
+    from omnifuse.model import build_model
+
+    config, image_token_id = llava_config(hf, folder)
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.rope.reset_buffers()
+    load_mapped(model, folder, llava_key_map(model.vision_encoder.num_layers_used), normalise_llava_key)
+    model.placeholder_id = image_token_id
+    return model.eval()

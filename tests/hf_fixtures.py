@@ -1,0 +1,78 @@
+"""Tiny random Hugging Face reference checkpoints, written to a temp folder (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a red blue green circle square left right above below of is what how many colour shape "
+         "picture image describe count one two three yes no and in on to").split()
+
+
+def write_word_tokenizer(folder: Path, vocab_size: int, specials: dict[str, int], bos: str = "<s>",
+                         eos: str = "</s>", chat_template: str | None = None, add_bos: bool = True) -> None:
+    """A word-level tokenizer.json whose special tokens sit at the ids the model config expects."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = dict(specials)
+    free = (i for i in range(vocab_size) if i not in set(specials.values()))
+    for w in WORDS:
+        vocab[w] = next(free)
+    for i in free:  # fill the rest so every id decodes
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([t for t in specials if t != "<unk>"])
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, specials[bos])])
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": bos, "eos_token": eos, "unk_token": "<unk>", "add_bos_token": add_bos,
+           "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def randomise(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> None:
+    """Spread the weights so greedy decoding has clear winners (no near-ties between two implementations)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "gate" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def save_llava(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, feature_layer=-2,
+               strategy: str = "default", image_size: int = 28, patch: int = 14, vision_layers: int = 3,
+               text_layers: int = 2, vocab: int = 320, image_token_id: int = 300, tie: bool = False,
+               processor: str = "crop") -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+                          image_size=image_size, patch_size=patch, projection_dim=16)
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie, rms_norm_eps=1e-5)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                      tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
+                         chat_template="{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
+                                       "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3,
+           "do_center_crop": processor == "crop", "crop_size": {"height": image_size, "width": image_size},
+           "size": {"shortest_edge": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "do_pad": processor == "pad"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder
