@@ -76,3 +76,40 @@ def save_llava(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2
            "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "do_pad": processor == "pad"}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre))
     return folder
+
+
+def save_mllama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, cross_layers=(1, 3),
+                text_layers: int = 4, image_size: int = 28, max_tiles: int = 4, intermediate=(0, 2),
+                vision_layers: int = 3, global_layers: int = 1, vocab: int = 320,
+                rope_scaling: bool = False) -> Path:
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+
+    ratios = [[w, h] for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if w * h <= max_tiles]
+    vc = MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                            num_global_layers=global_layers, attention_heads=2, image_size=image_size, patch_size=14,
+                            max_num_tiles=max_tiles, intermediate_layers_indices=list(intermediate),
+                            vision_output_dim=32 * (1 + len(intermediate)), supported_aspect_ratios=ratios)
+    rope = ({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if rope_scaling else None)
+    tc_kwargs = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, cross_attention_layers=list(cross_layers),
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512)
+    if rope:
+        tc_kwargs["rope_parameters"] = rope
+    tc = MllamaTextConfig(**tc_kwargs)
+    cfg = MllamaConfig(vision_config=vc, text_config=tc, image_token_index=vocab)
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab + 1, {"<unk>": 3, "<|begin_of_text|>": 1, "<|eot_id|>": 2, "<|finetune_right_pad_id|>": 0,
+                                             "<|image|>": vocab},
+                         bos="<|begin_of_text|>", eos="<|eot_id|>")
+    pre = {"image_processor_type": "MllamaImageProcessor", "do_resize": True, "resample": 2,
+           "size": {"height": image_size, "width": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "do_pad": True,
+           "max_image_tiles": max_tiles}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder

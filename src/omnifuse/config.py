@@ -66,6 +66,13 @@ class VisionConfig:
     feature_layer: Union[int, tuple[int, ...]] = -1
     # "default" drops the CLS token from the features (LLaVA), "full" keeps it.
     feature_select: str = "default"
+    # "vit": the CLIP-style encoder above, one crop at a time. "mllama": Llama 3.2 Vision's tiled
+    # encoder (all tiles of an image attend jointly; aspect-ratio and gated position embeddings,
+    # a gated global stack, channels = hidden x (1 + len(intermediate_layers))).
+    type: str = "vit"
+    num_global_layers: int = 0
+    intermediate_layers: tuple[int, ...] = ()
+    max_num_tiles: int = 4
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
@@ -80,6 +87,11 @@ class VisionConfig:
                f"vision.feature_select must be 'default' or 'full', got {self.feature_select!r}")
         if isinstance(self.feature_layer, list):
             _set(self, "feature_layer", tuple(self.feature_layer))
+        _set(self, "intermediate_layers", tuple(int(i) for i in self.intermediate_layers))
+        _check(self.type in ("vit", "mllama"), f"vision.type must be vit or mllama, got {self.type!r}")
+        if self.type == "mllama":
+            _check(self.use_cls and self.feature_select == "full",
+                   "vision.type mllama keeps its class token: use_cls=true, feature_select='full'")
         layers = self.feature_layers
         for i in layers:
             _check(-(self.num_layers + 1) <= i <= self.num_layers,
@@ -101,6 +113,8 @@ class VisionConfig:
 
     @property
     def feature_dim(self) -> int:
+        if self.type == "mllama":
+            return self.hidden_size * (1 + len(self.intermediate_layers))
         return self.hidden_size * len(self.feature_layers)
 
 
@@ -123,6 +137,9 @@ class ImageConfig:
     min_patches: int = 1
     max_tiles: int = 4
     overview: bool = True
+    # tiles mode: pad every image to max_tiles zero tiles (Mllama). The padded tiles are encoded and
+    # cached like real ones (that is what Llama 3.2 Vision computes) but no text attends to them.
+    pad_tiles: bool = False
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     max_pixels: int = 64_000_000  # refuse to decode larger images (decompression bombs)
@@ -136,6 +153,7 @@ class ImageConfig:
         _check(0 < self.min_patches <= self.max_patches,
                f"image.min_patches {self.min_patches} / max_patches {self.max_patches} invalid")
         _check(self.max_tiles >= 1, f"image.max_tiles must be >= 1, got {self.max_tiles}")
+        _check(not (self.pad_tiles and self.overview), "image.pad_tiles and image.overview cannot both be set")
         _set(self, "mean", tuple(float(x) for x in self.mean))
         _set(self, "std", tuple(float(x) for x in self.std))
         _check(len(self.mean) == 3 and len(self.std) == 3, "image.mean and image.std need 3 values")
@@ -158,14 +176,25 @@ class ConnectorConfig:
 @dataclass(frozen=True)
 class FusionConfig:
     """``early``: visual tokens spliced into the sequence. ``cross``: gated cross-attention layers
-    inserted before the listed decoder layers (or before every ``cross_attention_every``-th)."""
+    inserted before the listed decoder layers (or before every ``cross_attention_every``-th);
+    index ``num_layers`` means after the last one."""
 
     type: str = "early"
     cross_attention_layers: tuple[int, ...] = ()
     cross_attention_every: int = 0
+    # Which images a text token reads: "preceding" = every image whose placeholder is at or before
+    # it; "latest" = only the most recent placeholder group (Llama 3.2 Vision's processor).
+    cross_attention_span: str = "preceding"
+    # Tokens that see no image: "skip" = the cross-attention block adds nothing; "attend_all" = the
+    # Llama 3.2 Vision reference: attention over all media is still added, only the MLP is zeroed.
+    text_before_media: str = "skip"
 
     def __post_init__(self) -> None:
         _check(self.type in ("early", "cross"), f"fusion.type must be early or cross, got {self.type!r}")
+        _check(self.cross_attention_span in ("preceding", "latest"),
+               f"fusion.cross_attention_span must be preceding or latest, got {self.cross_attention_span!r}")
+        _check(self.text_before_media in ("skip", "attend_all"),
+               f"fusion.text_before_media must be skip or attend_all, got {self.text_before_media!r}")
         _set(self, "cross_attention_layers", tuple(int(i) for i in self.cross_attention_layers))
         _check(self.cross_attention_every >= 0, "fusion.cross_attention_every must be >= 0")
         if self.type == "cross":
@@ -200,6 +229,7 @@ class DecoderConfig:
     max_position: int = 4096  # the context length
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q/k/v/o projections (HF LlamaConfig.attention_bias)
+    extra_embeddings: int = 0  # input-only token rows past vocab_size (Mllama's <|image|> and 7 more)
     # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1 long-context scaling).
     rope_type: str = "default"
     rope_factor: float = 1.0
@@ -240,6 +270,8 @@ class TextConfig:
     eos_token: str = "</s>"
     pad_token: str = "<pad>"
     chat_template: str = ""  # jinja2; empty means the tokenizer's own, if any
+    # Mllama's processor: a prompt without bos gets one after its leading image tokens.
+    bos_after_leading_images: bool = False
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
@@ -264,8 +296,9 @@ class ModelConfig:
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
                    f"{self.vision.patch_size}")
         for i in self.fusion.resolved_layers(self.decoder.num_layers):
-            _check(0 <= i < self.decoder.num_layers,
-                   f"fusion.cross_attention_layers index {i} is outside 0..{self.decoder.num_layers - 1}")
+            # Index num_layers places a cross-attention layer after the last decoder layer.
+            _check(0 <= i <= self.decoder.num_layers,
+                   f"fusion.cross_attention_layers index {i} is outside 0..{self.decoder.num_layers}")
 
     @property
     def cross_layers(self) -> tuple[int, ...]:

@@ -10,13 +10,14 @@ from torch import nn
 from omnifuse.config import ModelConfig
 from omnifuse.connectors import CONNECTORS
 from omnifuse.encoders import VisionTransformer
+from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
 from omnifuse.fusion import (CrossAttentionLayer, FeatureCountError, build_memory, cross_attention_mask,
-                             splice_features)
+                             splice_features, visible_images)
 from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCache
 from omnifuse.nn import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU
-from omnifuse.processing.image import ImageProcessor, ProcessedImage
+from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
 
-__all__ = ["DecoderLayer", "MultimodalModel", "build_model", "build_image_processor"]
+__all__ = ["DecoderLayer", "MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder"]
 
 
 class DecoderLayer(nn.Module):
@@ -59,14 +60,9 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.config = config
         v, d = config.vision, config.decoder
-        self.vision_encoder = VisionTransformer(
-            image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
-            num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
-            activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
-            qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default",
-        )
+        self.vision_encoder = build_vision_encoder(config)
         self.connector = CONNECTORS[config.connector.type](v.feature_dim, d.hidden_size, bias=config.connector.bias)
-        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
+        self.embed_tokens = nn.Embedding(d.vocab_size + d.extra_embeddings, d.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps,
                          bias=d.attention_bias)
@@ -74,7 +70,8 @@ class MultimodalModel(nn.Module):
         )
         self.cross_layers = nn.ModuleDict({
             str(i): CrossAttentionLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
-                                        d.intermediate_size, d.norm_eps)
+                                        d.intermediate_size, d.norm_eps,
+                                        zero_blind_attention=config.fusion.text_before_media == "skip")
             for i in config.cross_layers
         })
         self.norm = RMSNorm(d.hidden_size, d.norm_eps)
@@ -106,7 +103,8 @@ class MultimodalModel(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
         ve = self.vision_encoder
-        nn.init.normal_(ve.position_embedding, std=std)
+        if isinstance(ve, VisionTransformer):
+            nn.init.normal_(ve.position_embedding, std=std)
         if ve.class_embedding is not None:
             nn.init.normal_(ve.class_embedding, std=std)
         # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
@@ -129,8 +127,18 @@ class MultimodalModel(nn.Module):
         if not images:
             return []
         device = self.lm_head.weight.device
+        if isinstance(self.vision_encoder, MllamaVisionEncoder):
+            out = self._encode_mllama(images, device)
+        else:
+            out = self._encode_crops(images, device)
+        for img, f in zip(images, out):
+            if f.shape[0] != img.num_tokens:  # contract 1: num_tokens equals what the model produces
+                raise FeatureCountError(f"image produced {f.shape[0]} tokens but its processor predicted {img.num_tokens}")
+        return out
+
+    def _encode_crops(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
         crops = [img.pixel_values for img in images]
-        out_crops: list[torch.Tensor | None] = [None] * len(crops)
+        out: list[torch.Tensor | None] = [None] * len(crops)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, c in enumerate(crops):
             by_shape.setdefault(tuple(c.shape[1:]), []).append(i)
@@ -138,11 +146,29 @@ class MultimodalModel(nn.Module):
             batch = torch.cat([crops[i] for i in idx]).to(device)  # (N, 3, H, W)
             feats = self.connector(self.vision_encoder(batch))  # (N, tokens_per_crop, D)
             for i, f in zip(idx, feats.split([crops[i].shape[0] for i in idx])):
-                out_crops[i] = f.reshape(-1, f.shape[-1])
-        for img, f in zip(images, out_crops):
-            if f.shape[0] != img.num_tokens:  # contract 1: num_tokens equals what the model produces
-                raise FeatureCountError(f"image produced {f.shape[0]} tokens but its processor predicted {img.num_tokens}")
-        return out_crops  # type: ignore[return-value]
+                out[i] = f.reshape(-1, f.shape[-1])
+        return out  # type: ignore[return-value]
+
+    def _encode_mllama(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
+        # All tiles of an image (padded to max_num_tiles) go through the encoder together.
+        n_max = self.vision_encoder.max_num_tiles
+        pixels = torch.stack([img.pixel_values for img in images]).to(device)  # (N, max_tiles, 3, S, S)
+        ids = torch.tensor([aspect_ratio_id(*img.tiles, n_max) for img in images], device=device)
+        mask = torch.zeros(len(images), n_max, dtype=torch.long, device=device)
+        for i, img in enumerate(images):
+            mask[i, :img.tiles[0] * img.tiles[1]] = 1
+        feats = self.connector(self.vision_encoder(pixels, ids, mask))  # (N, max_tiles, tokens, D)
+        return list(feats.flatten(1, 2))
+
+    def image_attendable(self, image: ProcessedImage) -> torch.Tensor | None:
+        """(num_tokens,) bool: which of an image's tokens text may attend to (None: all). Padded
+        tiles are encoded and cached (as the reference does) but never attended."""
+        if not self.config.image.pad_tiles:
+            return None
+        per_tile = image.num_tokens // image.pixel_values.shape[0]
+        real = torch.zeros(image.num_tokens, dtype=torch.bool)
+        real[:image.tiles[0] * image.tiles[1] * per_tile] = True
+        return real
 
     # ------------------------------------------------------------------ forward
     def _positions(self, attention_mask: torch.Tensor, cache: KVCache | None) -> _Positions:
@@ -180,28 +206,32 @@ class MultimodalModel(nn.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        attendable = None
         if images is not None and image_features is None:
             if len(images) != b:
                 raise FeatureCountError(f"got images for {len(images)} rows but the batch has {b}")
             flat = self.encode_images([img for row in images for img in row])
             it = iter(flat)
             image_features = [[next(it) for _ in row] for row in images]
+            attendable = [[self.image_attendable(img) for img in row] for row in images]
         x = self.embed_tokens(input_ids)  # (B, T, D)
         # Media enter at prefill. A placeholder id the model itself generates later is just a token.
         decoding = cache is not None and cache.self_attn.length > 0
         has_media = image_features is not None and any(len(r) for r in image_features)
         if not self.is_cross and not decoding and (has_media or self._count_placeholders(input_ids)):
             x = splice_features(x, input_ids, image_features or [[] for _ in range(b)], self._placeholder())
-        cross = self._cross_inputs(input_ids, image_features, cache, decoding, x.dtype) if self.is_cross else None
+        cross = self._cross_inputs(input_ids, image_features, attendable, cache, decoding, x.dtype) if self.is_cross else None
 
         kv_cache = cache.self_attn if cache is not None else None
         pos = self._positions(attention_mask, kv_cache)
         cos, sin = self.rope(pos.position_ids, x.dtype)
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers) + 1):
             if cross is not None and str(i) in self.cross_layers:
                 kv = cross[0][i] if cross[0] is not None else self.cross_layers[str(i)].cross_attn.memory_kv(cross[3])
                 x = self.cross_layers[str(i)](x, kv, cross[1], cross[2])
-            x = layer(x, cos, sin, pos.mask, kv_cache.layer(i) if kv_cache is not None else None, pos.start)
+            if i < len(self.layers):
+                x = self.layers[i](x, cos, sin, pos.mask, kv_cache.layer(i) if kv_cache is not None else None,
+                                   pos.start)
         if kv_cache is not None:
             kv_cache.length += t
         if last_only:
@@ -216,37 +246,51 @@ class MultimodalModel(nn.Module):
     def _count_placeholders(self, input_ids: torch.Tensor) -> int:
         return 0 if self.placeholder_id is None else int((input_ids == self.placeholder_id).sum())
 
-    def _cross_inputs(self, input_ids, image_features, cache, decoding, dtype):
+    def _cross_inputs(self, input_ids, image_features, attendable, cache, decoding, dtype):
         """(kv per layer or None, mask, row_visible, memory) for the cross-attention layers, or None
-        when the batch has no media."""
-        b = input_ids.shape[0]
-        if self.placeholder_id is None or decoding:
-            placeholders = torch.zeros_like(input_ids, dtype=torch.bool)
-        else:
-            placeholders = input_ids == self.placeholder_id
-        if image_features is not None:
-            for row, feats in enumerate(image_features):
-                n = int(placeholders[row].sum())
-                if n != len(feats):
-                    raise FeatureCountError(f"row {row}: the prompt has {n} image placeholder tokens but {len(feats)} images were given")
-            mem = build_memory(image_features, self.config.decoder.hidden_size, dtype, input_ids.device)
-            seen0 = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-            kv = None
-            if cache is not None:
-                kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
-                cache.cross = CrossAttentionCache(kv, mem.image_index, seen0.clone())
-            index, memory = mem.image_index, mem.features
-        elif cache is not None and cache.cross is not None:
-            kv, index, memory, seen0 = cache.cross.kv, cache.cross.image_index, None, cache.cross.images_seen
-        else:
+        when the batch has no media. At decode every new token reads what the last prompt token read
+        (Llama 3.2 Vision repeats the last row of its mask the same way)."""
+        if decoding:
+            if cache.cross is None:
+                return None
+            c = cache.cross
+            return c.kv, c.last_mask, c.last_row_visible.to(dtype), None
+        placeholders = (input_ids == self.placeholder_id) if self.placeholder_id is not None else \
+            torch.zeros_like(input_ids, dtype=torch.bool)
+        if image_features is None:
             if int(placeholders.sum()):
                 raise FeatureCountError(f"the prompt has {int(placeholders.sum())} image placeholder tokens but no images were given")
             return None  # no media anywhere in the batch: every cross-attention layer is identity
-        images_seen = seen0[:, None] + placeholders.long().cumsum(1)  # (B, T)
-        if cache is not None and cache.cross is not None:
-            cache.cross.images_seen = images_seen[:, -1].clone()
-        mask, row_visible = cross_attention_mask(images_seen, index)
-        return kv, mask, row_visible.to(dtype), memory
+        for row, feats in enumerate(image_features):
+            n = int(placeholders[row].sum())
+            if n != len(feats):
+                raise FeatureCountError(f"row {row}: the prompt has {n} image placeholder tokens but {len(feats)} images were given")
+        fusion = self.config.fusion
+        mem = build_memory(image_features, self.config.decoder.hidden_size, dtype, input_ids.device, attendable)
+        visible = visible_images(placeholders, max(len(r) for r in image_features), fusion.cross_attention_span)
+        mask, row_visible = cross_attention_mask(visible, mem.image_index, mem.real,
+                                                 attend_all_when_blind=fusion.text_before_media == "attend_all")
+        kv = None
+        if cache is not None:
+            kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
+            cache.cross = CrossAttentionCache(kv, mask[:, :, -1:].clone(), row_visible[:, -1:].clone())
+        return kv, mask, row_visible.to(dtype), mem.features
+
+
+def build_vision_encoder(config: ModelConfig) -> nn.Module:
+    v = config.vision
+    if v.type == "mllama":
+        return MllamaVisionEncoder(
+            image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
+            num_global_layers=v.num_global_layers, num_heads=v.num_heads, hidden=v.intermediate_size,
+            intermediate_layers=v.intermediate_layers, max_num_tiles=v.max_num_tiles, num_channels=v.num_channels,
+            eps=v.norm_eps, activation=v.activation)
+    return VisionTransformer(
+        image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
+        num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
+        activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
+        qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default",
+    )
 
 
 def build_model(config: ModelConfig) -> MultimodalModel:

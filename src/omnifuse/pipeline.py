@@ -44,9 +44,9 @@ class Pipeline:
         model.placeholder_id = tokenizer.image_token_id
         # A checkpoint's generation_config.json decides when the reference stops; else the tokenizer's eos.
         self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else tuple(tokenizer.eos_token_ids)
-        if tokenizer.vocab_size > model.config.decoder.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                             f"{model.config.decoder.vocab_size}")
+        rows = model.config.decoder.vocab_size + model.config.decoder.extra_embeddings
+        if tokenizer.vocab_size > rows:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}")
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> Pipeline:
@@ -74,15 +74,23 @@ class Pipeline:
         otherwise the prompt's placeholders must equal the number of images. Early fusion expands
         each placeholder to its image's token count.
         """
+        text_cfg = self.model.config.text
         n_marks = prompt.count(self.image_token)
         if n_marks == 0 and images:
-            prompt = (self.image_token * len(images)) + "\n" + prompt
+            sep = "" if text_cfg.bos_after_leading_images else "\n"  # Mllama: "<|image|>text"; LLaVA: "<image>\ntext"
+            prompt = (self.image_token * len(images)) + sep + prompt
         elif n_marks != len(images):
             raise FeatureCountError(f"the prompt has {n_marks} image placeholders ({self.image_token}) "
                                     f"but {len(images)} images were given")
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = self.tokenizer.encode(prompt)  # never doubles a bos the template already wrote
+        elif text_cfg.bos_after_leading_images and text_cfg.bos_token not in prompt:
+            # Mllama's processor (build_string_from_input): leading image tokens, then bos, then text.
+            rest, n_lead = prompt, 0
+            while rest.startswith(self.image_token):
+                rest, n_lead = rest[len(self.image_token):], n_lead + 1
+            prompt = self.image_token * n_lead + text_cfg.bos_token + rest
+        ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
         if not self.model.is_cross:
             ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
         return ids

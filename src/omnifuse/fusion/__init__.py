@@ -1,6 +1,7 @@
 """Fusion strategies: how media features meet the text sequence."""
 
-from omnifuse.fusion.cross import CrossAttentionLayer, MediaMemory, TanhGate, build_memory, cross_attention_mask
+from omnifuse.fusion.cross import (CrossAttentionLayer, MediaMemory, TanhGate, build_memory, cross_attention_mask,
+                                  visible_images)
 from omnifuse.fusion.early import FeatureCountError, splice_features
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "build_memory",
     "cross_attention_mask",
     "splice_features",
+    "visible_images",
 ]

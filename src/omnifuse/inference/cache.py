@@ -37,8 +37,8 @@ class CrossAttentionCache:
     """Cross-attention K/V per fusion layer, computed once from the media at prefill."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # decoder layer index -> (B, Hkv, M, Dh) each
-    image_index: torch.Tensor  # (B, M), -1 at padding
-    images_seen: torch.Tensor  # (B,) placeholders consumed so far in each row
+    last_mask: torch.Tensor  # (B, 1, 1, M) bool: what the last prompt token attends to; decode reuses it
+    last_row_visible: torch.Tensor  # (B, 1, 1): 0 where that token sees no media
 
     @property
     def nbytes(self) -> int:

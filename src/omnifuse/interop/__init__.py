@@ -7,10 +7,11 @@ from pathlib import Path
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.llava import load_llava
+from omnifuse.interop.mllama import load_mllama
 
 __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_hf_model"]
 
-ARCHITECTURES = {"llava": load_llava}
+ARCHITECTURES = {"llava": load_llava, "mllama": load_mllama}
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:

@@ -284,7 +284,8 @@ class ImageProcessor:
         if cfg.mode == "fixed":
             return 1, (side, side), (1, 1)
         rows, cols = self.canvas(width, height)
-        return rows * cols + int(cfg.overview), (side, side), (rows, cols)
+        crops = cfg.max_tiles if cfg.pad_tiles else rows * cols + int(cfg.overview)
+        return crops, (side, side), (rows, cols)
 
     def num_tokens(self, width: int, height: int) -> int:
         """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
@@ -353,6 +354,9 @@ class ImageProcessor:
         else:
             crops, tiles = self._tiles(img)
         pixel_values = torch.stack([self._normalise(c) for c in crops])  # (N_crops, 3, H, W)
+        if mode == "tiles" and self.config.pad_tiles:  # Mllama pads after normalising: zeros
+            pad = self.config.max_tiles - pixel_values.shape[0]
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(pad, *pixel_values.shape[1:])])
 
         n_crops, grid, _ = self._layout(width, height)
         p = self.patch_size

@@ -1,0 +1,132 @@
+"""Llama 3.2 Vision checkpoints in Hugging Face layout (``MllamaForConditionalGeneration``).
+
+Tiled vision encoder (``encoders/mllama_vision.py``) -> linear projector -> a Llama decoder whose
+layer list holds gated cross-attention layers at ``cross_attention_layers``. omnifuse keeps those
+as ``cross_layers`` placed before the self-attention layer that follows them, so HF stack index s
+of the j-th cross layer becomes omnifuse index s - j; a self-attention layer at stack index s
+becomes s - (cross layers before it). The reference's cross-attention mask (latest image group,
+padded tiles cached but not attended, tokens before any image still adding attention output) is
+reproduced through ``FusionConfig`` settings, not special code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnifuse.checkpoint import CheckpointError
+from omnifuse.config import (ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, TextConfig,
+                             VisionConfig)
+from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
+from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped, read_json_if_present
+from omnifuse.interop.llava import _image_token
+
+__all__ = ["load_mllama", "mllama_config", "mllama_key_map", "normalise_mllama_key"]
+
+_MLLAMA_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_MLLAMA_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _image_config(folder: Path, tile: int, max_tiles: int) -> ImageConfig:
+    pre = read_json_if_present(folder / "preprocessor_config.json")
+    size = pre.get("size", {"height": tile, "width": tile})
+    side = size.get("height", tile) if isinstance(size, dict) else int(size)
+    if isinstance(size, dict) and size.get("width", side) != side:
+        raise CheckpointError(f"Mllama tiles must be square, preprocessor size is {size}")
+    if pre.get("resample", 2) != 2:
+        raise CheckpointError(f"preprocessor resample={pre['resample']} is not supported (Mllama uses 2, bilinear)")
+    return ImageConfig(mode="tiles", image_size=int(side), max_tiles=int(pre.get("max_image_tiles", max_tiles)),
+                       overview=False, pad_tiles=True, mean=tuple(pre.get("image_mean", _MLLAMA_MEAN)),
+                       std=tuple(pre.get("image_std", _MLLAMA_STD)))
+
+
+def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
+    """(omnifuse config, image token id) from an Mllama ``config.json``."""
+    folder = Path(folder)
+    vision_hf = hf.get("vision_config") or {}
+    text = hf.get("text_config") or {}
+    try:
+        vk = mllama_vision_kwargs(vision_hf)
+    except ValueError as e:
+        raise CheckpointError(f"unsupported Mllama vision config: {e}") from None
+    max_tiles = vk["max_num_tiles"]
+    ratios = vision_hf.get("supported_aspect_ratios")
+    if ratios is not None and [tuple(r) for r in ratios] != supported_aspect_ratios(max_tiles):
+        raise CheckpointError(f"supported_aspect_ratios {ratios} differ from the standard list for {max_tiles} tiles")
+    cross_stack = sorted(int(i) for i in text.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
+    n_stack = text.get("num_hidden_layers", 40)
+    decoder = llama_decoder_kwargs({**text, "num_hidden_layers": n_stack - len(cross_stack)})
+    decoder["extra_embeddings"] = 8  # MllamaTextModel: nn.Embedding(vocab_size + 8, ...)
+    image_token_id = int(hf.get("image_token_index", hf.get("image_token_id", 128256)))
+    vision_dim = vk["dim"] * (1 + len(vk["intermediate_layers"]))
+    if vision_hf.get("vision_output_dim", vision_dim) != vision_dim:
+        raise CheckpointError(f"vision_output_dim {vision_hf['vision_output_dim']} != hidden_size x (1 + "
+                              f"intermediate layers) = {vision_dim}")
+    config = ModelConfig(
+        name=str(folder.name),
+        vision=VisionConfig(
+            type="mllama", image_size=vk["image_size"], patch_size=vk["patch_size"], hidden_size=vk["dim"],
+            num_layers=vk["num_layers"], num_global_layers=vk["num_global_layers"], num_heads=vk["num_heads"],
+            intermediate_size=vk["hidden"], intermediate_layers=tuple(vk["intermediate_layers"]),
+            max_num_tiles=max_tiles, num_channels=vk.get("num_channels", 3), norm_eps=vk.get("eps", 1e-5),
+            activation=vk.get("activation", "gelu"), use_cls=True, feature_select="full", pre_norm=False,
+        ),
+        image=_image_config(folder, vk["image_size"], max_tiles),
+        connector=ConnectorConfig(type="linear", bias=True),
+        fusion=FusionConfig(type="cross", cross_attention_layers=tuple(s - j for j, s in enumerate(cross_stack)),
+                            cross_attention_span="latest", text_before_media="attend_all"),
+        decoder=DecoderConfig(**decoder),
+        text=TextConfig(tokenizer="file", image_token=_image_token(folder, image_token_id),
+                        bos_token="<|begin_of_text|>", bos_after_leading_images=True),
+    )
+    return config, image_token_id
+
+
+def normalise_mllama_key(key: str) -> str:
+    key = re.sub(r"^model\.(vision_model|language_model|multi_modal_projector)\.", r"\1.", key)
+    key = re.sub(r"^language_model\.model\.", "language_model.", key)
+    return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+
+def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
+    rules: KeyMap = [
+        (r"vision_model\.(.+)", r"vision_encoder.\1"),
+        (r"multi_modal_projector\.(weight|bias)", r"connector.linear.\1"),
+        (r"language_model\.embed_tokens\.weight", "embed_tokens.weight"),
+        (r"language_model\.norm\.weight", "norm.weight"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r".*rotary_emb\.inv_freq", None),
+    ]
+    cross = set(cross_stack)
+    for s in range(n_stack):
+        before = sum(1 for c in cross_stack if c < s)
+        if s in cross:
+            k = s - before
+            p = rf"language_model\.layers\.{s}\."
+            rules += [
+                (p + r"cross_attn_attn_gate", f"cross_layers.{k}.attn_gate.gate"),
+                (p + r"cross_attn_mlp_gate", f"cross_layers.{k}.mlp_gate.gate"),
+                (p + r"(.+)", rf"cross_layers.{k}.\1"),
+            ]
+        else:
+            rules.append((rf"language_model\.layers\.{s}\.(.+)", rf"layers.{s - before}.\1"))
+    return rules
+
+
+def load_mllama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
+    from omnifuse.model import build_model
+
+    config, image_token_id = mllama_config(hf, folder)
+    text = hf.get("text_config") or {}
+    cross_stack = sorted(int(i) for i in text.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.rope.reset_buffers()
+    load_mapped(model, folder, mllama_key_map(cross_stack, text.get("num_hidden_layers", 40)), normalise_mllama_key)
+    model.placeholder_id = image_token_id
+    return model.eval()
