@@ -84,13 +84,21 @@ class Pipeline:
                                     f"but {len(images)} images were given")
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        elif text_cfg.bos_after_leading_images and text_cfg.bos_token not in prompt:
+            ids = self.tokenizer.encode(prompt)
+        elif text_cfg.bos_after_leading_images:
             # Mllama's processor (build_string_from_input): leading image tokens, then bos, then text.
-            rest, n_lead = prompt, 0
-            while rest.startswith(self.image_token):
-                rest, n_lead = rest[len(self.image_token):], n_lead + 1
-            prompt = self.image_token * n_lead + text_cfg.bos_token + rest
-        ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
+            if text_cfg.bos_token not in prompt:
+                rest, n_lead = prompt, 0
+                while rest.startswith(self.image_token):
+                    rest, n_lead = rest[len(self.image_token):], n_lead + 1
+                prompt = self.image_token * n_lead + text_cfg.bos_token + rest
+            # The reference then tokenizes with special tokens, so the tokenizer's bos comes first
+            # as well: "<bos><|image|><bos>text". Reproduced, since the model was run that way.
+            ids = self.tokenizer.encode(prompt, add_bos=False)
+            if self.tokenizer.adds_bos:
+                ids.insert(0, self.tokenizer.bos_token_id)
+        else:
+            ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
         if not self.model.is_cross:
             ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
         return ids

@@ -54,6 +54,11 @@ class Tokenizer:
     _template_tokens: dict[str, str]  # special tokens the chat template sees: bos_token, eos_token, ...
 
     @property
+    def adds_bos(self) -> bool:
+        """Whether ``encode(add_bos=True)`` prepends bos (the checkpoint's own setting)."""
+        return self._add_bos and self.bos_token_id is not None
+
+    @property
     def image_token_id(self) -> int:
         token_id = self.token_to_id(self._image_token)
         if token_id is None:
