@@ -117,7 +117,7 @@ class MultimodalModel(nn.Module):
         d = self.config.decoder
         if max_len > d.max_position:
             raise ValueError(f"cache length {max_len} exceeds the context length {d.max_position}")
-        p = self.lm_head.weight
+        p = self.embed_tokens.weight
         return InferenceCache(KVCache(d.num_layers, batch_size, d.num_kv_heads, max_len, d.head_dim,
                                       dtype=p.dtype, device=p.device))
 
@@ -126,7 +126,7 @@ class MultimodalModel(nn.Module):
         """Vision encoder + connector for each image: a list of (num_tokens, D_decoder)."""
         if not images:
             return []
-        device = self.lm_head.weight.device
+        device = self.embed_tokens.weight.device
         if isinstance(self.vision_encoder, MllamaVisionEncoder):
             out = self._encode_mllama(images, device)
         else:

@@ -12,7 +12,9 @@ from omnifuse.checkpoint import load_checkpoint
 from omnifuse.estimates import cross_kv_bytes_per_state, kv_bytes_per_token
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
+from omnifuse.inference.quantize import quantize_int8
 from omnifuse.model import MultimodalModel, build_model
+from omnifuse.nn.packed import pack_linears
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.text import Tokenizer, expand_image_tokens, load_tokenizer
@@ -33,8 +35,17 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, model: MultimodalModel, tokenizer: Tokenizer,
-                 stop_token_ids: tuple[int, ...] | None = None) -> None:
+                 stop_token_ids: tuple[int, ...] | None = None, quantize: str | None = None,
+                 pack: bool = True) -> None:
+        """``quantize="int8"``: dynamic int8 decoder weights. ``pack``: oneDNN-packed float32
+        linears on the CPU (inference only; about 2x faster GEMMs, same results to ~1e-6)."""
         self.model = model.eval()
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be int8 or None, got {quantize!r}")
+        if quantize == "int8":
+            quantize_int8(model)
+        if pack:
+            pack_linears(model)
         self.tokenizer = tokenizer
         self.processor = model.image_processor
         self.image_token = model.config.text.image_token
@@ -49,22 +60,22 @@ class Pipeline:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}")
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0) -> Pipeline:
+    def from_preset(cls, name: str, seed: int = 0, **options) -> Pipeline:
         """A randomly initialised preset (seeded, so the same name and seed give the same weights)."""
         config = get_preset(name)
         torch.manual_seed(seed)
-        return cls(build_model(config), load_tokenizer(config.text))
+        return cls(build_model(config), load_tokenizer(config.text), **options)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path) -> Pipeline:
+    def from_checkpoint(cls, folder: str | Path, **options) -> Pipeline:
         """An omnifuse checkpoint, or a Hugging Face folder (LLaVA, Mllama) with its tokenizer."""
         from omnifuse.interop import is_hf_checkpoint, load_hf_model
 
         if is_hf_checkpoint(folder):
             model, stops = load_hf_model(folder)
-            return cls(model, load_tokenizer(model.config.text, folder), stops)
+            return cls(model, load_tokenizer(model.config.text, folder), stops, **options)
         model = load_checkpoint(folder)
-        return cls(model, load_tokenizer(model.config.text, folder))
+        return cls(model, load_tokenizer(model.config.text, folder), **options)
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str, images: Sequence[ProcessedImage] = (), chat: bool = False) -> list[int]:
@@ -110,7 +121,7 @@ class Pipeline:
         """Cache bytes one request holds: KV for every context position, plus cross-attention
         K/V for every visual state in cross-attention models (same rule as ``omnifuse info``)."""
         cfg = self.model.config
-        dtype_bytes = self.model.lm_head.weight.element_size()
+        dtype_bytes = self.model.embed_tokens.weight.element_size()
         total = sequence_tokens * kv_bytes_per_token(cfg, dtype_bytes)
         if self.model.is_cross:
             total += visual_tokens * cross_kv_bytes_per_state(cfg, dtype_bytes)

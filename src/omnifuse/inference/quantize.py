@@ -1,0 +1,62 @@
+"""int8 weights for CPU inference (W8A8, per-channel weights, per-token activations).
+
+Each linear keeps its weight as int8 with one float scale per output channel (symmetric, absmax /
+127). At run time each token's activations are quantized to int8 with their own scale (per-token
+absmax, LLM.int8 / SmoothQuant convention without outlier handling), multiplied with
+``torch._int_mm`` into int32, and rescaled. Per-token scales keep one large-valued token (an image
+token, bos) from coarsening every other token's precision, as a per-tensor scale would. At decode,
+where a step reads every weight once, int8 weights cut memory traffic 4x against float32.
+The vision encoder stays in float32 (it runs once per image).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Int8Linear", "quantize_int8"]
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W in int8 (per output channel) and x quantized per token."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", linear.bias.detach().float() if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()  # (N, in)
+        x_scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (N, 1)
+        x_int8 = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(x_int8, self.weight_int8.t())  # (N, out) int32
+        y = acc.float() * x_scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the decoder's, cross-attention layers', connector's and output head's
+    ``nn.Linear`` layers with ``Int8Linear``, in place; returns the model."""
+    if model.embed_tokens.weight.device.type != "cpu":
+        raise ValueError("int8 quantization runs on the CPU only")
+    if model.lm_head.weight is model.embed_tokens.weight:
+        model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())  # untie: only the head is int8
+    for part in (model.layers, model.cross_layers, model.connector):
+        for module in list(part.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, Int8Linear(child))
+    model.lm_head = Int8Linear(model.lm_head)
+    model.quantized = "int8"
+    return model
