@@ -21,9 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _pipeline(args: argparse.Namespace):
     from omnifuse.pipeline import Pipeline
 
+    options = {"quantize": getattr(args, "quantize", None)}
     if args.preset:
-        return Pipeline.from_preset(args.preset, seed=getattr(args, "init_seed", 0))
-    return Pipeline.from_checkpoint(args.checkpoint)
+        return Pipeline.from_preset(args.preset, seed=0, **options)
+    return Pipeline.from_checkpoint(args.checkpoint, **options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -79,9 +80,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.preset:
         config = get_preset(args.preset)
     elif args.checkpoint:
-        from omnifuse.checkpoint import read_config
+        from omnifuse.interop import read_any_config
 
-        config = read_config(args.checkpoint)
+        config = read_any_config(args.checkpoint)
     else:
         raise ValueError("give --preset NAME, --checkpoint DIR or --list")
     info = model_info(config)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (W8A8, CPU): about 2x faster decode")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, visual tokens and cache sizes of a model")

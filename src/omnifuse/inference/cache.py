@@ -37,7 +37,9 @@ class CrossAttentionCache:
     """Cross-attention K/V per fusion layer, computed once from the media at prefill."""
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # decoder layer index -> (B, Hkv, M, Dh) each
-    last_mask: torch.Tensor  # (B, 1, 1, M) bool: what the last prompt token attends to; decode reuses it
+    # Decode tokens attend to what the last prompt token attended to; ``kv`` holds only those
+    # states (compacted at prefill), ``last_mask`` marks padding when rows keep different counts.
+    last_mask: torch.Tensor | None  # (B, 1, 1, M') bool, or None when every kept state is valid
     last_row_visible: torch.Tensor  # (B, 1, 1): 0 where that token sees no media
 
     @property

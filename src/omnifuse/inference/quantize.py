@@ -52,11 +52,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     if model.lm_head.weight is model.embed_tokens.weight:
         model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
         model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())  # untie: only the head is int8
-    for part in (model.layers, model.cross_layers, model.connector):
-        for module in list(part.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, name, Int8Linear(child))
-    model.lm_head = Int8Linear(model.lm_head)
+    targets = [name for name, m in model.named_modules()
+               if type(m) is nn.Linear and name.split(".")[0] in ("layers", "cross_layers", "connector", "lm_head")]
+    for name in targets:  # by name, so each float32 weight is freed as soon as it is replaced
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, Int8Linear(getattr(parent, child_name)))
     model.quantized = "int8"
     return model

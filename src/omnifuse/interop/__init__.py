@@ -6,10 +6,10 @@ from pathlib import Path
 
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
-from omnifuse.interop.llava import load_llava
-from omnifuse.interop.mllama import load_mllama
+from omnifuse.interop.llava import llava_config, load_llava
+from omnifuse.interop.mllama import load_mllama, mllama_config
 
-__all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_hf_model"]
+__all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_hf_model", "read_any_config"]
 
 ARCHITECTURES = {"llava": load_llava, "mllama": load_mllama}
 
@@ -21,14 +21,32 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
         return False
 
 
-def load_hf_model(folder: str | Path, device: str = "cpu"):
-    """(model, stop token ids or None) for a HF folder; unsupported architectures are named."""
-    folder = Path(folder)
-    hf = read_hf_config(folder)
+CONFIG_READERS = {"llava": llava_config, "mllama": mllama_config}
+
+
+def _check_supported(folder: Path, hf: dict) -> str:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{folder}/config.json names architecture {model_type!r} "
                               f"({', '.join(hf.get('architectures') or [])}), which omnifuse does not support; "
                               f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    model = ARCHITECTURES[model_type](folder, hf, device)
+    return model_type
+
+
+def read_any_config(folder: str | Path):
+    """The omnifuse ModelConfig of an omnifuse or Hugging Face checkpoint folder, weights untouched."""
+    from omnifuse.checkpoint import read_config
+
+    folder = Path(folder)
+    if not is_hf_checkpoint(folder):
+        return read_config(folder)
+    hf = read_hf_config(folder)
+    return CONFIG_READERS[_check_supported(folder, hf)](hf, folder)[0]
+
+
+def load_hf_model(folder: str | Path, device: str = "cpu"):
+    """(model, stop token ids or None) for a HF folder; unsupported architectures are named."""
+    folder = Path(folder)
+    hf = read_hf_config(folder)
+    model = ARCHITECTURES[_check_supported(folder, hf)](folder, hf, device)
     return model, stop_token_ids(folder, hf)

@@ -63,10 +63,12 @@ def pack_linears(model: nn.Module) -> int:
     Returns how many were packed (0 where oneDNN is unavailable or the model is not on the CPU)."""
     if not can_pack():
         return 0
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                setattr(module, name, PackedLinear(child))
-                count += 1
-    return count
+    # Collect names, not modules, so each dense Linear is freed as soon as it is replaced: the
+    # model never holds a full second copy of its weights.
+    targets = [name for name, m in model.named_modules()
+               if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, PackedLinear(getattr(parent, child_name)))
+    return len(targets)
