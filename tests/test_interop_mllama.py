@@ -93,8 +93,6 @@ def test_greedy_32_tokens_identical_to_reference_generate(tmp_path, prompt, size
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=32, do_sample=False)
     expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-    if expected and expected[-1] == 2:
-        expected = expected[:-1]  # the reference keeps the eos it stopped on
     ours = pipe.generate(prompt, images, pipe.sampling(max_new_tokens=32))
     assert ours.tokens == expected
     assert len(expected) >= 8

@@ -25,7 +25,7 @@ __all__ = ["GenerationResult", "Pipeline"]
 @dataclass
 class GenerationResult:
     text: str
-    tokens: list[int]
+    tokens: list[int]  # every generated id, a final stop token included (text leaves it out)
     prompt_tokens: int  # context positions the prompt takes, visual tokens included for early fusion
     visual_tokens: int  # tokens (early) or cross-attention states (cross) all images produce
     finish_reason: str  # "stop" or "length"
@@ -153,15 +153,15 @@ class Pipeline:
                 if not bool(step.active[r]):
                     continue
                 tok = int(step.tokens[r])
+                out[r].append(tok)  # the stop token too, as the reference's generate returns it
                 if tok in stops:
                     done[r] = True
                     continue
-                out[r].append(tok)
                 if on_token is not None:
                     on_token(r, tok)
         return [
             GenerationResult(
-                text=self.tokenizer.decode(toks),
+                text=self.tokenizer.decode(toks[:-1] if d else toks),
                 tokens=toks,
                 prompt_tokens=len(ids),
                 visual_tokens=sum(img.num_tokens for img in imgs),
