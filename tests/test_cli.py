@@ -205,12 +205,14 @@ def test_info_llava_1_5_7b_matches_the_published_model(capsys):
 
 def test_info_llama_3_2_11b_vision_matches_the_published_model(capsys):
     info = run_json(capsys, "info", "--preset", "llama-3.2-11b-vision")
-    assert info["visual_tokens_per_image"] == 1601  # 40 x 40 patches + CLS for one 560 px tile
+    # Every image is padded to 4 tiles of 40 x 40 patches + CLS, and all 4 are encoded and cached.
+    assert info["visual_tokens_per_image"] == 4 * 1601
     assert info["context_tokens_per_image"] == 1  # one <|image|> placeholder in the context
     assert info["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 4  # GQA: 8 KV heads
     assert info["cross_attention_layers"] == [3, 7, 11, 15, 19, 23, 27, 31]
-    assert info["cross_attention_cache_bytes_per_image"] == 1601 * 2 * 8 * 8 * 128 * 4
-    assert info["parameters"]["decoder"] == 8_030_261_248  # Llama 3.1 8B
+    assert info["cross_attention_cache_bytes_per_image"] == 4 * 1601 * 2 * 8 * 8 * 128 * 4
+    assert info["parameters"]["decoder"] == 8_030_261_248 + 8 * 4096  # Llama 3.1 8B + 8 image-token rows
+    assert info["parameters"]["total"] == 10_670_220_835  # transformers counts the same for the published config
 
 
 def test_info_list(capsys):

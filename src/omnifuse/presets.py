@@ -53,22 +53,27 @@ PRESETS: dict[str, ModelConfig] = {
                               intermediate_size=11008, rope_theta=10000.0, max_position=4096),
         text=TextConfig(tokenizer="file", image_token="<image>"),
     ),
-    # Llama 3.2 11B Vision (Meta 2024): 560 px tiles (up to 4), 1601 states per tile (40x40 + CLS),
-    # ViT-H/14 features from the last and five intermediate layers (6 x 1280 = 7680 channels), a
-    # Llama 3.1 8B decoder with 8 gated cross-attention layers (every 4th self-attention layer).
-    # The vision encoder's 8 global layers, tile and gated position embeddings are not modelled yet.
+    # Llama 3.2 11B Vision (Meta 2024): 560 px tiles on a canvas of up to 4, each image padded to 4
+    # tiles (the reference encodes and caches the padding too) of 1601 states (40x40 + CLS); ViT-H/14
+    # with 32 local + 8 gated global layers, features from the last and five intermediate layers
+    # (6 x 1280 = 7680 channels); Llama 3.1 8B decoder with 8 gated cross-attention layers (HF stack
+    # indices 3, 8, ..., 38 = before every 4th self-attention layer), llama3 RoPE scaling.
     "llama-3.2-11b-vision": ModelConfig(
         name="llama-3.2-11b-vision",
-        vision=VisionConfig(image_size=560, patch_size=14, hidden_size=1280, num_layers=32, num_heads=16,
-                            intermediate_size=5120, activation="gelu", feature_layer=(3, 7, 15, 23, 30, 32),
-                            feature_select="full"),
-        image=ImageConfig(mode="tiles", image_size=560, max_tiles=4, overview=False),
+        vision=VisionConfig(type="mllama", image_size=560, patch_size=14, hidden_size=1280, num_layers=32,
+                            num_global_layers=8, num_heads=16, intermediate_size=5120, activation="gelu",
+                            intermediate_layers=(3, 7, 15, 23, 30), max_num_tiles=4, feature_select="full",
+                            pre_norm=False),
+        image=ImageConfig(mode="tiles", image_size=560, max_tiles=4, overview=False, pad_tiles=True),
         connector=ConnectorConfig(type="linear"),
-        fusion=FusionConfig(type="cross", cross_attention_every=4),
-        decoder=DecoderConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-                              intermediate_size=14336, rope_theta=500000.0, max_position=131072),
+        fusion=FusionConfig(type="cross", cross_attention_every=4, cross_attention_span="latest",
+                            text_before_media="attend_all"),
+        decoder=DecoderConfig(vocab_size=128256, extra_embeddings=8, hidden_size=4096, num_layers=32, num_heads=32,
+                              num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0, max_position=131072,
+                              rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                              rope_high_freq_factor=4.0, rope_original_max_position=8192),
         text=TextConfig(tokenizer="file", image_token="<|image|>", bos_token="<|begin_of_text|>",
-                        eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"),
+                        eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
     ),
 }
 
