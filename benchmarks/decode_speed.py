@@ -16,6 +16,7 @@ import torch
 from omnifuse.config import ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, VisionConfig
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.model import build_model
+from omnifuse.nn.packed import pack_linears
 
 LLAVA_130M = ModelConfig(
     name="llava-130m",
@@ -39,6 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(LLAVA_130M).eval()
     model.placeholder_id = 31999
+    pack_linears(model)  # as Pipeline does for inference
     n_params = sum(p.numel() for p in model.parameters())
     proc = model.image_processor
     from PIL import Image

@@ -17,8 +17,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
           is_causal: bool = False) -> torch.Tensor:
     # q: (B, Hq, T, Dh); k, v: (B, Hkv, S, Dh). Grouped-query attention shares each K/V head
     # across Hq / Hkv query heads (Ainslie et al. 2023).
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    b, hq, t, dh = q.shape
+    hkv = k.shape[1]
+    if t == 1 and hq != hkv and (mask is None or mask.shape[1] == 1):
+        # One decode query per head: fold each group's query heads into the query axis, so every
+        # K/V head is read once per step instead of once per query head.
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, dh), k, v, attn_mask=mask)
+        return out.view(b, hq, 1, dh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv)
 
 
 class SelfAttention(nn.Module):
