@@ -1,0 +1,1 @@
+"""Training: data, collation, losses, stages, loop."""

@@ -1,0 +1,119 @@
+"""Turning conversations into training rows: chat template, loss mask, media placeholders, padding.
+
+Only assistant tokens carry a loss. Each assistant turn's tokens are found by rendering the chat
+template up to the turn (with the generation prompt) and through it: the difference is the
+answer. Early fusion expands each image placeholder to the image's token count (no loss there).
+A row longer than ``max_length`` is cut at the end, unless the cut would split or drop a media
+span or leave no answer: then the row is dropped (counted) or rejected, as configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omnifuse.processing.image import ProcessedImage
+from omnifuse.processing.text import Tokenizer, expand_image_tokens
+from omnifuse.training.losses import IGNORE
+
+__all__ = ["Example", "ExampleBuilder", "TruncationError", "collate"]
+
+
+class TruncationError(ValueError):
+    """A row does not fit ``max_length`` without cutting a media span or its whole answer."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[ProcessedImage]
+    meta: dict = field(default_factory=dict)  # e.g. {"skill": "colour", "answer": "red"}
+
+
+class ExampleBuilder:
+    def __init__(self, tokenizer: Tokenizer, image_token: str, is_cross: bool, max_length: int,
+                 truncation: str = "drop") -> None:
+        if truncation not in ("drop", "error"):
+            raise ValueError(f"truncation must be drop or error, got {truncation!r}")
+        self.tokenizer, self.image_token, self.is_cross = tokenizer, image_token, is_cross
+        self.max_length, self.truncation = max_length, truncation
+        self.dropped = 0  # rows dropped by truncation
+
+    def _messages(self, turns, n_images: int) -> list[dict]:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        marks = sum(m["content"].count(self.image_token) for m in messages if m["role"] == "user")
+        if marks == 0 and n_images:  # images go in front of the first user turn (LLaVA's convention)
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first] = {**messages[first], "content": self.image_token * n_images + messages[first]["content"]}
+        elif marks != n_images:
+            raise ValueError(f"the conversation has {marks} image placeholders but {n_images} images")
+        return messages
+
+    def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """(text, is_answer) pieces whose concatenation is the rendered conversation."""
+        render = self.tokenizer.apply_chat_template
+        pieces, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, full = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1], add_generation_prompt=False)
+            if not (prefix.startswith(done) and full.startswith(prefix)):
+                raise ValueError("the chat template does not render conversations as growing prefixes; "
+                                 "assistant tokens cannot be located")
+            pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+            done = full
+        return [(t, a) for t, a in pieces if t]
+
+    def build(self, turns, images: list[ProcessedImage], meta: dict | None = None) -> Example | None:
+        """One training row, or None when truncation dropped it (``dropped`` counts these)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, is_answer in self._segments(self._messages(turns, len(images))):
+            piece = self.tokenizer.encode(text, add_bos=not ids)
+            ids += piece
+            labels += piece if is_answer else [IGNORE] * len(piece)
+        placeholder = self.tokenizer.image_token_id
+        if not self.is_cross:
+            counts = [img.num_tokens for img in images]
+            expanded = expand_image_tokens(ids, placeholder, counts)
+            it = iter(counts)
+            labels = [lab for tok, lab in zip(ids, labels) for _ in range(next(it) if tok == placeholder else 1)]
+            ids = expanded
+        if len(ids) > self.max_length:
+            cut_media = placeholder in ids[self.max_length:]
+            no_answer = all(lab == IGNORE for lab in labels[:self.max_length])
+            if cut_media or no_answer:
+                why = "would cut an image's tokens" if cut_media else "would remove every answer token"
+                if self.truncation == "error":
+                    raise TruncationError(f"a row of {len(ids)} tokens exceeds max_length {self.max_length} and "
+                                          f"truncating it {why}")
+                self.dropped += 1
+                return None
+            ids, labels = ids[:self.max_length], labels[:self.max_length]
+        return Example(ids, labels, list(images), dict(meta or {}))
+
+    def prompt(self, turns, images: list[ProcessedImage]) -> list[int]:
+        """Ids for generation: the conversation so far plus the assistant prompt (eval uses this)."""
+        messages = self._messages(turns, len(images))
+        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if not self.is_cross:
+            ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
+        return ids
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded batch: input_ids, labels, attention_mask (B, T) and images (list per row)."""
+    t = max(len(e.input_ids) for e in examples)
+    b = len(examples)
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    labels = torch.full((b, t), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "images": [e.images for e in examples]}

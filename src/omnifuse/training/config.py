@@ -1,0 +1,104 @@
+"""Training run configuration: a frozen dataclass read from YAML with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omnifuse.config import ConfigError, config_from_dict
+
+__all__ = ["TrainConfig", "load_train_config", "parse_overrides"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    model: str = "tiny-early"  # a preset name or a model config file (YAML/JSON)
+    init_checkpoint: str = ""  # start from these weights (an omnifuse checkpoint folder)
+    stage: str = "instruct"  # contrastive | align | instruct
+    train_encoder: bool = False  # instruct: also train the vision encoder (needed from scratch)
+    contrastive_loss: str = "clip"  # clip (InfoNCE) | siglip
+    # data
+    data: str = "diagnostic"  # diagnostic | llava | captions
+    data_path: str = ""  # llava: instruction JSON; captions: JSON / JSONL pairs
+    image_folder: str = ""
+    val_path: str = ""  # optional held-out file of the same format
+    on_error: str = "skip"  # malformed records: skip (reported) | raise
+    train_size: int = 20000  # diagnostic set sizes
+    val_size: int = 300
+    image_size: int = 64  # diagnostic images
+    skills: tuple[str, ...] = ("colour", "shape", "spatial", "counting", "ocr", "compare")
+    max_length: int = 256
+    truncation: str = "drop"  # rows that cannot be cut safely: drop (counted) | error
+    # optimisation
+    steps: int = 500
+    batch_size: int = 16  # rows per process per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    clip_norm: float = 1.0
+    seed: int = 0
+    # bookkeeping
+    out_dir: str = "runs/train"
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    log_every: int = 10
+    max_new_tokens: int = 8  # answer length for accuracy evaluation
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp
+    stop_after: int = 0  # testing aid: exit abruptly after this many steps (as if killed)
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        check(self.stage in ("contrastive", "align", "instruct"), f"stage must be contrastive, align or instruct, got {self.stage!r}")
+        check(self.data in ("diagnostic", "llava", "captions"), f"data must be diagnostic, llava or captions, got {self.data!r}")
+        check(self.data == "diagnostic" or bool(self.data_path), f"data {self.data!r} needs data_path")
+        check(self.contrastive_loss in ("clip", "siglip"), f"contrastive_loss must be clip or siglip, got {self.contrastive_loss!r}")
+        check(self.on_error in ("skip", "raise"), f"on_error must be skip or raise, got {self.on_error!r}")
+        check(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(0 <= self.warmup_steps <= self.steps, f"warmup_steps must be in 0..steps, got {self.warmup_steps}")
+        object.__setattr__(self, "skills", tuple(self.skills))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"training config not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of settings")
+    data.update(parse_overrides(list(overrides)))
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown training settings {unknown}; known: {sorted(names)}")
+    return config_from_dict(TrainConfig, data, "train")
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,363 @@
+"""The built-in diagnostic data set: small synthetic visual questions for comparing fusion strategies.
+
+Every sample is drawn with Pillow from a handful of generating parameters, so the set needs no
+download, is reproducible from ``(split, seed, index)`` and is as large as asked. Each skill probes
+something different a fusion strategy must carry from the image to the language model:
+
+- ``colour`` / ``shape``: one attribute of one object (global appearance);
+- ``spatial``: how two objects lie relative to each other (needs positions, not a bag of features);
+- ``counting``: 1-6 identical objects (needs several patches kept apart);
+- ``ocr``: three large letters (fine detail, and their order);
+- ``compare``: two images, same colour or same shape (needs both images at once).
+
+Answers are one short lowercase word, scored by exact match. They are drawn uniformly from
+``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that ignores the image and
+only learns the answer prior can reach.
+
+Splits never share an image: the generating parameters of a sample (its *key*) are hashed into ten
+buckets, 0-7 train, 8 val, 9 test, and each split rejection-samples keys from its own buckets. This
+holds for any sizes and seeds, unlike disjoint index ranges or per-split seeds alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Iterable
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "SKILLS",
+    "SPLITS",
+    "COLOURS",
+    "SHAPES",
+    "Sample",
+    "DiagnosticSet",
+    "answer_set",
+    "chance_level",
+]
+
+SKILLS = ("colour", "shape", "spatial", "counting", "ocr", "compare")
+SPLITS = ("train", "val", "test")
+
+# Saturated colours far apart in RGB, so a 16-pixel patch average still names one unambiguously.
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 190, 20),
+    "purple": (140, 60, 180),
+    "orange": (240, 120, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left", "right", "above", "below")
+COUNTS = ("1", "2", "3", "4", "5", "6")
+# A small alphabet keeps OCR learnable for a tiny model (8**3 = 512 answers).
+OCR_ALPHABET = "ABCDEFGH"
+OCR_LENGTH = 3
+# Yellow and orange text on the light background is hard to read at 64 px; text uses darker inks.
+TEXT_COLOURS = {"black": (20, 20, 20), "red": COLOURS["red"], "green": COLOURS["green"],
+                "blue": COLOURS["blue"], "purple": COLOURS["purple"]}
+BACKGROUND = (245, 245, 240)
+
+_BUCKETS = {"train": frozenset(range(8)), "val": frozenset({8}), "test": frozenset({9})}
+_MIN_IMAGE_SIZE = 32  # below this, six counting shapes or three letters no longer fit legibly
+_MAX_TRIES = 10_000  # rejection sampling; a val/test key needs about 10 draws on average
+_GAP = 2  # pixels between counting shapes, so each is its own connected blob
+
+# Shape sides as fractions of the image side: at 64 px, 16-28 (one object), 12-20 (two objects,
+# each in its own half) and 9-13 (up to six objects) pixels, i.e. at least one 8-pixel patch.
+_BIG = (0.25, 0.44)
+_MEDIUM = (0.19, 0.31)
+_SMALL = (0.14, 0.20)
+_FONT = (0.30, 0.40)
+
+
+def _check_skill(skill: str) -> None:
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+
+
+@functools.lru_cache(maxsize=None)
+def answer_set(skill: str) -> tuple[str, ...]:
+    """Every answer ``skill`` can have (for ``ocr`` all 512 three-letter strings, lowercase)."""
+    _check_skill(skill)
+    if skill == "colour":
+        return tuple(COLOURS)
+    if skill == "shape":
+        return SHAPES
+    if skill == "spatial":
+        return RELATIONS
+    if skill == "counting":
+        return COUNTS
+    if skill == "ocr":
+        return tuple("".join(t).lower() for t in itertools.product(OCR_ALPHABET, repeat=OCR_LENGTH))
+    return ("yes", "no")
+
+
+def chance_level(skill: str) -> float:
+    """Probability that a uniform guess over ``answer_set(skill)`` is right."""
+    return 1.0 / len(answer_set(skill))
+
+
+@dataclass(frozen=True)
+class Sample:
+    images: tuple[Image.Image, ...]  # RGB, image_size x image_size; two for "compare", else one
+    question: str  # plain text without image placeholders: the prompt builder adds those
+    answer: str  # one short lowercase word, a member of answer_set(skill)
+    skill: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+# A shape is (name, colour, x, y, side): its bounding box is [x, x + side) x [y, y + side).
+Shape = tuple[str, str, int, int, int]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    name, colour, x, y, side = shape
+    fill = COLOURS[colour]
+    x1, y1 = x + side - 1, y + side - 1  # Pillow boxes include their far edge
+    if name == "circle":
+        draw.ellipse((x, y, x1, y1), fill=fill)
+    elif name == "square":
+        draw.rectangle((x, y, x1, y1), fill=fill)
+    else:
+        draw.polygon([(x + (side - 1) // 2, y), (x, y1), (x1, y1)], fill=fill)
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        # Pillow < 10.1 has no `size`, and without FreeType there is no scalable font: the caller
+        # then enlarges the fixed bitmap font instead.
+        return None
+
+
+def _text_mask(text: str, size: int) -> Image.Image:
+    """An "L" mask of ``text`` cropped to its ink, about ``size`` pixels tall."""
+    font = _font(size)
+    scale = 1
+    if font is None:
+        font = ImageFont.load_default()
+        scale = max(1, round(size / 11))  # the bitmap font is about 11 pixels tall
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font)
+    if scale > 1:
+        mask = mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set
+
+
+def _side_range(n: int, frac: tuple[float, float]) -> tuple[int, int]:
+    return max(3, round(frac[0] * n)), max(3, round(frac[1] * n))
+
+
+class DiagnosticSet:
+    """``size`` synthetic samples of ``split``; sample ``i`` has skill ``skills[i % len(skills)]``.
+
+    Samples are generated on access and depend only on ``(split, seed, i, image_size, skills)``.
+    """
+
+    def __init__(self, split: str, size: int, seed: int = 0, image_size: int = 64,
+                 skills: Iterable[str] = SKILLS):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"size must be a non-negative integer, got {size!r}")
+        if not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
+        skills = tuple(skills)
+        if not skills:
+            raise ValueError("skills must name at least one skill")
+        for skill in skills:
+            _check_skill(skill)
+        if len(set(skills)) != len(skills):
+            raise ValueError(f"skills has duplicates: {skills}")
+        self.split, self.size, self.seed = split, size, int(seed)
+        self.image_size, self.skills = image_size, skills
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return (f"DiagnosticSet(split={self.split!r}, size={self.size}, seed={self.seed}, "
+                f"image_size={self.image_size}, skills={self.skills})")
+
+    def _index(self, i: int) -> int:
+        if not isinstance(i, int):
+            raise TypeError(f"index must be an int, got {type(i).__name__}")
+        if not -self.size <= i < self.size:
+            raise IndexError(f"index {i} out of range for {self.size} samples")
+        return i % self.size
+
+    def key(self, i: int) -> tuple:
+        """The generating parameters of sample ``i``: equal keys mean equal samples."""
+        i = self._index(i)
+        skill = self.skills[i % len(self.skills)]
+        # A string seed goes through SHA-512 in `random`, so streams are stable across runs and
+        # unrelated across (seed, split, i); Python's salted hash() would not be.
+        rng = random.Random(f"omnifuse.diagnostic/{self.seed}/{self.split}/{i}")
+        # The compare answer is fixed by the index, not drawn, so yes/no and colour/shape are
+        # exactly balanced over every four compare samples.
+        turn = i // len(self.skills)
+        buckets = _BUCKETS[self.split]
+        for _ in range(_MAX_TRIES):
+            key = self._draw_key(skill, rng, turn)
+            if _bucket(key) in buckets:
+                return key
+        raise RuntimeError(f"no {self.split} key for {skill} sample {i} after {_MAX_TRIES} draws")
+
+    def __getitem__(self, i: int) -> Sample:
+        key = self.key(i)
+        return _render(key, self.image_size)
+
+    # --- generating parameters ---------------------------------------------------------------
+
+    def _shape(self, rng: random.Random, frac, name=None, colour=None) -> Shape:
+        n = self.image_size
+        lo, hi = _side_range(n, frac)
+        side = rng.randint(lo, hi)
+        margin = max(1, n // 32)
+        return (name or rng.choice(SHAPES), colour or rng.choice(tuple(COLOURS)),
+                rng.randint(margin, n - margin - side), rng.randint(margin, n - margin - side), side)
+
+    def _draw_key(self, skill: str, rng: random.Random, turn: int) -> tuple:
+        if skill in ("colour", "shape"):
+            return (skill, self._shape(rng, _BIG))
+        if skill == "spatial":
+            return self._spatial(rng)
+        if skill == "counting":
+            return self._counting(rng)
+        if skill == "ocr":
+            return self._ocr(rng)
+        attribute = ("colour", "shape")[turn % 2]
+        same = (turn // 2) % 2 == 0
+        a = self._shape(rng, _BIG)
+        if attribute == "colour":
+            colour = a[1] if same else rng.choice([c for c in COLOURS if c != a[1]])
+            b = self._shape(rng, _BIG, colour=colour)
+        else:
+            name = a[0] if same else rng.choice([s for s in SHAPES if s != a[0]])
+            b = self._shape(rng, _BIG, name=name)
+        return ("compare", attribute, a, b)
+
+    def _spatial(self, rng: random.Random) -> tuple:
+        n, half = self.image_size, self.image_size // 2
+        margin = max(1, n // 32)
+        relation = rng.choice(RELATIONS)
+        name_a, name_b = rng.sample(SHAPES, 2)  # distinct, so "the circle" names one object
+        lo, hi = _side_range(n, _MEDIUM)
+        while True:
+            s_a, s_b = rng.randint(lo, hi), rng.randint(lo, hi)
+            # Along the relation's axis `a` sits in one half and `b` in the other; across it the
+            # centres may differ by at most half their distance along it, so the answer is clear.
+            first, second = (s_a, s_b) if relation in ("left", "above") else (s_b, s_a)
+            p1 = rng.randint(margin, half - first)
+            p2 = rng.randint(half, n - margin - second)
+            q1 = rng.randint(margin, n - margin - first)
+            q2 = rng.randint(margin, n - margin - second)
+            along = (p2 + second / 2) - (p1 + first / 2)
+            across = (q2 + second / 2) - (q1 + first / 2)
+            if abs(across) <= along / 2:
+                break
+        (pa, qa), (pb, qb) = ((p1, q1), (p2, q2)) if relation in ("left", "above") else ((p2, q2), (p1, q1))
+        if relation in ("left", "right"):  # p is x, q is y
+            xy_a, xy_b = (pa, qa), (pb, qb)
+        else:
+            xy_a, xy_b = (qa, pa), (qb, pb)
+        colours = tuple(COLOURS)
+        a = (name_a, rng.choice(colours), *xy_a, s_a)
+        b = (name_b, rng.choice(colours), *xy_b, s_b)
+        return ("spatial", relation, a, b)
+
+    def _counting(self, rng: random.Random) -> tuple:
+        n = self.image_size
+        count = rng.randint(1, len(COUNTS))
+        name, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
+        while True:  # restart the layout when the last shapes no longer find room
+            boxes: list[tuple[int, int, int]] = []
+            for _ in range(200):
+                if len(boxes) == count:
+                    break
+                _, _, x, y, side = self._shape(rng, _SMALL, name, colour)
+                if all(x + side + _GAP <= bx or bx + bs + _GAP <= x or
+                       y + side + _GAP <= by or by + bs + _GAP <= y for bx, by, bs in boxes):
+                    boxes.append((x, y, side))
+            if len(boxes) == count:
+                # Sorted: the drawing order does not change the image, so it is not part of the key.
+                return ("counting", name, colour, tuple(sorted(boxes)))
+
+    def _ocr(self, rng: random.Random) -> tuple:
+        n = self.image_size
+        margin = max(1, n // 32)
+        text = "".join(rng.choice(OCR_ALPHABET) for _ in range(OCR_LENGTH))
+        colour = rng.choice(tuple(TEXT_COLOURS))
+        size = rng.randint(*_side_range(n, _FONT))
+        mask = _text_mask(text, size)
+        while size > 6 and (mask.width > n - 2 * margin or mask.height > n - 2 * margin):
+            size -= 1
+            mask = _text_mask(text, size)
+        x = rng.randint(margin, max(margin, n - margin - mask.width))
+        y = rng.randint(margin, max(margin, n - margin - mask.height))
+        return ("ocr", text, colour, size, x, y)
+
+
+def _bucket(key: tuple) -> int:
+    """0-9 from the key's content; repr of nested tuples of str and int is stable across runs."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 10
+
+
+def _canvas(n: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("RGB", (n, n), BACKGROUND)
+    return img, ImageDraw.Draw(img)
+
+
+def _render(key: tuple, n: int) -> Sample:
+    skill = key[0]
+    if skill in ("colour", "shape"):
+        shape = key[1]
+        img, draw = _canvas(n)
+        _draw_shape(draw, shape)
+        if skill == "colour":
+            return Sample((img,), "what colour is the shape?", shape[1], skill)
+        return Sample((img,), "what shape is it?", shape[0], skill)
+    if skill == "spatial":
+        _, relation, a, b = key
+        img, draw = _canvas(n)
+        _draw_shape(draw, a)
+        _draw_shape(draw, b)
+        return Sample((img,), f"where is the {a[0]} relative to the {b[0]}?", relation, skill)
+    if skill == "counting":
+        _, name, colour, boxes = key
+        img, draw = _canvas(n)
+        for x, y, side in boxes:
+            _draw_shape(draw, (name, colour, x, y, side))
+        return Sample((img,), "how many shapes are there?", str(len(boxes)), skill)
+    if skill == "ocr":
+        _, text, colour, size, x, y = key
+        img, _ = _canvas(n)
+        mask = _text_mask(text, size)
+        img.paste(TEXT_COLOURS[colour], (x, y, x + mask.width, y + mask.height), mask)
+        return Sample((img,), "what does the text say?", text.lower(), skill)
+    _, attribute, a, b = key
+    images = []
+    for shape in (a, b):
+        img, draw = _canvas(n)
+        _draw_shape(draw, shape)
+        images.append(img)
+    index = 1 if attribute == "colour" else 0
+    answer = "yes" if a[index] == b[index] else "no"
+    return Sample(tuple(images), f"are the two shapes the same {attribute}?", answer, skill)

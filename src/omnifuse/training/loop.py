@@ -1,0 +1,298 @@
+"""The training loop: one process or many under torchrun (DDP, or FSDP as an option).
+
+Every optimizer step consumes a fixed global batch of ``batch_size x world_size x grad_accum``
+rows, drawn from a per-epoch permutation seeded by ``seed``: the data position is a pure function
+of the step, so resuming at step s reads exactly what an uninterrupted run would. The loss is summed
+over answer tokens and divided by the global batch's token count, so any split of that batch over
+processes and micro-batches gives the same gradient (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from omnifuse.inference import SamplingConfig, generate
+from omnifuse.training.collate import ExampleBuilder, collate
+from omnifuse.training.config import TrainConfig, config_dict
+from omnifuse.training.losses import IGNORE, next_token_loss
+from omnifuse.training.sources import build_sources
+from omnifuse.training.stages import STAGES, set_trainable
+from omnifuse.training.state import latest_checkpoint, load_training_state, save_training_state
+
+__all__ = ["Trainer", "train"]
+
+
+def _resolve_model_config(name: str):
+    from omnifuse.config import load_config
+    from omnifuse.presets import PRESETS, get_preset
+
+    return get_preset(name) if name in PRESETS or not Path(name).suffix else load_config(name)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model_config=None, quiet: bool = False) -> None:
+        from omnifuse.model import build_model
+        from omnifuse.processing.text import load_tokenizer
+
+        self.cfg, self.quiet = cfg, quiet
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model_config = model_config or _resolve_model_config(cfg.model)
+        self.model = build_model(self.model_config)
+        if cfg.init_checkpoint:
+            from omnifuse.checkpoint import load_checkpoint
+
+            self.model.load_state_dict(load_checkpoint(cfg.init_checkpoint).state_dict())
+        self.tokenizer = load_tokenizer(self.model_config.text, cfg.init_checkpoint or None)
+        self.model.placeholder_id = self.tokenizer.image_token_id
+        stage = STAGES[cfg.stage]
+        groups = stage.groups + (("encoder",) if cfg.train_encoder and "encoder" not in stage.groups else ())
+        self.trainable = set_trainable(self.model, groups)
+        self.head = None
+        if stage.loss == "contrastive":
+            from omnifuse.training.contrastive import ContrastiveHead
+
+            self.head = ContrastiveHead(self.model_config.vision.feature_dim, self.model_config.decoder.hidden_size,
+                                        loss=cfg.contrastive_loss)
+        self.train_source, self.val_source = build_sources(cfg)
+        self.builder = ExampleBuilder(self.tokenizer, self.model_config.text.image_token, self.model.is_cross,
+                                      cfg.max_length, cfg.truncation)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += list(self.head.parameters()) if self.head is not None else []
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # norms, biases, gates: no weight decay
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.wrapped = self.model
+        if self.world > 1:
+            self.wrapped = self._distribute()
+        self.out_dir = Path(cfg.out_dir)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ setup helpers
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to ``min_lr_ratio`` (both as fractions of ``lr``)."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def _distribute(self):
+        if self.cfg.distributed == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(self.model, use_orig_params=True)
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Rows without images leave the encoder unused in some steps.
+        return DistributedDataParallel(self.model, find_unused_parameters=True)
+
+    # ------------------------------------------------------------------ data
+    def _indices(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (source indices) of optimizer step ``step``."""
+        cfg, n = self.cfg, len(self.train_source)
+        per_process = cfg.batch_size * cfg.grad_accum
+        global_batch = per_process * self.world
+        rows = []
+        for j in range(global_batch):
+            g = step * global_batch + j
+            epoch, pos = divmod(g, n)
+            perm = self._permutation(epoch)
+            rows.append(int(perm[pos]))
+        # Row j of the global batch goes to process (j // batch_size) % world, in micro-batch order.
+        mine = [r for j, r in enumerate(rows) if (j // cfg.batch_size) % self.world == self.rank]
+        return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.train_source), generator=g))
+        return self._perm_cache[1]
+
+    def _examples(self, source, indices: list[int]):
+        out = []
+        for i in indices:
+            turns, image_sources, meta = source[i]
+            images = [self.model.image_processor(s) for s in image_sources]
+            ex = self.builder.build(turns, images, meta)
+            if ex is not None:
+                out.append(ex)
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch_dist.all_reduce(value)
+        return value
+
+    def train_step(self, step: int) -> float:
+        self.wrapped.train()
+        micro = [self._examples(self.train_source, idx) for idx in self._indices(step)]
+        if self.head is not None:
+            return self._contrastive_step(micro)
+        tokens = sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for mb in micro for e in mb)
+        global_tokens = self._all_reduce(torch.tensor(float(tokens))).clamp(min=1.0)
+        total = torch.zeros(())
+        for k, examples in enumerate(micro):
+            if not examples:
+                continue
+            batch = collate(examples, self.tokenizer.pad_token_id)
+            sync = k == len(micro) - 1 or self.world == 1
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else _null()
+            with ctx:
+                logits = self.wrapped(batch["input_ids"], batch["attention_mask"], images=batch["images"])
+                loss_sum = next_token_loss(logits, batch["labels"], reduction="sum")
+                # DDP averages gradients over processes; scale so the result is the global token mean.
+                (loss_sum / global_tokens * self.world).backward()
+            total += loss_sum.detach()
+        self._optimizer_step()
+        return float(self._all_reduce(total) / global_tokens)
+
+    def _contrastive_step(self, micro) -> float:
+        examples = [e for mb in micro for e in mb]
+        pixels = [e.images[0].pixel_values for e in examples]
+        captions = [[t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE] for e in examples]
+        loss = self.head(self.model, pixels, captions)
+        loss.backward()
+        self._optimizer_step()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, source=None, size: int | None = None, batch_size: int = 32) -> dict:
+        """Validation loss and exact-match accuracy of greedy answers, overall and per skill."""
+        source = source if source is not None else self.val_source
+        if source is None or self.head is not None:
+            return {}
+        self.model.eval()
+        n = len(source) if size is None else min(size, len(source))
+        correct: dict[str, list[int]] = {}
+        loss_sum, loss_tokens = 0.0, 0
+        eos = tuple(self.tokenizer.eos_token_ids)
+        for start in range(0, n, batch_size):
+            records = [source[i] for i in range(start, min(n, start + batch_size))]
+            images = [[self.model.image_processor(s) for s in r[1]] for r in records]
+            examples = [self.builder.build(r[0], imgs, r[2]) for r, imgs in zip(records, images)]
+            kept = [e for e in examples if e is not None]
+            if kept:
+                batch = collate(kept, self.tokenizer.pad_token_id)
+                logits = self.model(batch["input_ids"], batch["attention_mask"], images=batch["images"])
+                loss_sum += float(next_token_loss(logits, batch["labels"], reduction="sum"))
+                loss_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+            prompts = [self.builder.prompt(r[0][:-1], imgs) for r, imgs in zip(records, images)]
+            outs = generate(self.model, prompts, images if any(images) else None,
+                            SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, stop_token_ids=eos),
+                            pad_id=self.tokenizer.pad_token_id)
+            for r, out in zip(records, outs):
+                answer = self.tokenizer.decode(out).strip().lower()
+                correct.setdefault(r[2].get("skill", "all"), []).append(int(answer == str(r[2]["answer"]).strip().lower()))
+        result = {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(correct.items())}
+        result["accuracy"] = sum(sum(v) for v in correct.values()) / max(1, sum(len(v) for v in correct.values()))
+        result["val_loss"] = loss_sum / max(1, loss_tokens)
+        return result
+
+    # ------------------------------------------------------------------ the run
+    def _log(self, record: dict) -> None:
+        if self.main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.out_dir) if self.cfg.resume else None
+        if path is None:
+            if self.main and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run starts a fresh log
+            return 0
+        state = load_training_state(path, self.model, self.optimizer, self.scheduler)
+        step = int(state["step"])
+        if self.main and self.metrics_path.exists():  # forget what was logged after that checkpoint
+            kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        return step
+
+    def _checkpoint(self, step: int) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+        if self.main:
+            save_training_state(self.out_dir, step, self.model, self.optimizer, self.scheduler,
+                                {"config": config_dict(self.cfg)}, keep=self.cfg.keep_checkpoints)
+
+    def run(self) -> dict:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = self._resume()
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.2f} step/s"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        last_eval: dict = {}
+        t0, loss = time.perf_counter(), float("nan")
+        with Progress(*columns, disable=self.quiet or not self.main, transient=False) as progress:
+            task = progress.add_task(f"train {cfg.stage}", total=cfg.steps, completed=start, loss=float("nan"), rate=0.0)
+            for step in range(start, cfg.steps):
+                loss = self.train_step(step)
+                done = step + 1
+                rate = (done - start) / (time.perf_counter() - t0)
+                progress.update(task, advance=1, loss=loss, rate=rate)
+                record = {"step": done, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    last_eval = self._eval_main()
+                    record.update(last_eval)
+                self._log(record)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self._checkpoint(done)
+                if cfg.stop_after and done >= cfg.stop_after:
+                    sys.stdout.flush()
+                    os._exit(17)  # as if killed: nothing after this step is written
+        last_eval = self._eval_main()
+        self._log({"step": cfg.steps, "final": True, **last_eval})
+        self._checkpoint(cfg.steps)
+        if self.world > 1:
+            torch_dist.barrier()
+        return {"steps": cfg.steps, "loss": loss, "dropped": self.builder.dropped, **last_eval,
+                "seconds": time.perf_counter() - t0, "trainable": self.trainable}
+
+    def _eval_main(self) -> dict:
+        result = self.evaluate() if self.main else {}
+        if self.world > 1:
+            torch_dist.barrier()
+        return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: TrainConfig, quiet: bool = False) -> dict:
+    return Trainer(cfg, quiet=quiet).run()

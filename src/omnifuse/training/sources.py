@@ -1,0 +1,68 @@
+"""Training data sources: each gives, by index, the turns of a conversation, its images and metadata."""
+
+from __future__ import annotations
+
+from omnifuse.training.config import TrainConfig
+
+__all__ = ["Record", "build_sources"]
+
+Record = tuple[list[tuple[str, str]], list, dict]  # (turns, image sources, meta)
+
+
+class DiagnosticSource:
+    def __init__(self, split: str, size: int, cfg: TrainConfig) -> None:
+        from omnifuse.training.diagnostic import DiagnosticSet
+
+        self.set = DiagnosticSet(split, size, seed=cfg.seed, image_size=cfg.image_size, skills=cfg.skills)
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    def __getitem__(self, i: int) -> Record:
+        s = self.set[i]
+        return [("user", s.question), ("assistant", s.answer)], list(s.images), {"skill": s.skill, "answer": s.answer}
+
+
+class LlavaSource:
+    def __init__(self, path: str, cfg: TrainConfig) -> None:
+        from omnifuse.training.llava_data import read_llava_json
+
+        self.records, self.warnings = read_llava_json(path, cfg.image_folder, on_error=cfg.on_error)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        r = self.records[i]
+        answer = next((t for role, t in reversed(r.turns) if role == "assistant"), "")
+        return list(r.turns), list(r.images), {"skill": "instruct", "answer": answer, "index": r.index}
+
+
+class CaptionSource:
+    """Image-caption pairs as one-turn conversations: the image, then the caption as the answer."""
+
+    def __init__(self, path: str, cfg: TrainConfig) -> None:
+        from omnifuse.training.llava_data import read_caption_pairs
+
+        self.pairs, self.warnings = read_caption_pairs(path, cfg.image_folder, on_error=cfg.on_error)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> Record:
+        image, caption = self.pairs[i]
+        return [("user", ""), ("assistant", caption)], [image], {"skill": "caption", "answer": caption}
+
+
+def build_sources(cfg: TrainConfig):
+    """(train, val) sources for a run; val may be None (no held-out data given)."""
+    if cfg.data == "diagnostic":
+        return DiagnosticSource("train", cfg.train_size, cfg), DiagnosticSource("val", cfg.val_size, cfg)
+    cls = LlavaSource if cfg.data == "llava" else CaptionSource
+    train = cls(cfg.data_path, cfg)
+    val = cls(cfg.val_path, cfg) if cfg.val_path else None
+    if len(train) == 0:
+        from omnifuse.config import ConfigError
+
+        raise ConfigError(f"{cfg.data_path} has no usable records ({len(train.warnings)} rejected)")
+    return train, val

@@ -1,0 +1,169 @@
+"""LLaVA instruction data and caption pairs: good records parse, every bad one is reported by index."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from omnifuse.processing.image import ImageError
+from omnifuse.training.llava_data import Conversation, DataFormatError, read_caption_pairs, read_llava_json
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png", "sub/c.png"):
+        Image.new("RGB", (12, 10), (200, 30, 30)).save(images / name)
+    (images / "empty.png").write_bytes(b"")
+    return images
+
+
+def write(tmp_path: Path, records, name: str = "data.json") -> Path:
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def turns(*pairs):
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+GOOD = [
+    {"id": "multi-turn", "image": "a.png",
+     "conversations": turns(("human", "<image>\nWhat colour?"), ("gpt", "Red."),
+                            ("human", "Sure?"), ("gpt", "Yes."))},
+    {"id": 7, "conversations": turns(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello."))},
+    {"image": ["a.png", "sub/c.png"],
+     "conversations": turns(("human", "<image> and <image>: same?"), ("gpt", "Yes."))},
+]
+
+
+def test_good_records_parse(tmp_path, folder):
+    convs, warnings = read_llava_json(write(tmp_path, GOOD), folder)
+    assert warnings == []
+    first, text_only, multi = convs
+    assert first.images == (str(folder / "a.png"),)
+    assert first.turns == (("user", "<image>\nWhat colour?"), ("assistant", "Red."),
+                           ("user", "Sure?"), ("assistant", "Yes."))
+    assert (first.index, first.id) == (0, "multi-turn")
+    assert text_only.images == () and text_only.turns[0] == ("system", "Be brief.") and text_only.id == "7"
+    assert multi.images == (str(folder / "a.png"), str(folder / "sub" / "c.png")) and multi.index == 2
+    assert [img.size for img in multi.load_images()] == [(12, 10), (12, 10)]
+
+
+def test_missing_placeholder_is_prepended(tmp_path, folder):
+    records = [{"image": "a.png", "conversations": turns(("human", "Describe it."), ("gpt", "A red box."))},
+               {"image": ["a.png", "b.png"],
+                "conversations": turns(("system", "S"), ("human", "Same?"), ("gpt", "Yes."))}]
+    (one, two), warnings = read_llava_json(write(tmp_path, records), folder)
+    assert warnings == []
+    assert one.turns[0] == ("user", "<image>\nDescribe it.")
+    assert two.turns[1] == ("user", "<image>\n<image>\nSame?") and two.turns[0] == ("system", "S")
+
+
+BAD = {
+    "not a dict": (["a.png"], "must be an object"),
+    "no conversations": ({"image": "a.png"}, "no 'conversations'"),
+    "empty conversations": ({"conversations": []}, "non-empty list"),
+    "wrong role order": ({"conversations": turns(("gpt", "Hi"), ("human", "Hello"))},
+                         "turn 0 is from 'gpt' where 'human' was expected"),
+    "two humans": ({"conversations": turns(("human", "a"), ("human", "b"), ("gpt", "c"))}, "alternate"),
+    "ends with human": ({"conversations": turns(("human", "a"), ("gpt", "b"), ("human", "c"))}, "end with a gpt"),
+    "unknown role": ({"conversations": turns(("bot", "a"), ("gpt", "b"))}, "'bot'"),
+    "placeholder count": ({"image": "a.png", "conversations": turns(("human", "<image><image>"), ("gpt", "b"))},
+                          "2 '<image>' placeholders but the record names 1 image"),
+    "placeholder without image": ({"conversations": turns(("human", "<image>\nx"), ("gpt", "b"))}, "names 0 image"),
+    "placeholder in answer": ({"image": "a.png", "conversations": turns(("human", "<image>"), ("gpt", "<image>"))},
+                              "gpt turn contains"),
+    "missing image file": ({"image": "nope.png", "conversations": turns(("human", "<image>"), ("gpt", "b"))},
+                           "image file not found"),
+    "empty image file": ({"image": "empty.png", "conversations": turns(("human", "<image>"), ("gpt", "b"))},
+                         "empty (0 bytes)"),
+    "empty value": ({"conversations": turns(("human", "  "), ("gpt", "b"))}, "empty or non-string 'value'"),
+    "non-string value": ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "b"}]},
+                         "non-string"),
+    "turn not a dict": ({"conversations": ["hi", {"from": "gpt", "value": "b"}]}, "turn 0 must be an object"),
+    "empty image list": ({"image": [], "conversations": turns(("human", "a"), ("gpt", "b"))}, "empty list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_record_is_reported_by_index(tmp_path, folder, case):
+    record, problem = BAD[case]
+    path = write(tmp_path, [GOOD[0], GOOD[1], record, GOOD[2]])
+    convs, warnings = read_llava_json(path, folder, on_error="skip")
+    assert [c.index for c in convs] == [0, 1, 3]
+    assert len(warnings) == 1 and warnings[0].startswith("record 2: ") and problem in warnings[0]
+    with pytest.raises(DataFormatError, match="record 2: ") as err:
+        read_llava_json(path, folder, on_error="raise")
+    assert problem in str(err.value) and str(path) in str(err.value)
+
+
+def test_check_images_off_skips_existence_but_not_format(tmp_path, folder):
+    record = {"image": "nope.png", "conversations": turns(("human", "x"), ("gpt", "y"))}
+    (conv,), warnings = read_llava_json(write(tmp_path, [record]), folder, check_images=False)
+    assert warnings == [] and conv.images == (str(folder / "nope.png"),)
+    with pytest.raises(ImageError, match="not found"):
+        conv.load_images()
+
+
+def test_image_folder_defaults_to_the_data_files_folder(tmp_path, folder):
+    path = write(folder, [GOOD[0]])
+    (conv,), _ = read_llava_json(path, None)
+    assert conv.images == (str(folder / "a.png"),)
+
+
+def test_file_level_errors_name_the_path(tmp_path, folder):
+    with pytest.raises(DataFormatError, match="not found.*missing.json"):
+        read_llava_json(tmp_path / "missing.json", folder)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[{")
+    with pytest.raises(DataFormatError, match="bad.json is not valid JSON"):
+        read_llava_json(bad_json, folder)
+    with pytest.raises(DataFormatError, match="must hold a JSON list"):
+        read_llava_json(write(tmp_path, {"conversations": []}), folder)
+    with pytest.raises(DataFormatError, match="none of its 2 records is usable; first problem: record 0"):
+        read_llava_json(write(tmp_path, [GOOD[0], GOOD[2]]), tmp_path / "wrong-folder")
+    with pytest.raises(ValueError, match="on_error"):
+        read_llava_json(write(tmp_path, GOOD), folder, on_error="ignore")
+    assert read_llava_json(write(tmp_path, []), folder) == ([], [])
+
+
+def test_caption_pairs_json_and_jsonl(tmp_path, folder):
+    records = [{"image": "a.png", "caption": " A red box. "},
+               {"image": "b.png", "caption": ""},
+               {"image": "nope.png", "caption": "x"},
+               {"id": "558k", "image": "sub/c.png",
+                "conversations": turns(("human", "<image>\nDescribe."), ("gpt", "Red again."))}]
+    expected = [(str(folder / "a.png"), "A red box."), (str(folder / "sub" / "c.png"), "Red again.")]
+    for name in ("pairs.json", "pairs.jsonl"):
+        pairs, warnings = read_caption_pairs(write(tmp_path, records, name), folder)
+        assert pairs == expected
+        assert [w.split(":")[0] for w in warnings] == ["record 1", "record 2"]
+        assert "caption must be a non-empty string" in warnings[0] and "image file not found" in warnings[1]
+    with pytest.raises(DataFormatError, match="record 1: caption"):
+        read_caption_pairs(write(tmp_path, records, "pairs.jsonl"), folder, on_error="raise")
+
+
+def test_jsonl_bad_line_is_one_bad_record(tmp_path, folder):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"image": "a.png", "caption": "ok"}\n\n{"image": \n{"image": "b.png", "caption": "ok"}\n')
+    pairs, warnings = read_caption_pairs(path, folder)
+    assert len(pairs) == 2
+    assert len(warnings) == 1 and warnings[0].startswith("record 1: line 3 is not valid JSON")
+    with pytest.raises(DataFormatError, match="data file not found: .*nope.jsonl"):
+        read_caption_pairs(tmp_path / "nope.jsonl", folder)
+
+
+def test_conversation_is_frozen():
+    conv = Conversation(images=(), turns=(("user", "a"), ("assistant", "b")), index=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conv.index = 1  # type: ignore[misc]
