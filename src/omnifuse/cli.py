@@ -103,11 +103,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from omnifuse.demo import run_demo
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
 
-    run_demo(max_new_tokens=args.max_new_tokens)
+    from omnifuse.training.config import load_train_config
+    from omnifuse.training.loop import Trainer
+
+    cfg = load_train_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    if trainer.main:
+        warnings = getattr(trainer.train_source, "warnings", [])
+        for w in warnings[:20]:
+            print(f"omnifuse: warning: skipped {w}", file=sys.stderr)
+        if len(warnings) > 20:
+            print(f"omnifuse: warning: ... {len(warnings) - 20} more records skipped", file=sys.stderr)
+        Console().print(f"training {cfg.model} ({cfg.stage}): trainable {trainer.trainable}, "
+                        f"{len(trainer.train_source)} records -> {cfg.out_dir}")
+    result = trainer.run()
+    if trainer.main:
+        if result.get("dropped"):
+            print(f"omnifuse: warning: {result['dropped']} rows dropped: too long to truncate safely "
+                  f"(max_length {cfg.max_length})", file=sys.stderr)
+        print(json.dumps({k: v for k, v in result.items()}, default=str))
     return 0
+
+
+def cmd_arena(args: argparse.Namespace) -> int:
+    from omnifuse.arena import load_arena_config, run_arena
+
+    config = load_arena_config(args.config)
+    if args.out_dir:
+        import dataclasses
+
+        config = dataclasses.replace(config, out_dir=args.out_dir)
+    run_arena(config, quick=args.quick)
+    print(f"report: {config.out_dir}/report.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.config = None
+    return cmd_arena(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="the main job on built-in data")
-    d.add_argument("--max-new-tokens", type=int, default=16)
+    t = sub.add_parser("train", help="train a model (contrastive, align or instruct stage)")
+    t.add_argument("--config", help="a training YAML (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("arena", help="train fusion strategies on the same data and budget, compare them")
+    a.add_argument("--config", help="arena YAML (default: configs/arena.yaml)")
+    a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
+    a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
+    a.set_defaults(func=cmd_arena)
+
+    d = sub.add_parser("demo", help="the main job: the fusion arena with its default config")
+    d.add_argument("--quick", action="store_true", help="a few steps per strategy")
+    d.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
     d.set_defaults(func=cmd_demo)
     return parser
 

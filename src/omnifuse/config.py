@@ -70,6 +70,9 @@ class VisionConfig:
     # encoder (all tiles of an image attend jointly; aspect-ratio and gated position embeddings,
     # a gated global stack, channels = hidden x (1 + len(intermediate_layers))).
     type: str = "vit"
+    # "patch": one patch_size x patch_size projection (ViT, CLIP). "conv": a convolutional stem of
+    # stride-2 layers (Xiao et al. 2021), for encoders trained from scratch; patch_size a power of 2.
+    stem: str = "patch"
     num_global_layers: int = 0
     intermediate_layers: tuple[int, ...] = ()
     max_num_tiles: int = 4
@@ -89,6 +92,10 @@ class VisionConfig:
             _set(self, "feature_layer", tuple(self.feature_layer))
         _set(self, "intermediate_layers", tuple(int(i) for i in self.intermediate_layers))
         _check(self.type in ("vit", "mllama"), f"vision.type must be vit or mllama, got {self.type!r}")
+        _check(self.stem in ("patch", "conv"), f"vision.stem must be patch or conv, got {self.stem!r}")
+        if self.stem == "conv":
+            _check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
+                   f"vision.stem conv needs a power-of-two patch_size, got {self.patch_size}")
         if self.type == "mllama":
             _check(self.use_cls and self.feature_select == "full",
                    "vision.type mllama keeps its class token: use_cls=true, feature_select='full'")

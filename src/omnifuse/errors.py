@@ -6,9 +6,11 @@ from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import ContextOverflowError
 from omnifuse.processing.image import ImageError
 from omnifuse.processing.text import TokenizerError
+from omnifuse.training.collate import TruncationError
+from omnifuse.training.llava_data import DataFormatError
 
-USER_ERRORS = (CheckpointError, ConfigError, FeatureCountError, ContextOverflowError, ImageError,
-               TokenizerError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, FeatureCountError, ContextOverflowError, ImageError,
+               TokenizerError, TruncationError, FileNotFoundError, ValueError)
 
 __all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "FeatureCountError", "ContextOverflowError",
-           "ImageError", "TokenizerError"]
+           "DataFormatError", "ImageError", "TokenizerError", "TruncationError"]

@@ -95,8 +95,10 @@ class MultimodalModel(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d) and name.startswith("vision_encoder.patch_embedding."):
+                m.reset_parameters()  # conv stem: PyTorch's fan-in init; std 0.02 would vanish over 3 layers
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -306,7 +308,7 @@ def build_vision_encoder(config: ModelConfig) -> nn.Module:
         image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
         num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
         activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
-        qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default",
+        qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default", stem=v.stem,
     )
 
 

@@ -361,3 +361,21 @@ def _render(key: tuple, n: int) -> Sample:
     index = 1 if attribute == "colour" else 0
     answer = "yes" if a[index] == b[index] else "no"
     return Sample(tuple(images), f"are the two shapes the same {attribute}?", answer, skill)
+
+
+def caption(key: tuple) -> str:
+    """A plain description of a sample's first image from its generating key (for the contrastive
+    stage): every attribute the skills ask about is named, so image-text pre-training learns them."""
+    kind = key[0]
+    if kind in ("colour", "shape"):
+        name, colour = key[1][:2]
+        return f"{colour} {name}"
+    if kind == "spatial":
+        relation, a, b = key[1:]
+        return f"{a[1]} {a[0]} {relation} {b[1]} {b[0]}"
+    if kind == "counting":
+        return f"{len(key[3])} {key[2]} {key[1]}"
+    if kind == "ocr":
+        return f"text {' '.join(key[1])}"
+    a = key[2]  # compare: describe the first image
+    return f"{a[1]} {a[0]}"

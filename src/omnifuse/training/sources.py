@@ -10,16 +10,25 @@ Record = tuple[list[tuple[str, str]], list, dict]  # (turns, image sources, meta
 
 
 class DiagnosticSource:
-    def __init__(self, split: str, size: int, cfg: TrainConfig) -> None:
+    """Questions and answers of the diagnostic set; with ``captions``, image descriptions instead
+    (one image each), for the contrastive stage."""
+
+    def __init__(self, split: str, size: int, cfg: TrainConfig, captions: bool = False) -> None:
         from omnifuse.training.diagnostic import DiagnosticSet
 
         self.set = DiagnosticSet(split, size, seed=cfg.seed, image_size=cfg.image_size, skills=cfg.skills)
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.set)
 
     def __getitem__(self, i: int) -> Record:
         s = self.set[i]
+        if self.captions:
+            from omnifuse.training.diagnostic import caption
+
+            text = caption(self.set.key(i))
+            return [("user", ""), ("assistant", text)], [s.images[0]], {"skill": "caption", "answer": text}
         return [("user", s.question), ("assistant", s.answer)], list(s.images), {"skill": s.skill, "answer": s.answer}
 
 
@@ -57,7 +66,9 @@ class CaptionSource:
 def build_sources(cfg: TrainConfig):
     """(train, val) sources for a run; val may be None (no held-out data given)."""
     if cfg.data == "diagnostic":
-        return DiagnosticSource("train", cfg.train_size, cfg), DiagnosticSource("val", cfg.val_size, cfg)
+        captions = cfg.stage == "contrastive"
+        return (DiagnosticSource("train", cfg.train_size, cfg, captions),
+                DiagnosticSource("val", cfg.val_size, cfg, captions))
     cls = LlavaSource if cfg.data == "llava" else CaptionSource
     train = cls(cfg.data_path, cfg)
     val = cls(cfg.val_path, cfg) if cfg.val_path else None

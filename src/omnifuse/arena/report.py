@@ -1,0 +1,122 @@
+"""The arena's outputs: ``report.md``, two PNG plots, and the summary table on the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["print_summary", "write_report"]
+
+_COST_COLUMNS = [
+    ("parameters", "params", "{:,.0f}"),
+    ("visual_tokens_per_image", "visual tokens / image", "{:.0f}"),
+    ("context_tokens_per_sample", "context tokens / sample", "{:.1f}"),
+    ("kv_cache_bytes_per_sample", "KV cache / sample", "{:,.0f} B"),
+    ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+]
+
+
+def _acc(r: dict, skill: str) -> float:
+    return r.get(f"accuracy/{skill}", float("nan"))
+
+
+def write_report(report: dict, out: Path) -> None:
+    skills, chance, rows = report["skills"], report["chance"], report["strategies"]
+    plot_accuracy(report, out / "accuracy_per_skill.png")
+    plot_accuracy_vs_cache(report, out / "accuracy_vs_kv_cache.png")
+    t = report["train"]
+    lines = [
+        "# Fusion arena",
+        "",
+        f"Each strategy trained from scratch on the built-in diagnostic set with the same budget: {t['steps']} steps "
+        f"of batch {t['batch_size']}, learning rate {t['lr']}, seed {t['seed']}, {t['image_size']} px images; "
+        f"accuracy is exact match of greedy answers on {report['test_size']} test samples (a split no training "
+        f"sample comes from). Total time {report['seconds']:.0f} s." + (" **Quick run: too short to compare.**" if report["quick"] else ""),
+        "",
+        "## Accuracy per skill",
+        "",
+        "| strategy | " + " | ".join(skills) + " | overall |",
+        "|---|" + "---:|" * (len(skills) + 1),
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{_acc(r, s):.1%}" for s in skills) + f" | {r['accuracy']:.1%} |")
+    lines.append("| *chance* | " + " | ".join(f"{chance[s]:.1%}" for s in skills) + " | |")
+    lines += ["", "![accuracy per skill](accuracy_per_skill.png)", "", "## Cost", "",
+              "| strategy | fusion | " + " | ".join(h for _, h, _ in _COST_COLUMNS) + " |",
+              "|---|---|" + "---:|" * len(_COST_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['fusion']} | " + " | ".join(f.format(r[k]) for k, _, f in _COST_COLUMNS) + " |")
+    lines += ["", "KV cache per sample counts the self-attention cache of the prompt and answer, plus the "
+              "cross-attention states of its images for cross-attention models (float32). Prefill: one sample, "
+              "batch 1; decode: batch 1, tokens per second after the first.", "",
+              "![accuracy against KV cache](accuracy_vs_kv_cache.png)", ""]
+    below = [(r["name"], s) for r in rows for s in skills if not _acc(r, s) > chance[s]]
+    lines.append("Every strategy beats chance on every skill." if not below else
+                 "At or below chance: " + ", ".join(f"{n} on {s}" for n, s in below) + ".")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skills, rows = report["skills"], report["strategies"]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(1.4 * len(skills) + 2, 4))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(skills))]
+        bars = ax.bar(xs, [_acc(r, s) for s in skills], width, label=f"{r['name']} ({r['fusion']})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    for j, s in enumerate(skills):
+        ax.hlines(report["chance"][s], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                  label="chance" if j == 0 else None)
+    ax.set_xticks(range(len(skills)), skills)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy (exact match)")
+    ax.set_title("Accuracy per skill")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in report["strategies"]:
+        ax.scatter(r["kv_cache_bytes_per_sample"] / 1024, r["accuracy"], s=60)
+        ax.annotate(f"{r['name']}\n{r['visual_tokens_per_image']} visual tokens", (r["kv_cache_bytes_per_sample"] / 1024, r["accuracy"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("KV cache per sample (KiB, float32)")
+    ax.set_ylabel("overall test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(left=0)
+    ax.set_title("Accuracy against KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(report: dict, console) -> None:
+    from rich.table import Table
+
+    skills = report["skills"]
+    table = Table(title="fusion arena: test accuracy per skill and cost per sample")
+    table.add_column("strategy")
+    for s in skills:
+        table.add_column(s, justify="right")
+    for col in ("overall", "visual tok/img", "KV cache/sample", "prefill ms", "decode tok/s"):
+        table.add_column(col, justify="right")
+    for r in report["strategies"]:
+        table.add_row(f"{r['name']} ({r['fusion']})", *[f"{_acc(r, s):.0%}" for s in skills], f"{r['accuracy']:.0%}",
+                      str(r["visual_tokens_per_image"]), f"{r['kv_cache_bytes_per_sample'] / 1024:,.0f} KiB",
+                      f"{r['prefill_ms']:.1f}", f"{r['decode_tokens_per_s']:.0f}")
+    table.add_row("chance", *[f"{report['chance'][s]:.0%}" for s in skills], "", "", "", "", "")
+    console.print(table)

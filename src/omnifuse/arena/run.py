@@ -1,0 +1,205 @@
+"""Train every strategy of the arena config on the diagnostic set with the same budget, evaluate
+each skill on the test split, measure tokens, cache, latency and throughput, and write the report.
+
+A strategy is a config entry (a name, a model preset or model config file, optional training
+overrides), so new fusion strategies join by editing ``configs/arena.yaml``, not this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from omnifuse.config import ConfigError
+from omnifuse.training.config import TrainConfig
+
+__all__ = ["ArenaConfig", "Strategy", "load_arena_config", "run_arena"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "arena.yaml"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    model: str  # preset name or model config file (relative paths: to the arena config's folder)
+    overrides: dict = field(default_factory=dict)  # TrainConfig fields for this strategy only
+
+
+@dataclass(frozen=True)
+class ArenaConfig:
+    strategies: tuple[Strategy, ...]
+    train: dict  # TrainConfig fields shared by all strategies (same data, steps, batch, seed)
+    test_size: int = 300
+    out_dir: str = "runs/arena"
+    quick_steps: int = 60  # --quick: steps per strategy
+    param_tolerance: float = 0.10  # strategies' parameter counts must agree within this fraction
+    latency_prompts: int = 5
+    decode_tokens: int = 32
+    # Shared image-text pre-training of the vision encoder before the strategies train (as LLaVA
+    # and Llama 3.2 Vision start from a pre-trained encoder): TrainConfig fields of a contrastive
+    # run; every strategy then starts from the same encoder weights. Empty: no pre-training.
+    pretrain: dict = field(default_factory=dict)
+
+
+def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"arena config not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    entries = data.pop("strategies", None)
+    if not entries:
+        raise ConfigError(f"{path} lists no strategies")
+    strategies = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "name" not in e or "model" not in e:
+            raise ConfigError(f"{path}: strategy {i} needs a name and a model")
+        model = e["model"]
+        if (path.parent / model).is_file():
+            model = str(path.parent / model)
+        strategies.append(Strategy(e["name"], model, dict(e.get("overrides") or {})))
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: strategy names repeat: {names}")
+    known = {f.name for f in dataclasses.fields(ArenaConfig)} - {"strategies", "train"}
+    arena = {k: data.pop(k) for k in list(data) if k in known}
+    return ArenaConfig(strategies=tuple(strategies), train=data, **arena)
+
+
+def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainConfig:
+    fields = {**arena.train, **strategy.overrides, "model": strategy.model,
+              "out_dir": str(Path(arena.out_dir) / strategy.name), "resume": False}
+    if quick:
+        fields.update(steps=arena.quick_steps, warmup_steps=min(arena.quick_steps // 5, fields.get("warmup_steps", 0)),
+                      train_size=min(fields.get("train_size", 2000), 2000))
+    try:
+        return TrainConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(f"strategy {strategy.name}: {e}") from None
+
+
+@torch.inference_mode()
+def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
+    """Visual tokens, context, KV cache bytes, prefill latency and decode speed on test prompts."""
+    from omnifuse.estimates import cross_kv_bytes_per_state, kv_bytes_per_token
+    from omnifuse.inference import SamplingConfig, generate_stream
+
+    model, cfg = trainer.model.eval(), trainer.model_config
+    size = trainer.cfg.image_size
+    visual = model.image_processor.num_tokens(size, size)
+    prompts, images, answers = [], [], []
+    for i in range(min(len(test_source), 60)):
+        turns, srcs, meta = test_source[i]
+        imgs = [model.image_processor(s) for s in srcs]
+        prompts.append(trainer.builder.prompt(turns[:-1], imgs))
+        images.append(imgs)
+        answers.append(len(trainer.tokenizer.encode(meta["answer"], add_bos=False)) + 1)  # + stop token
+    per_token = kv_bytes_per_token(cfg)
+    kv = [(len(p) + a) * per_token + (sum(i.num_tokens for i in imgs) * cross_kv_bytes_per_state(cfg)
+                                      if model.is_cross else 0)
+          for p, a, imgs in zip(prompts, answers, images)]
+    prefill = []
+    for p, imgs in list(zip(prompts, images))[:arena.latency_prompts]:
+        cache = model.new_cache(1, len(p) + 1)
+        t0 = time.perf_counter()
+        model(torch.tensor([p]), images=[imgs], cache=cache, last_only=True)
+        prefill.append(time.perf_counter() - t0)
+    n = arena.decode_tokens
+    t_steps = []
+    for _ in range(2):
+        t_prev, times = time.perf_counter(), []
+        for _step in generate_stream(model, [prompts[0]], [images[0]], SamplingConfig(max_new_tokens=n + 1)):
+            now = time.perf_counter()
+            times.append(now - t_prev)
+            t_prev = now
+        t_steps.append(sum(times[1:]) / max(1, len(times) - 1))
+    return {
+        "visual_tokens_per_image": visual,
+        "context_tokens_per_sample": statistics.mean(len(p) for p in prompts),
+        "kv_cache_bytes_per_sample": statistics.mean(kv),
+        "prefill_ms": 1000 * statistics.median(prefill),
+        "decode_tokens_per_s": 1 / min(t_steps),
+    }
+
+
+def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
+    from rich.console import Console
+
+    from omnifuse.arena.report import print_summary, write_report
+    from omnifuse.estimates import count_parameters
+    from omnifuse.training.diagnostic import chance_level
+    from omnifuse.training.loop import Trainer
+    from omnifuse.training.sources import DiagnosticSource
+
+    import sys
+
+    console = console or (Console() if sys.stdout.isatty() else Console(width=150))
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = [(s, _train_config(config, s, quick)) for s in config.strategies]
+    params = {s.name: count_parameters(_model_config(tc))["total"] for s, tc in plans}
+    low, high = min(params.values()), max(params.values())
+    if high > low * (1 + config.param_tolerance):
+        raise ConfigError(f"strategies' parameter counts differ by more than {config.param_tolerance:.0%}: {params}")
+    results = []
+    t_start = time.perf_counter()
+    encoder = _pretrain_encoder(config, plans, quick, console) if config.pretrain else None
+    for strategy, tc in plans:
+        console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
+                      f"{tc.batch_size * tc.grad_accum} samples")
+        trainer = Trainer(tc)
+        if encoder is not None:
+            trainer.model.vision_encoder.load_state_dict(encoder)
+        t0 = time.perf_counter()
+        summary = trainer.run()
+        train_seconds = time.perf_counter() - t0
+        test = DiagnosticSource("test", config.test_size, tc)
+        scores = trainer.evaluate(test)
+        results.append({"name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
+                        "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
+                        "final_train_loss": summary["loss"], **scores, **_measure(trainer, test, config)})
+    skills = list(plans[0][1].skills)
+    report = {"strategies": results, "chance": {k: chance_level(k) for k in skills}, "skills": skills,
+              "quick": quick, "seconds": time.perf_counter() - t_start,
+              "train": {k: v for k, v in dataclasses.asdict(plans[0][1]).items()
+                        if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size")},
+              "test_size": config.test_size}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_report(report, out)
+    print_summary(report, console)
+    return report
+
+
+def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> dict:
+    """One contrastive run (image-caption pairs of the diagnostic set); its encoder weights seed
+    every strategy, so all start from the same place."""
+    from omnifuse.training.loop import Trainer
+
+    encoders = {json.dumps(dataclasses.asdict(_model_config(tc).vision), sort_keys=True) for _, tc in plans}
+    if len(encoders) != 1:
+        raise ConfigError("arena pretrain needs every strategy to use the same vision encoder config")
+    first = plans[0][1]
+    fields = {"model": first.model, "seed": first.seed, "image_size": first.image_size, "skills": first.skills,
+              "train_size": first.train_size, **config.pretrain, "stage": "contrastive",
+              "out_dir": str(Path(config.out_dir) / "pretrain"), "resume": False}
+    if quick:
+        fields.update(steps=max(2, config.quick_steps // 2), warmup_steps=0)
+    tc = TrainConfig(**fields)
+    console.print(f"[bold]pretrain[/]: contrastive ({tc.contrastive_loss}) image-caption training of the shared "
+                  f"vision encoder, {tc.steps} steps of {tc.batch_size} pairs")
+    trainer = Trainer(tc)
+    trainer.run()
+    return trainer.model.vision_encoder.state_dict()
+
+
+def _model_config(tc: TrainConfig):
+    from omnifuse.training.loop import _resolve_model_config
+
+    return _resolve_model_config(tc.model)
