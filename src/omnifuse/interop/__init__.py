@@ -9,7 +9,7 @@ from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.llava import llava_config, load_llava
 from omnifuse.interop.mllama import load_mllama, mllama_config
 
-__all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_hf_model", "read_any_config"]
+__all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model", "read_any_config"]
 
 ARCHITECTURES = {"llava": load_llava, "mllama": load_mllama}
 
@@ -50,3 +50,10 @@ def load_hf_model(folder: str | Path, device: str = "cpu"):
     hf = read_hf_config(folder)
     model = ARCHITECTURES[_check_supported(folder, hf)](folder, hf, device)
     return model, stop_token_ids(folder, hf)
+
+
+def load_any_model(folder: str | Path):
+    """An omnifuse or Hugging Face checkpoint as a plain (trainable, unpacked) model."""
+    from omnifuse.checkpoint import load_checkpoint
+
+    return load_hf_model(folder)[0] if is_hf_checkpoint(folder) else load_checkpoint(folder)

@@ -51,12 +51,14 @@ class Trainer:
         self.main = self.rank == 0
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model_config = model_config or _resolve_model_config(cfg.model)
-        self.model = build_model(self.model_config)
-        if cfg.init_checkpoint:
-            from omnifuse.checkpoint import load_checkpoint
+        if cfg.init_checkpoint:  # the checkpoint's own architecture (omnifuse or Hugging Face folder)
+            from omnifuse.interop import load_any_model
 
-            self.model.load_state_dict(load_checkpoint(cfg.init_checkpoint).state_dict())
+            self.model = load_any_model(cfg.init_checkpoint)
+            self.model_config = self.model.config
+        else:
+            self.model_config = model_config or _resolve_model_config(cfg.model)
+            self.model = build_model(self.model_config)
         self.tokenizer = load_tokenizer(self.model_config.text, cfg.init_checkpoint or None)
         self.model.placeholder_id = self.tokenizer.image_token_id
         stage = STAGES[cfg.stage]

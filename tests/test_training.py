@@ -1,0 +1,210 @@
+"""Training: answer-only loss, truncation, losses, stages, exact resume, several processes, data formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import scene
+from omnifuse.training.collate import ExampleBuilder, TruncationError, collate
+from omnifuse.training.config import TrainConfig, load_train_config
+from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
+from omnifuse.training.loop import Trainer
+from omnifuse.training.stages import set_trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model="tiny-early", train_size=200, val_size=12, batch_size=4, steps=6, warmup_steps=2, lr=3e-3,
+            max_length=128, skills=("colour", "shape"), image_size=64)
+
+
+def _builder(cross=False, max_length=512, truncation="drop"):
+    from omnifuse.processing.text import ByteTokenizer
+
+    return ExampleBuilder(ByteTokenizer(), "<image>", is_cross=cross, max_length=max_length, truncation=truncation)
+
+
+def _image(n_tokens=16):
+    from omnifuse.processing.image import ProcessedImage
+
+    return ProcessedImage(torch.zeros(1, 3, 32, 32), n_tokens, (4, 4), (1, 1), (32, 32))
+
+
+def test_only_assistant_tokens_carry_loss_and_images_expand():
+    b = _builder()
+    turns = [("user", "what colour?"), ("assistant", "red"), ("user", "and now?"), ("assistant", "blue")]
+    ex = b.build(turns, [_image(16)])
+    tok = b.tokenizer
+    answer_ids = [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert tok.decode(answer_ids, skip_special_tokens=False).startswith("red</s>")
+    assert "blue</s>" in tok.decode(answer_ids, skip_special_tokens=False)
+    assert "what colour" not in tok.decode(answer_ids)
+    assert ex.input_ids.count(tok.image_token_id) == 16  # early fusion: one slot per visual token
+    assert all(lab == IGNORE for i, lab in zip(ex.input_ids, ex.labels) if i == tok.image_token_id)
+    cross = _builder(cross=True).build(turns, [_image(16)])
+    assert cross.input_ids.count(tok.image_token_id) == 1
+    batch = collate([ex, cross], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ex.input_ids))
+    assert batch["attention_mask"][1].sum() == len(cross.input_ids)
+    assert (batch["labels"][1, len(cross.input_ids):] == IGNORE).all()
+
+
+def test_truncation_never_cuts_a_media_span():
+    turns = [("user", "<image>describe"), ("assistant", "a long answer " * 4)]
+    b = _builder(max_length=40)  # the 64 image tokens alone do not fit
+    assert b.build(turns, [_image(64)]) is None and b.dropped == 1
+    with pytest.raises(TruncationError, match="exceeds max_length 40.*image"):
+        _builder(max_length=40, truncation="error").build(turns, [_image(64)])
+    ok = _builder(max_length=100).build(turns, [_image(64)])  # cut inside the answer: kept, shortened
+    assert ok is not None and len(ok.input_ids) == 100 and any(lab != IGNORE for lab in ok.labels)
+
+
+def test_losses_match_their_definitions():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[0, :3] = IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(next_token_loss(logits, labels), manual)
+    img, txt, scale = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(2.0)
+    sim = scale.exp() * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+    target = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(sim, target) + torch.nn.functional.cross_entropy(sim.t(), target)) / 2
+    torch.testing.assert_close(clip_loss(img, txt, scale), expected)
+    bias = torch.tensor(-1.0)
+    z = sim + bias
+    manual_sig = sum(-torch.nn.functional.logsigmoid(z[i, j] if i == j else -z[i, j]) for i in range(4) for j in range(4)) / 4
+    torch.testing.assert_close(siglip_loss(img, txt, scale, bias), manual_sig)
+    # A matched batch has lower loss than a shuffled one.
+    assert clip_loss(img, img, scale) < clip_loss(img, img.roll(1, 0), scale)
+
+
+def test_align_stage_trains_only_connector_and_fusion(tmp_path):
+    trainer = Trainer(TrainConfig(**{**TINY, "model": "tiny-cross", "stage": "align", "out_dir": str(tmp_path)}), quiet=True)
+    assert set(trainer.trainable) == {"connector", "fusion"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step(0)
+    for n, p in trainer.model.named_parameters():
+        changed = not torch.equal(before[n], p)
+        if n.startswith(("connector.", "cross_layers.")):
+            assert changed or "gate" in n or not p.requires_grad is False, n
+        else:
+            assert not changed, f"{n} is frozen in the align stage but changed"
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith("connector."))
+
+
+def _losses(path: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if "loss" in json.loads(ln)]
+
+
+def _run_cli(args: list[str], env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "omnifuse", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def _overrides(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(list(v)) if isinstance(v, tuple) else v}" for k, v in d.items()]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    settings = {**TINY, "steps": 12, "checkpoint_every": 4, "eval_every": 0}
+    _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "whole"})])
+    killed = _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "cut", "stop_after": 6})], check=False)
+    assert killed.returncode == 17  # exited abruptly after step 6; the last checkpoint is step 4
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000004"
+    (tmp_path / "cut" / "checkpoints" / ".tmp-step-000008-1").mkdir()  # a half-written checkpoint is ignored
+    _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "cut"})])
+    whole, resumed = _losses(tmp_path / "whole" / "metrics.jsonl"), _losses(tmp_path / "cut" / "metrics.jsonl")
+    assert len(whole) == len(resumed) == 12
+    assert resumed == whole  # bit-for-bit: same data order, RNG, optimizer and schedule state
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    settings = {**TINY, "steps": 3}
+    _run_cli(["train", *_overrides({**settings, "batch_size": 8, "out_dir": tmp_path / "one"})])
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29613", "-m", "omnifuse", "train",
+                           *_overrides({**settings, "batch_size": 4, "out_dir": tmp_path / "two"})],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "one" / "checkpoints" / "step-000003" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-000003" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_train_on_llava_format_folder_reports_bad_records(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        scene(40, 40, i).save(images / f"{i}.png")
+    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                                      {"from": "gpt", "value": "a scene"}]} for i in range(3)]
+    records.append({"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                               {"from": "gpt", "value": "x"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: tiny-early\ndata: llava\ndata_path: {tmp_path / 'data.json'}\nimage_folder: {images}\n"
+                   f"steps: 2\nbatch_size: 2\nwarmup_steps: 0\nout_dir: {tmp_path / 'run'}\n")
+    proc = _run_cli(["train", "--config", str(cfg)])
+    assert "record 3" in proc.stderr and "missing.png" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    proc = _run_cli(["train", "--config", str(cfg), "on_error=raise", f"out_dir={tmp_path / 'run2'}"], check=False)
+    assert proc.returncode == 1 and "record 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: tiny-cross\nsteps: 7\n")
+    cfg = load_train_config(str(path), ["lr=0.01", "skills=[colour, ocr]"])
+    assert (cfg.model, cfg.steps, cfg.lr, cfg.skills) == ("tiny-cross", 7, 0.01, ("colour", "ocr"))
+    from omnifuse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown training settings.*stepz"):
+        load_train_config(str(path), ["stepz=3"])
+    with pytest.raises(ConfigError, match="stage"):
+        load_train_config(None, ["stage=pretrain"])
+    for name in sorted(p.name for p in (ROOT / "configs").glob("train-*.yaml")):
+        load_train_config(str(ROOT / "configs" / name))  # the shipped configs are valid
+
+
+def test_contrastive_stage_lowers_its_loss(tmp_path):
+    trainer = Trainer(TrainConfig(**{**TINY, "stage": "contrastive", "batch_size": 16, "steps": 30, "lr": 3e-3,
+                                      "out_dir": str(tmp_path)}), quiet=True)
+    assert set(trainer.trainable) == {"encoder"}
+    losses = [trainer.train_step(s) for s in range(30)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.slow
+def test_arena_quick_writes_report_and_plots(tmp_path):
+    proc = _run_cli(["arena", "--quick", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    for skill in ("colour", "shape", "spatial", "counting", "ocr", "compare"):
+        assert skill in report
+    assert (tmp_path / "accuracy_per_skill.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_vs_kv_cache.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "results.json").read_text())
+    early, cross = results["strategies"]
+    assert early["visual_tokens_per_image"] == cross["visual_tokens_per_image"] == 64
+    assert early["context_tokens_per_sample"] - cross["context_tokens_per_sample"] > 60  # visual tokens in context
+    assert early["kv_cache_bytes_per_sample"] > cross["kv_cache_bytes_per_sample"]
+    assert "chance" in proc.stdout
