@@ -40,8 +40,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(LLAVA_130M).eval()
     model.placeholder_id = 31999
+    n_params = sum(p.numel() for p in model.parameters())  # before packing turns weights into buffers
     pack_linears(model)  # as Pipeline does for inference
-    n_params = sum(p.numel() for p in model.parameters())
     proc = model.image_processor
     from PIL import Image
 
