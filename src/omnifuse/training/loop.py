@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import random
 import sys
@@ -157,7 +158,7 @@ class Trainer:
                 continue
             batch = collate(examples, self.tokenizer.pad_token_id)
             sync = k == len(micro) - 1 or self.world == 1
-            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else _null()
+            ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
             with ctx:
                 logits = self.wrapped(batch["input_ids"], batch["attention_mask"], images=batch["images"])
                 loss_sum = next_token_loss(logits, batch["labels"], reduction="sum")
@@ -286,14 +287,6 @@ class Trainer:
         if self.world > 1:
             torch_dist.barrier()
         return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
