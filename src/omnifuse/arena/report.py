@@ -29,8 +29,11 @@ def write_report(report: dict, out: Path) -> None:
     lines = [
         "# Fusion arena",
         "",
-        f"Each strategy trained from scratch on the built-in diagnostic set with the same budget: {t['steps']} steps "
-        f"of batch {t['batch_size']}, learning rate {t['lr']}, seed {t['seed']}, {t['image_size']} px images; "
+        f"Every strategy trained on the built-in diagnostic set with the same budget: {t['steps']} steps "
+        f"of batch {t['batch_size']}, learning rate {t['lr']}, seed {t['seed']}, {t['image_size']} px images, "
+        + (f"all from the same vision encoder, pre-trained contrastively for {report['pretrain_steps']} steps "
+           f"({'fine-tuned' if t['train_encoder'] else 'frozen'} after that); " if report.get("pretrain_steps")
+           else "from scratch; ") +
         f"accuracy is exact match of greedy answers on {report['test_size']} test samples (a split no training "
         f"sample comes from). Total time {report['seconds']:.0f} s." + (" **Quick run: too short to compare.**" if report["quick"] else ""),
         "",
@@ -74,10 +77,10 @@ def plot_accuracy(report: dict, path: Path) -> None:
         ax.hlines(report["chance"][s], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
                   label="chance" if j == 0 else None)
     ax.set_xticks(range(len(skills)), skills)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy (exact match)")
     ax.set_title("Accuracy per skill")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(rows) + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

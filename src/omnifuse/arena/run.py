@@ -169,7 +169,8 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
     report = {"strategies": results, "chance": {k: chance_level(k) for k in skills}, "skills": skills,
               "quick": quick, "seconds": time.perf_counter() - t_start,
               "train": {k: v for k, v in dataclasses.asdict(plans[0][1]).items()
-                        if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size")},
+                        if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder")},
+              "pretrain_steps": config.pretrain.get("steps", 0) if config.pretrain else 0,
               "test_size": config.test_size}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     write_report(report, out)
