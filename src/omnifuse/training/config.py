@@ -52,7 +52,7 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     log_every: int = 10
     max_new_tokens: int = 8  # answer length for accuracy evaluation
-    distributed: str = "ddp"  # under torchrun: ddp | fsdp
+    distributed: str = "ddp"  # under torchrun: ddp (fsdp is refused for now)
     stop_after: int = 0  # testing aid: exit abruptly after this many steps (as if killed)
 
     def __post_init__(self) -> None:

@@ -98,9 +98,12 @@ class Trainer:
 
     def _distribute(self):
         if self.cfg.distributed == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel
+            # Not yet: evaluation and checkpoints run on rank 0 alone, which a sharded model cannot
+            # do without gathering its parameters first; refuse rather than hang.
+            from omnifuse.config import ConfigError
 
-            return FullyShardedDataParallel(self.model, use_orig_params=True)
+            raise ConfigError("distributed: fsdp is not supported yet (evaluation and checkpoints need gathered "
+                              "parameters); use distributed: ddp")
         from torch.nn.parallel import DistributedDataParallel
 
         # Rows without images leave the encoder unused in some steps.
