@@ -29,44 +29,57 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> Path:
     return folder
 
 
+def missing_keys(own: dict[str, torch.Tensor], present) -> list[str]:
+    """Model tensors nothing fills; tied parameters share one tensor and may be saved once."""
+    groups: dict[int, list[str]] = {}
+    for name, t in own.items():
+        groups.setdefault(id(t), []).append(name)
+    return [names[0] for names in groups.values() if not any(n in present for n in names)]
+
+
+def raise_if_mismatched(source: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
+    """One error naming every missing, unexpected and mis-shaped key (the first 20 of each)."""
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
+        if keys:
+            problems.append(f"{label} {keys[:20]}{' ...' if len(keys) > 20 else ''}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
 def load_state_dict_checked(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into ``model``; raise naming every missing, unexpected or mis-shaped key."""
     own = model.state_dict(keep_vars=True)
-    groups: dict[int, list[str]] = {}  # tied parameters share one tensor and may be saved once
-    for name, t in own.items():
-        groups.setdefault(id(t), []).append(name)
-    missing = [names[0] for names in groups.values() if not any(n in tensors for n in names)]
     unexpected = [k for k in tensors if k not in own]
     shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
               for k in tensors if k in own and tuple(tensors[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped keys {shapes[:20]}")
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    raise_if_mismatched(source, missing_keys(own, tensors), unexpected, shapes)
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].data.copy_(t)
 
 
-def read_config(folder: str | Path) -> ModelConfig:
-    """The model config of a checkpoint folder, without touching its weights."""
+def read_config_json(folder: str | Path):
+    """``folder/config.json`` parsed, with errors naming the folder or file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    path = folder / "config.json"
+    if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
     try:
-        meta = json.loads(cfg_path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return data
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The model config of an omnifuse checkpoint folder, without touching its weights."""
+    meta = read_config_json(folder)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} is not an omnifuse checkpoint config (no \"format\": \"{FORMAT}\")")
+        raise CheckpointError(f"{Path(folder) / 'config.json'} is not an omnifuse checkpoint config "
+                              f"(no \"format\": \"{FORMAT}\")")
     return config_from_dict(ModelConfig, meta.get("config", {}), "config")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from omnifuse.checkpoint import CheckpointError
+from omnifuse.checkpoint import CheckpointError, missing_keys, raise_if_mismatched, read_config_json
 
 __all__ = ["KeyMap", "read_hf_config", "iter_safetensors", "load_mapped", "rope_settings"]
 
@@ -25,18 +25,9 @@ KeyMap = list[tuple[str, str | None]]
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    data = read_config_json(folder)
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{Path(folder) / 'config.json'} must hold a JSON object")
     return data
 
 
@@ -115,19 +106,7 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap,
         with torch.no_grad():
             param.data.copy_(tensor)  # converts dtype (e.g. bf16 checkpoint -> float32 model)
         filled.add(target)
-    groups: dict[int, list[str]] = {}
-    for name, t in own.items():
-        groups.setdefault(id(t), []).append(name)
-    missing = [names[0] for names in groups.values() if not any(n in filled for n in names)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped keys {shapes[:20]}")
-    if problems:
-        raise CheckpointError(f"{folder} does not fit the model: " + "; ".join(problems))
+    raise_if_mismatched(str(folder), missing_keys(own, filled), unexpected, shapes)
 
 
 def rope_settings(text: dict[str, Any]) -> dict[str, Any]:
