@@ -13,7 +13,7 @@ import torch
 
 from omnifuse.config import ModelConfig
 
-__all__ = ["count_parameters", "kv_bytes_per_token", "cross_kv_bytes_per_state", "model_info"]
+__all__ = ["count_parameters", "kv_bytes_per_token", "cross_kv_bytes_per_state", "model_info", "request_cache_bytes"]
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
@@ -41,6 +41,15 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
 def cross_kv_bytes_per_state(config: ModelConfig, dtype_bytes: int = 4) -> int:
     d = config.decoder
     return 2 * len(config.cross_layers) * d.num_kv_heads * d.head_dim * dtype_bytes
+
+
+def request_cache_bytes(config: ModelConfig, sequence_tokens: int, visual_tokens: int, dtype_bytes: int = 4) -> int:
+    """Cache one request holds: KV for every context position, plus the cross-attention K/V of every
+    visual state in cross-attention models."""
+    total = sequence_tokens * kv_bytes_per_token(config, dtype_bytes)
+    if config.fusion.type == "cross":
+        total += visual_tokens * cross_kv_bytes_per_state(config, dtype_bytes)
+    return total
 
 
 def model_info(config: ModelConfig, dtype_bytes: int = 4) -> dict[str, Any]:

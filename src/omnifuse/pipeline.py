@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from omnifuse.checkpoint import load_checkpoint
-from omnifuse.estimates import cross_kv_bytes_per_state, kv_bytes_per_token
+from omnifuse.estimates import request_cache_bytes
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
@@ -118,14 +118,9 @@ class Pipeline:
         return [self.processor(s) for s in sources]
 
     def cache_bytes(self, sequence_tokens: int, visual_tokens: int) -> int:
-        """Cache bytes one request holds: KV for every context position, plus cross-attention
-        K/V for every visual state in cross-attention models (same rule as ``omnifuse info``)."""
-        cfg = self.model.config
-        dtype_bytes = self.model.embed_tokens.weight.element_size()
-        total = sequence_tokens * kv_bytes_per_token(cfg, dtype_bytes)
-        if self.model.is_cross:
-            total += visual_tokens * cross_kv_bytes_per_state(cfg, dtype_bytes)
-        return total
+        """Cache bytes one request holds (same rule as ``omnifuse info``)."""
+        return request_cache_bytes(self.model.config, sequence_tokens, visual_tokens,
+                                   self.model.embed_tokens.weight.element_size())
 
     # ------------------------------------------------------------------ generation
     def sampling(self, **kwargs) -> SamplingConfig:

@@ -88,7 +88,7 @@ def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainC
 @torch.inference_mode()
 def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
     """Visual tokens, context, KV cache bytes, prefill latency and decode speed on test prompts."""
-    from omnifuse.estimates import cross_kv_bytes_per_state, kv_bytes_per_token
+    from omnifuse.estimates import request_cache_bytes
     from omnifuse.inference import SamplingConfig, generate_stream
 
     model, cfg = trainer.model.eval(), trainer.model_config
@@ -101,9 +101,7 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
         prompts.append(trainer.builder.prompt(turns[:-1], imgs))
         images.append(imgs)
         answers.append(len(trainer.tokenizer.encode(meta["answer"], add_bos=False)) + 1)  # + stop token
-    per_token = kv_bytes_per_token(cfg)
-    kv = [(len(p) + a) * per_token + (sum(i.num_tokens for i in imgs) * cross_kv_bytes_per_state(cfg)
-                                      if model.is_cross else 0)
+    kv = [request_cache_bytes(cfg, len(p) + a, sum(i.num_tokens for i in imgs))
           for p, a, imgs in zip(prompts, answers, images)]
     prefill = []
     for p, imgs in list(zip(prompts, images))[:arena.latency_prompts]:

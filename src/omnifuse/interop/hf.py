@@ -170,3 +170,17 @@ def stop_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...] | No
     if eos is None:
         return None
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def image_token_text(folder: Path, token_id: int) -> str:
+    """The text of the image placeholder token ``token_id`` in the folder's tokenizer.json."""
+    tok = read_json_if_present(folder / "tokenizer.json")
+    for added in tok.get("added_tokens", []):
+        if added.get("id") == token_id:
+            return added["content"]
+    vocab = tok.get("model", {}).get("vocab", {})
+    if isinstance(vocab, dict):
+        for text, i in vocab.items():
+            if i == token_id:
+                return text
+    return "<image>"

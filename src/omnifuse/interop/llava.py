@@ -18,7 +18,7 @@ import torch
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (CLIP_MEAN, CLIP_STD, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig,
                              ModelConfig, TextConfig, VisionConfig)
-from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped, read_json_if_present
+from omnifuse.interop.hf import KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, read_json_if_present
 
 __all__ = ["llava_config", "llava_key_map", "normalise_llava_key", "load_llava"]
 
@@ -54,19 +54,6 @@ def _image_config(folder: Path, image_size: int) -> ImageConfig:
                        mean=tuple(pre.get("image_mean", CLIP_MEAN)), std=tuple(pre.get("image_std", CLIP_STD)))
 
 
-def _image_token(folder: Path, token_id: int) -> str:
-    tok = read_json_if_present(folder / "tokenizer.json")
-    for added in tok.get("added_tokens", []):
-        if added.get("id") == token_id:
-            return added["content"]
-    vocab = tok.get("model", {}).get("vocab", {})
-    if isinstance(vocab, dict):
-        for text, i in vocab.items():
-            if i == token_id:
-                return text
-    return "<image>"
-
-
 def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
     """(omnifuse config, image token id) from a LLaVA ``config.json``."""
     folder = Path(folder)
@@ -95,7 +82,7 @@ def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, i
         connector=ConnectorConfig(type="mlp", bias=bool(hf.get("multimodal_projector_bias", True))),
         fusion=FusionConfig(type="early"),
         decoder=DecoderConfig(**llama_decoder_kwargs(text)),
-        text=TextConfig(tokenizer="file", image_token=_image_token(folder, image_token_id)),
+        text=TextConfig(tokenizer="file", image_token=image_token_text(folder, image_token_id)),
     )
     return config, image_token_id
 

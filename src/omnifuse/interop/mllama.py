@@ -21,8 +21,7 @@ from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, TextConfig,
                              VisionConfig)
 from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
-from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped, read_json_if_present
-from omnifuse.interop.llava import _image_token
+from omnifuse.interop.hf import KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, read_json_if_present
 
 __all__ = ["load_mllama", "mllama_config", "mllama_key_map", "normalise_mllama_key"]
 
@@ -79,7 +78,7 @@ def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, 
         fusion=FusionConfig(type="cross", cross_attention_layers=tuple(s - j for j, s in enumerate(cross_stack)),
                             cross_attention_span="latest", text_before_media="attend_all"),
         decoder=DecoderConfig(**decoder),
-        text=TextConfig(tokenizer="file", image_token=_image_token(folder, image_token_id),
+        text=TextConfig(tokenizer="file", image_token=image_token_text(folder, image_token_id),
                         bos_token="<|begin_of_text|>", bos_after_leading_images=True),
     )
     return config, image_token_id
