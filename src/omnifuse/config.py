@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_origin, get_type_hints
 
 __all__ = [
     "ConfigError",

@@ -283,7 +283,6 @@ class DiagnosticSet:
         return ("spatial", relation, a, b)
 
     def _counting(self, rng: random.Random) -> tuple:
-        n = self.image_size
         count = rng.randint(1, len(COUNTS))
         name, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
         while True:  # restart the layout when the last shapes no longer find room
