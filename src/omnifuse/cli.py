@@ -1,4 +1,4 @@
-"""The ``omnifuse`` command line: generate, info, demo."""
+"""The ``omnifuse`` command line: generate, info, train, arena, plan, demo."""
 
 from __future__ import annotations
 
@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
     a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
     a.set_defaults(func=cmd_arena)
+
+    from omnifuse.planner.command import add_plan_parser
+
+    add_plan_parser(sub)
 
     d = sub.add_parser("demo", help="the main job: the fusion arena with its default config")
     d.add_argument("--quick", action="store_true", help="a few steps per strategy")

@@ -7,6 +7,8 @@ real memory in tests (``omnifuse info`` builds them on the meta device).
 
 from __future__ import annotations
 
+import dataclasses
+
 from omnifuse.config import (ConfigError, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig,
                              TextConfig, VisionConfig)
 
@@ -76,6 +78,12 @@ PRESETS: dict[str, ModelConfig] = {
                         eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
     ),
 }
+# Llama 3.2 90B Vision: the 11B's vision tower and tiling on a Llama 3.1 70B decoder (80 self-attention
+# layers) with 20 cross-attention layers (HF stack indices 3, 8, ..., 98).
+PRESETS["llama-3.2-90b-vision"] = dataclasses.replace(
+    PRESETS["llama-3.2-11b-vision"], name="llama-3.2-90b-vision",
+    decoder=dataclasses.replace(PRESETS["llama-3.2-11b-vision"].decoder, hidden_size=8192, num_layers=80,
+                                num_heads=64, num_kv_heads=8, intermediate_size=28672))
 
 
 def preset_names() -> list[str]:

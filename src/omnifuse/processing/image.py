@@ -275,7 +275,7 @@ class ImageProcessor:
         rows, cols = self.canvas(width, height)
         return _fit_to_canvas(width, height, cols * s, rows * s, s)
 
-    def _layout(self, width: int, height: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    def layout(self, width: int, height: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """(number of crops, patch grid per crop, tile canvas)."""
         cfg, p = self.config, self.patch_size
         if cfg.mode == "dynamic":
@@ -290,7 +290,7 @@ class ImageProcessor:
     def num_tokens(self, width: int, height: int) -> int:
         """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
         self._check_size(width, height)
-        crops, (gh, gw), _ = self._layout(width, height)
+        crops, (gh, gw), _ = self.layout(width, height)
         return crops * (gh * gw + self.cls_tokens)
 
     # --- pixels ------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ class ImageProcessor:
             pad = self.config.max_tiles - pixel_values.shape[0]
             pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(pad, *pixel_values.shape[1:])])
 
-        n_crops, grid, _ = self._layout(width, height)
+        n_crops, grid, _ = self.layout(width, height)
         p = self.patch_size
         expected = (n_crops, 3, grid[0] * p, grid[1] * p)
         if tuple(pixel_values.shape) != expected:  # the token count would silently be wrong

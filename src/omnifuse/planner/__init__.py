@@ -1,0 +1,1 @@
+"""The cost planner (`omnifuse plan`): tokens by published rules, memory, FLOPs, latency and money."""

@@ -1,0 +1,301 @@
+"""Architectures as numbers: what the planner needs to count parameters, FLOPs and cache bytes.
+
+omnifuse presets are translated from their ``ModelConfig`` (``from_model_config``), so the planner
+reads the same config the model is built from. Published models that omnifuse cannot build yet
+(MoE, pixel shuffle, Q-Former, sliding windows) are described in ``PUBLISHED`` from their
+reference configs, each entry naming its source.
+
+FLOP convention (the one ``torch.utils.flop_counter.FlopCounterMode`` uses): 2 FLOPs per
+multiply-accumulate of every matmul and convolution, attention as two batched matmuls over the
+full query x key rectangle (4 * q * k * head_dim per head, causal masking not discounted);
+norms, activations, softmax and RoPE are not counted. Prefill computes logits for the last
+position only, as generation needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from omnifuse.config import ModelConfig
+
+__all__ = ["Architecture", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork", "PUBLISHED",
+           "from_model_config"]
+
+
+@dataclass(frozen=True)
+class EncoderArch:
+    """A ViT-style encoder. ``stem``: the convolutions before the first layer, as (in, out, kernel,
+    stride); empty means one ``patch x patch`` projection."""
+
+    hidden: int
+    layers: int  # layers actually run (up to the feature layer)
+    heads: int
+    intermediate: int
+    patch: int
+    image_size: int  # crop side in pixels
+    mlp_matrices: int = 2  # 2: GELU MLP; 3: SwiGLU
+    cls_tokens: int = 1
+    pad_to: int = 1  # sequence padded to a multiple of this (Mllama: 8)
+    stem: tuple[tuple[int, int, int, int], ...] = ()
+    global_layers: int = 0  # a second stack over the same sequence (Mllama's gated global layers)
+    joint_crops: bool = False  # all crops of an image attend to each other (Mllama tiles, Qwen's one sequence)
+    out_dim: int = 0  # channels handed to the connector (0: hidden)
+    channels: int = 3
+
+    @property
+    def patches_per_crop(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    def convs(self) -> tuple[tuple[int, int, int, int], ...]:
+        return self.stem or ((self.channels, self.hidden, self.patch, self.patch),)
+
+    def parameters(self) -> int:
+        h, i = self.hidden, self.intermediate
+        stem = sum(ci * co * k * k + co for ci, co, k, _ in self.convs())
+        layer = 4 * h * h + 4 * h + self.mlp_matrices * h * i + (self.mlp_matrices - 1) * i + h + 4 * h
+        positions = (self.patches_per_crop + self.cls_tokens) * h
+        return stem + positions + self.cls_tokens * h + (self.layers + self.global_layers) * layer
+
+    def flops(self, crops: int, patches_per_crop: int | None = None) -> int:
+        """One image of ``crops`` crops (``patches_per_crop`` overrides the crop size)."""
+        n_patch = patches_per_crop if patches_per_crop is not None else self.patches_per_crop
+        side = math.isqrt(n_patch * self.patch * self.patch) if patches_per_crop is not None else self.image_size
+        stem, hw = 0, side * side  # convolutions, crop by crop
+        for ci, co, k, s in self.convs():
+            hw //= s * s
+            stem += 2 * ci * k * k * co * hw
+        if patches_per_crop is not None:  # non-square dynamic crops: the projection is per patch
+            stem = stem * n_patch // max(1, (side // self.patch) ** 2)
+        n = n_patch + self.cls_tokens
+        n = -(-n // self.pad_to) * self.pad_to
+        h = self.hidden
+        dense = crops * n * (2 * 4 * h * h + 2 * self.mlp_matrices * h * self.intermediate)
+        attention = 4 * h * ((crops * n) ** 2 if self.joint_crops else crops * n * n)
+        return crops * stem + (self.layers + self.global_layers) * (dense + attention)
+
+
+@dataclass(frozen=True)
+class ConnectorArch:
+    """Encoder features -> decoder width. ``merge``: encoder positions folded into one token
+    (pixel shuffle / patch merge: scale_factor squared; average pooling: the pool area)."""
+
+    kind: str  # linear | mlp | pool_linear | qformer
+    in_dim: int  # encoder channels per position (before merging)
+    out_dim: int
+    hidden: int = 0  # mlp: width of the first layer (0: out_dim)
+    merge: int = 1
+    bias: bool = True
+    # Q-Former (BLIP-2): a BERT-base-like stack of learned queries with cross-attention
+    queries: int = 0
+    layers: int = 0
+    cross_every: int = 2
+
+    def parameters(self) -> int:
+        d_in = self.in_dim * (1 if self.kind == "pool_linear" else self.merge)
+        if self.kind == "mlp":
+            mid = self.hidden or self.out_dim
+            return d_in * mid + mid * self.out_dim + (mid + self.out_dim) * self.bias
+        if self.kind == "qformer":
+            q = self.hidden
+            layer = 4 * q * q + 2 * q * 4 * q  # self-attention + MLP (4x)
+            cross = 2 * q * q + 2 * self.in_dim * q  # q, o from the queries; k, v from the image
+            return self.queries * q + self.layers * layer + (self.layers // self.cross_every) * cross + q * self.out_dim
+        return d_in * self.out_dim + self.out_dim * self.bias
+
+    def flops(self, encoder_positions: int) -> int:
+        """For an image whose encoder produced ``encoder_positions`` feature vectors."""
+        tokens = encoder_positions // self.merge
+        d_in = self.in_dim * (1 if self.kind == "pool_linear" else self.merge)
+        if self.kind == "mlp":
+            mid = self.hidden or self.out_dim
+            return 2 * tokens * (d_in * mid + mid * self.out_dim)
+        if self.kind == "qformer":
+            q, m = self.hidden, self.queries
+            self_part = self.layers * (2 * m * 4 * q * q + 4 * m * m * q + 2 * m * 2 * q * 4 * q)
+            n_cross = self.layers // self.cross_every
+            cross = n_cross * (2 * m * 2 * q * q + 2 * encoder_positions * 2 * self.in_dim * q + 4 * m * encoder_positions * q)
+            return self_part + cross + 2 * m * q * self.out_dim
+        return 2 * tokens * d_in * self.out_dim
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    hidden: int
+    layers: int  # self-attention layers
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # dense MLP width
+    vocab: int
+    tied: bool = False
+    mlp_matrices: int = 3  # 3: SwiGLU; 2: ReLU/GELU MLP (OPT)
+    qkv_bias: bool = False
+    extra_embeddings: int = 0
+    # Mixture of experts (Llama 4): every ``moe_every``-th layer routes each token to
+    # ``experts_per_token`` of ``experts`` plus ``shared_experts`` always-on ones.
+    experts: int = 0
+    experts_per_token: int = 1
+    shared_experts: int = 0
+    expert_intermediate: int = 0
+    moe_every: int = 1
+    # Attention span: ``window`` > 0 limits all but every ``global_every``-th layer to the last
+    # ``window`` positions (Gemma 3 sliding window, Llama 4 chunked attention).
+    window: int = 0
+    global_every: int = 0
+    # Gated cross-attention layers (Llama 3.2 Vision), each with its own MLP of ``intermediate``.
+    cross_layers: int = 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers // self.moe_every if self.experts else 0
+
+    @property
+    def windowed_layers(self) -> int:
+        if not self.window:
+            return 0
+        return self.layers - (self.layers // self.global_every if self.global_every else 0)
+
+    def _attention_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias
+
+    def _mlp_params(self, width: int) -> int:
+        return self.mlp_matrices * self.hidden * width
+
+    def parameters(self) -> int:
+        h = self.hidden
+        moe = self.moe_layers
+        mlps = (self.layers - moe) * self._mlp_params(self.intermediate) + moe * (
+            (self.experts + self.shared_experts) * self._mlp_params(self.expert_intermediate) + h * self.experts)
+        cross = self.cross_layers * (self._attention_params() + self._mlp_params(self.intermediate) + 2 * h
+                                     + 2 * self.head_dim + 2)  # + norms, q/k norms and the two gates
+        body = self.layers * (self._attention_params() + 2 * h) + mlps + cross + h
+        return body + (self.vocab + self.extra_embeddings) * h + (0 if self.tied else self.vocab * h)
+
+    def inactive_parameters(self) -> int:
+        """Routed-expert weights a token does not use."""
+        return self.moe_layers * (self.experts - self.experts_per_token) * self._mlp_params(self.expert_intermediate)
+
+    def token_matmul_flops(self) -> int:
+        """2 x the multiply-adds one token spends in the layers' linear maps (no attention, no head)."""
+        h = self.hidden
+        expert = self._mlp_params(self.expert_intermediate)
+        moe = self.moe_layers
+        per = self.layers * (self._attention_params() - (self.heads + 2 * self.kv_heads) * self.head_dim * self.qkv_bias)
+        per += (self.layers - moe) * self._mlp_params(self.intermediate)
+        per += moe * ((self.experts_per_token + self.shared_experts) * expert + h * self.experts)
+        return 2 * per
+
+    def attention_span(self, position: int) -> int:
+        """Key positions summed over layers for a query at ``position`` (1-based context length)."""
+        windowed = self.windowed_layers
+        return (self.layers - windowed) * position + windowed * min(position, self.window)
+
+    def kv_bytes(self, positions: int, dtype_bytes: float) -> float:
+        """Self-attention cache for ``positions`` context tokens (windowed layers keep ``window``)."""
+        per_layer = 2 * self.kv_heads * self.head_dim * dtype_bytes
+        return per_layer * self.attention_span(positions)
+
+    def cross_kv_bytes(self, states: int, dtype_bytes: float) -> float:
+        return 2 * self.cross_layers * self.kv_heads * self.head_dim * dtype_bytes * states
+
+
+@dataclass(frozen=True)
+class MediaWork:
+    """What one media item costs the model: encoder crops (and patches per crop when dynamic),
+    tokens placed in the context, and states kept for cross-attention."""
+
+    crops: int
+    context_tokens: int
+    cross_states: int = 0
+    patches_per_crop: int | None = None
+    encoder_positions: int = 0  # feature vectors the encoder hands the connector (0: crops x patches)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    decoder: DecoderArch
+    encoder: EncoderArch | None = None
+    connector: ConnectorArch | None = None
+    source: str = ""
+    estimated: bool = False  # an assumed architecture (closed models): every figure is an estimate
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def parameters(self) -> dict[str, int]:
+        enc = self.encoder.parameters() if self.encoder else 0
+        con = self.connector.parameters() if self.connector else 0
+        dec = self.decoder.parameters()
+        total = enc + con + dec
+        return {"total": total, "active": total - self.decoder.inactive_parameters(),
+                "vision_encoder": enc, "connector": con, "decoder": dec}
+
+    def encoder_flops(self, media: MediaWork) -> int:
+        if self.encoder is None:
+            return 0
+        flops = self.encoder.flops(media.crops, media.patches_per_crop)
+        if self.connector is not None:
+            positions = media.encoder_positions or media.crops * (media.patches_per_crop or self.encoder.patches_per_crop)
+            flops += self.connector.flops(positions)
+        return flops
+
+    def prefill_flops(self, context_tokens: int, media: list[MediaWork]) -> dict[str, int]:
+        """FLOPs of one request's prefill: encoder + connector per media item, the decoder over the
+        whole context, cross-attention over all media states, logits for the last position."""
+        d = self.decoder
+        s = context_tokens
+        states = sum(m.cross_states for m in media)
+        encoder = sum(self.encoder_flops(m) for m in media)
+        span = sum(d.attention_span(p) for p in range(1, s + 1)) if d.window else d.layers * s * s
+        decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span
+        cross = 0
+        if d.cross_layers and states:
+            q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+            cross = d.cross_layers * (2 * states * d.hidden * 2 * kv + 2 * s * (2 * d.hidden * q)
+                                      + 2 * s * d.mlp_matrices * d.hidden * d.intermediate + 4 * s * states * q)
+        head = 2 * d.hidden * d.vocab
+        return {"encoder": encoder, "decoder": decoder, "cross_attention": cross, "lm_head": head,
+                "total": encoder + decoder + cross + head}
+
+    def decode_flops(self, position: int, cross_states: int = 0) -> int:
+        """FLOPs of one generated token whose context (itself included) is ``position`` long."""
+        d = self.decoder
+        flops = d.token_matmul_flops() + 4 * d.heads * d.head_dim * d.attention_span(position) + 2 * d.hidden * d.vocab
+        if d.cross_layers and cross_states:
+            q = d.heads * d.head_dim
+            flops += d.cross_layers * (2 * 2 * d.hidden * q + 2 * d.mlp_matrices * d.hidden * d.intermediate
+                                       + 4 * cross_states * q)
+        return flops
+
+
+def from_model_config(config: ModelConfig) -> Architecture:
+    """The planner's view of an omnifuse model config (presets, arena models, checkpoints)."""
+    v, d = config.vision, config.decoder
+    if v.type == "mllama":
+        encoder = EncoderArch(hidden=v.hidden_size, layers=v.num_layers, heads=v.num_heads,
+                              intermediate=v.intermediate_size, patch=v.patch_size, image_size=v.image_size,
+                              global_layers=v.num_global_layers, pad_to=8, joint_crops=True, out_dim=v.feature_dim)
+    else:
+        layers = max(i % (v.num_layers + 1) for i in v.feature_layers)
+        stem: tuple[tuple[int, int, int, int], ...] = ()
+        if v.stem == "conv":
+            steps = v.patch_size.bit_length() - 1
+            ch_in, convs = v.num_channels, []
+            for i in range(steps - 1):
+                ch_out = max(v.hidden_size >> (steps - 1 - i), 8)
+                convs.append((ch_in, ch_out, 3, 2))
+                ch_in = ch_out
+            convs.append((ch_in, v.hidden_size, 2, 2))
+            stem = tuple(convs)
+        encoder = EncoderArch(hidden=v.hidden_size, layers=layers, heads=v.num_heads, intermediate=v.intermediate_size,
+                              patch=v.patch_size, image_size=v.image_size, cls_tokens=int(v.use_cls), stem=stem,
+                              out_dim=v.feature_dim, channels=v.num_channels)
+    connector = ConnectorArch(kind=config.connector.type, in_dim=v.feature_dim, out_dim=d.hidden_size)
+    decoder = DecoderArch(hidden=d.hidden_size, layers=d.num_layers, heads=d.num_heads, kv_heads=d.num_kv_heads,
+                          head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
+                          tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,
+                          cross_layers=len(config.cross_layers))
+    return Architecture(name=config.name, decoder=decoder, encoder=encoder, connector=connector,
+                        source=f"omnifuse config {config.name}")

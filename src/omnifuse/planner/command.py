@@ -1,0 +1,198 @@
+"""``omnifuse plan``: arguments and the command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from omnifuse.planner.plan import PlanError
+
+__all__ = ["add_plan_parser", "cmd_plan"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 1024x768, got {text!r}") from None
+    return w, h
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="tokens, memory, FLOPs, latency, GPUs and $/day of a multimodal workload",
+                       description="Map images, audio and video through each model's published token rule "
+                                   "to context tokens, KV cache, FLOPs, roofline latency, GPUs and cost.")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", help="a model name (see --list), an omnifuse preset or a model config file")
+    who.add_argument("--preset", help="an omnifuse preset (with --measure: build it and check the prediction)")
+    who.add_argument("--compare", help="several models side by side, comma-separated")
+    who.add_argument("--list", action="store_true", help="list the models the planner knows")
+    p.add_argument("--image", action="append", type=_size, default=[], metavar="WxH", help="an image; repeat for more")
+    p.add_argument("--audio-seconds", type=float, default=0.0)
+    p.add_argument("--video-seconds", type=float, default=0.0)
+    p.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    p.add_argument("--video-size", type=_size, default=(1280, 720), metavar="WxH", help="video frame size (default 1280x720)")
+    p.add_argument("--text-tokens", type=int, default=0, help="prompt text tokens per request")
+    p.add_argument("--output-tokens", type=int, default=0, help="generated tokens per request")
+    p.add_argument("--requests-per-day", type=int, default=0, help="for $/day: the vendor API and self-hosting")
+    p.add_argument("--concurrency", type=int, default=1, help="requests served at once per replica")
+    p.add_argument("--gpu", default="h100", help="accelerator for latency and GPU counts: h100, h200, a100, "
+                                                 "tpu-v5p, cpu (this machine), or one from --hardware")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"], help="weights")
+    p.add_argument("--kv-dtype", choices=["fp32", "bf16", "fp16", "int8"], help="KV cache (default: weights', bf16 for int8/int4)")
+    p.add_argument("--detail", choices=["high", "low", "auto"], default="high", help="OpenAI image detail")
+    p.add_argument("--max-pixels", type=int, help="Qwen2-VL / 2.5-VL max_pixels")
+    p.add_argument("--min-pixels", type=int, help="Qwen2-VL / 2.5-VL min_pixels")
+    p.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 pan & scan crops")
+    p.add_argument("--media-resolution", choices=["low", "medium", "high", "unspecified"], help="Gemini 2.5")
+    p.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
+                   help="pick the alternative reading of an ambiguous source, e.g. gemini_image_rule=crop_unit "
+                        "(see README)")
+    p.add_argument("--assume-architecture", metavar="MODEL",
+                   help="price a closed model as if it had this model's architecture (marked estimated)")
+    p.add_argument("--prices", help="price file (default: the packaged, dated prices.yaml)")
+    p.add_argument("--hardware", help="accelerator file (default: the packaged hardware.yaml)")
+    p.add_argument("--measure", action="store_true", help="with --preset: build it, run the request, compare")
+    p.add_argument("--json", action="store_true", help="print JSON (one object; a list with --compare)")
+    p.add_argument("--plot", metavar="FILE", help="bar charts of tokens and cost per model (PNG)")
+    p.set_defaults(func=cmd_plan)
+
+
+def _options(args):
+    from omnifuse.planner.tokens import TokenOptions, TokenRuleError
+
+    fields = {"detail": args.detail, "max_pixels": args.max_pixels, "min_pixels": args.min_pixels,
+              "pan_and_scan": args.pan_and_scan, "media_resolution": args.media_resolution}
+    known = set(TokenOptions.__dataclass_fields__) - set(fields)
+    for item in args.rule:
+        name, sep, value = item.partition("=")
+        if not sep or name not in known:
+            raise TokenRuleError(f"--rule {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+        fields[name] = value
+    return TokenOptions(**fields)
+
+
+def _accelerator(args):
+    from omnifuse.planner.resources import load_hardware, local_cpu
+
+    if args.gpu == "cpu":
+        return local_cpu()
+    table = load_hardware(args.hardware)
+    if args.gpu not in table:
+        raise PlanError(f"unknown accelerator {args.gpu!r}; known: {', '.join([*table, 'cpu'])}")
+    return table[args.gpu]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from omnifuse.planner import report
+    from omnifuse.planner.plan import Workload, known_models, plan, resolve_model
+    from omnifuse.planner.resources import load_prices
+
+    if args.list:
+        print("\n".join(known_models()))
+        return 0
+    workload = Workload(images=tuple(args.image), audio_seconds=args.audio_seconds, video_seconds=args.video_seconds,
+                        fps=args.fps, video_size=args.video_size, text_tokens=args.text_tokens,
+                        output_tokens=args.output_tokens, requests_per_day=args.requests_per_day,
+                        concurrency=args.concurrency)
+    if not (workload.images or workload.audio_seconds or workload.video_seconds or workload.text_tokens):
+        raise PlanError("nothing to plan: give --image WxH, --audio-seconds, --video-seconds or --text-tokens")
+    options = _options(args)
+    prices = load_prices(args.prices)
+    if args.measure:
+        if not args.preset:
+            raise PlanError("--measure needs --preset (it builds the model)")
+        return _measure(args, workload, options)
+    names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else [args.model or args.preset]
+    if args.preset:
+        from omnifuse.presets import get_preset
+
+        get_preset(args.preset)  # --preset accepts presets only
+    accelerator = _accelerator(args)
+    plans = []
+    for name in names:
+        model = resolve_model(name, args.assume_architecture if not args.compare else None)
+        plans.append(plan(model, workload, options, accelerator, prices, args.dtype, args.kv_dtype))
+    if args.plot:
+        report.plot_plans(plans, args.plot)
+    if args.json:
+        print(json.dumps(plans if args.compare else plans[0], indent=2))
+        return 0
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(report.compare_table(plans) if args.compare else report.plan_table(plans[0]))
+    if args.plot:
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
+def _measure(args, workload, options) -> int:
+    """Predicted (planner) vs measured (the built preset) for one request on this machine."""
+    from rich.console import Console
+
+    from omnifuse.estimates import count_parameters
+    from omnifuse.planner import report
+    from omnifuse.planner.measure import MEASURE_MAX_PARAMETERS, measure_request
+    from omnifuse.planner.plan import plan, resolve_model
+    from omnifuse.planner.resources import local_cpu
+
+    model = resolve_model(args.preset)
+    total = count_parameters(model.config)["total"]
+    if total > MEASURE_MAX_PARAMETERS:
+        raise PlanError(f"--measure builds {args.preset} in float32 here ({total * 4 / 2 ** 30:.1f} GiB); "
+                        f"it is for presets under {MEASURE_MAX_PARAMETERS / 1e9:g}B parameters")
+    if workload.audio_seconds or workload.video_seconds:
+        raise PlanError("--measure runs images and text only")
+    if workload.text_tokens < 1:
+        raise PlanError("--measure needs --text-tokens of at least 1 (the prompt)")
+    workload = dataclasses.replace(workload, output_tokens=max(1, workload.output_tokens))  # decode at least once
+    cpu = local_cpu()
+    predicted = plan(model, workload, options, cpu, None, dtype="fp32", kv_dtype="fp32")
+    measured = measure_request(model.config, list(workload.images), workload.text_tokens, workload.output_tokens)
+    result = _compare(predicted, measured)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(report.measure_table(result["rows"]))
+    return 0 if result["agree"] else 2
+
+
+def _compare(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    def exact(p, m):
+        return "equal" if p == m else "DIFFERENT"
+
+    def within(p, m, tol):
+        err = abs(p - m) / max(1, m)
+        return f"{err:.2%} off" + ("" if err <= tol else f" (over {tol:.0%})")
+
+    visual_pred = [i["tokens"] + i["cross_attention_states"] - (1 if i["cross_attention_states"] else 0)
+                   for i in predicted["inputs"]]
+    kv_pred = predicted["kv_cache_bytes"]
+    lat = predicted["latency"]
+    rows = [
+        ("visual tokens per image", str(visual_pred), str(measured["visual_tokens"]),
+         exact(visual_pred, measured["visual_tokens"])),
+        ("context tokens", predicted["context_tokens"], measured["context_tokens"],
+         exact(predicted["context_tokens"], measured["context_tokens"])),
+        ("KV cache bytes", int(kv_pred), measured["kv_cache_bytes"], exact(int(kv_pred), measured["kv_cache_bytes"])),
+        ("prefill FLOPs", predicted["prefill_flops"], measured["prefill_flops"],
+         within(predicted["prefill_flops"], measured["prefill_flops"], 0.02)),
+        ("decode FLOPs / token", predicted["decode_flops_per_token"], measured["decode_flops_per_token"],
+         within(predicted["decode_flops_per_token"], measured["decode_flops_per_token"], 0.02)),
+        ("prefill latency (roofline vs measured)", f"{lat['prefill_s'] * 1e3:.2f} ms",
+         f"{measured['prefill_seconds'] * 1e3:.2f} ms", f"{measured['prefill_seconds'] / lat['prefill_s']:.1f}x slower"),
+        ("decode latency / token", f"{lat['decode_s_per_token'] * 1e3:.3f} ms",
+         f"{measured['decode_seconds_per_token'] * 1e3:.3f} ms",
+         f"{measured['decode_seconds_per_token'] / lat['decode_s_per_token']:.1f}x slower"),
+    ]
+    agree = (visual_pred == measured["visual_tokens"] and predicted["context_tokens"] == measured["context_tokens"]
+             and int(kv_pred) == measured["kv_cache_bytes"]
+             and abs(predicted["prefill_flops"] - measured["prefill_flops"]) <= 0.02 * measured["prefill_flops"]
+             and abs(predicted["decode_flops_per_token"] - measured["decode_flops_per_token"])
+             <= 0.02 * measured["decode_flops_per_token"])
+    return {"model": predicted["model"], "agree": agree, "rows": rows, "predicted": predicted, "measured": measured}

@@ -1,0 +1,330 @@
+"""One plan: a model and a workload -> tokens, memory, FLOPs, latency, GPUs and money.
+
+Token counts come from one place per model: a vendor's published rule (``tokens.py``) or, for
+omnifuse's own models, the image processor's ``num_tokens``. Architecture figures come from the
+model's config (presets) or its published config (``published.py``); closed models get token
+counts and API cost only, unless an assumed architecture is given (then marked estimated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnifuse.config import ConfigError, ModelConfig
+from omnifuse.planner import tokens as rules
+from omnifuse.planner.arch import Architecture, MediaWork, from_model_config
+from omnifuse.planner.resources import Accelerator, Prices
+
+__all__ = ["DTYPE_BYTES", "PlanError", "Workload", "known_models", "plan", "resolve_model"]
+
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+MEMORY_HEADROOM = 0.9  # fraction of accelerator memory usable for weights + cache
+
+
+class PlanError(ConfigError):
+    """A request the planner cannot answer (names the problem)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    images: tuple[tuple[int, int], ...] = ()
+    audio_seconds: float = 0.0
+    video_seconds: float = 0.0
+    fps: float = 1.0
+    video_size: tuple[int, int] = (1280, 720)
+    text_tokens: int = 0
+    output_tokens: int = 0
+    requests_per_day: int = 0
+    concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        for w, h in self.images:
+            if w <= 0 or h <= 0:
+                raise PlanError(f"image size {w}x{h} is impossible: width and height must be positive")
+        w, h = self.video_size
+        if w <= 0 or h <= 0:
+            raise PlanError(f"video size {w}x{h} is impossible: width and height must be positive")
+        for name in ("audio_seconds", "video_seconds", "text_tokens", "output_tokens", "requests_per_day"):
+            if getattr(self, name) < 0:
+                raise PlanError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.fps <= 0:
+            raise PlanError(f"fps must be positive, got {self.fps}")
+        if self.concurrency < 1:
+            raise PlanError(f"concurrency must be at least 1, got {self.concurrency}")
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """What the planner knows about a model name."""
+
+    name: str
+    rule: rules.TokenRule | None  # a vendor's published token rule
+    config: ModelConfig | None  # an omnifuse config (its processor counts tokens when ``rule`` is None)
+    arch: Architecture | None
+    estimated: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def known_models() -> list[str]:
+    from omnifuse.presets import preset_names
+
+    return sorted(set(rules.RULES) | set(preset_names()))
+
+
+def _architecture_for(name: str) -> tuple[Architecture | None, ModelConfig | None]:
+    from omnifuse.planner.published import PUBLISHED
+    from omnifuse.presets import PRESETS
+
+    if name in PRESETS:
+        return from_model_config(PRESETS[name]), PRESETS[name]
+    return PUBLISHED.get(name), None
+
+
+def resolve_model(name: str, assume: str | None = None) -> PlanModel:
+    """A vendor model name, an omnifuse preset, or an omnifuse model config file (YAML/JSON).
+    ``assume``: an architecture (any of those) to price a closed model with, marked estimated."""
+    from omnifuse.config import load_config
+    from omnifuse.presets import PRESETS
+
+    if name in rules.RULES:
+        arch, config = _architecture_for(name)
+        plan_model = PlanModel(name, rules.RULES[name], config, arch)
+    elif name in PRESETS:
+        plan_model = PlanModel(name, None, PRESETS[name], from_model_config(PRESETS[name]))
+    elif Path(name).suffix in (".yaml", ".yml", ".json") and Path(name).is_file():
+        config = load_config(name)
+        plan_model = PlanModel(config.name or name, None, config, from_model_config(config))
+    else:
+        raise PlanError(f"unknown model {name!r}; known models: {', '.join(known_models())} "
+                        "(or an omnifuse model config file)")
+    if assume:
+        if plan_model.arch is not None:
+            raise PlanError(f"{name} has a published architecture; --assume-architecture is for closed models")
+        assumed = resolve_model(assume)
+        if assumed.arch is None:
+            raise PlanError(f"--assume-architecture {assume}: that model has no architecture either")
+        plan_model = PlanModel(plan_model.name, plan_model.rule, None, assumed.arch, estimated=True,
+                               notes=(f"architecture assumed to be {assumed.name}'s: every memory, FLOP, "
+                                      "latency and self-hosting figure is an estimate",))
+    return plan_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+def _own_image(config: ModelConfig, width: int, height: int) -> tuple[dict[str, Any], MediaWork]:
+    from omnifuse.model import build_image_processor
+
+    processor = build_image_processor(config)
+    crops, grid, _ = processor.layout(width, height)
+    n = processor.num_tokens(width, height)
+    cross = config.fusion.type == "cross"
+    work = MediaWork(crops=crops, context_tokens=1 if cross else n, cross_states=n if cross else 0,
+                     patches_per_crop=grid[0] * grid[1], encoder_positions=n)
+    return ({"kind": "image", "width": width, "height": height, "seconds": None, "tokens": work.context_tokens,
+             "cross_attention_states": work.cross_states,
+             "note": f"{crops} crop(s) of {grid[0]}x{grid[1]} patches (omnifuse {config.image.mode} mode)"}, work)
+
+
+def _media_work(model: PlanModel, count: rules.TokenCount) -> list[MediaWork]:
+    """Encoder work behind a vendor rule's count (one entry per image or video frame)."""
+    if model.arch is None:
+        return []
+    enc = model.arch.encoder
+    frames = max(1, getattr(count, "frames", 1))
+    crops = max(1, getattr(count, "crops", 1) // frames)
+    ctx, states = count.context_tokens // frames, count.cross_states // frames
+    patches = None
+    if enc is not None and enc.joint_crops and enc.cls_tokens == 0:  # Qwen: one sequence of merged patches
+        merge = model.arch.connector.merge if model.arch.connector else 1
+        patches = (ctx - 2) * merge  # minus <|vision_start|>, <|vision_end|>
+    positions = states  # cross-attention models hand every encoder state on
+    if enc is not None and not states:
+        per_crop = patches if patches is not None else enc.patches_per_crop
+        qformer = model.arch.connector is not None and model.arch.connector.kind == "qformer"
+        positions = crops * (per_crop + (enc.cls_tokens if qformer else 0))  # others drop CLS
+    return [MediaWork(crops=crops, context_tokens=ctx, cross_states=states, patches_per_crop=patches,
+                      encoder_positions=positions)] * frames
+
+
+def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptions) -> tuple[list[dict], list[MediaWork]]:
+    inputs: list[dict[str, Any]] = []
+    work: list[MediaWork] = []
+    for w, h in workload.images:
+        if model.rule is None:
+            entry, item = _own_image(model.config, w, h)
+            inputs.append(entry)
+            work.append(item)
+            continue
+        c = rules.image_tokens(model.name, w, h, options)
+        inputs.append({"kind": "image", "width": w, "height": h, "seconds": None, "tokens": c.context_tokens,
+                       "cross_attention_states": c.cross_states, "note": c.note})
+        work += _media_work(model, c)
+    if workload.audio_seconds:
+        if model.rule is None:
+            raise PlanError(f"{model.name} has no audio encoder")
+        c = rules.audio_tokens(model.name, workload.audio_seconds, options)
+        inputs.append({"kind": "audio", "width": None, "height": None, "seconds": workload.audio_seconds,
+                       "tokens": c.context_tokens, "cross_attention_states": c.cross_states, "note": c.note})
+    if workload.video_seconds:
+        w, h = workload.video_size
+        if model.rule is None:  # omnifuse models: frames as images
+            frames = max(1, round(workload.video_seconds * workload.fps))
+            entry, item = _own_image(model.config, w, h)
+            inputs.append({**entry, "kind": "video", "seconds": workload.video_seconds,
+                           "tokens": entry["tokens"] * frames,
+                           "cross_attention_states": entry["cross_attention_states"] * frames,
+                           "note": f"{frames} frames at {workload.fps:g} fps, each {entry['note']}"})
+            work += [item] * frames
+        else:
+            c = rules.video_tokens(model.name, workload.video_seconds, workload.fps, w, h, options=options)
+            inputs.append({"kind": "video", "width": w, "height": h, "seconds": workload.video_seconds,
+                           "tokens": c.context_tokens, "cross_attention_states": c.cross_states, "note": c.note})
+            work += _media_work(model, c)
+    return inputs, work
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost
+
+
+def _weights_read(arch: Architecture, dtype_bytes: float, batch: int) -> float:
+    """Weight bytes one decode step reads: every dense weight, and the experts the batch routes to."""
+    d = arch.decoder
+    total = arch.parameters()["total"]
+    unused = d.inactive_parameters()
+    if unused:
+        e, k = d.experts, d.experts_per_token
+        touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per MoE layer
+        unused = unused * (e - touched) / (e - k) if e > k else 0
+    return (total - unused) * dtype_bytes
+
+
+def _latency(arch: Architecture, acc: Accelerator, dtype: str, kv_dtype_bytes: float, context: int,
+             output: int, prefill_flops: int, states: int, batch: int, gpus: int) -> dict[str, float]:
+    """Roofline: each phase takes the longer of its compute time and its memory-traffic time."""
+    peak = acc.peak_flops(dtype) * gpus
+    bandwidth = acc.bandwidth_gb_s * 1e9 * gpus
+    w_bytes = arch.parameters()["total"] * DTYPE_BYTES[dtype]
+    prefill = max(prefill_flops / peak, w_bytes / bandwidth)
+    mid = context + max(1, output) // 2 + 1  # the average decode step's context length
+    step_flops = arch.decode_flops(mid, states)
+    kv = arch.decoder.kv_bytes(mid, kv_dtype_bytes) + arch.decoder.cross_kv_bytes(states, kv_dtype_bytes)
+    step = max(batch * step_flops / peak, (_weights_read(arch, DTYPE_BYTES[dtype], batch) + batch * kv) / bandwidth)
+    return {"prefill_s": prefill, "decode_s_per_token": step, "request_s": prefill + output * step,
+            "decode_tokens_per_s": batch / step}
+
+
+def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | None = None,
+         accelerator: Accelerator | None = None, prices: Prices | None = None, dtype: str = "bf16",
+         kv_dtype: str | None = None) -> dict[str, Any]:
+    """Everything the planner can say about ``workload`` on ``model``, as one JSON-ready dict."""
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPE_BYTES)}")
+    kv_dtype = kv_dtype or ("bf16" if dtype in ("int8", "int4") else dtype)
+    if kv_dtype not in DTYPE_BYTES:
+        raise PlanError(f"unknown kv dtype {kv_dtype!r}; choose from {', '.join(DTYPE_BYTES)}")
+    options = options or rules.TokenOptions()
+    inputs, work = count_inputs(model, workload, options)
+    media_tokens = sum(i["tokens"] for i in inputs)
+    states = sum(i["cross_attention_states"] for i in inputs)
+    context = workload.text_tokens + media_tokens
+    window = model.rule.context_window if model.rule is not None else (
+        model.config.decoder.max_position if model.config is not None else None)
+    out: dict[str, Any] = {
+        "model": model.name,
+        "fusion": model.rule.fusion if model.rule is not None else model.config.fusion.type,
+        "inputs": inputs,
+        "text_tokens": workload.text_tokens,
+        "output_tokens": workload.output_tokens,
+        "context_tokens": context,
+        "cross_attention_states": states,
+        "context_window": window,
+        "fits_context": None if window is None else context + workload.output_tokens <= window,
+        "estimated": model.estimated,
+        "sources": {"tokens": f"{model.rule.source} (read {model.rule.date})" if model.rule is not None
+                    else "omnifuse image processor num_tokens"},
+        "notes": list(model.notes),
+        "parameters": None, "weight_bytes": None, "kv_cache_bytes": None, "kv_cache_bytes_by_kind": None,
+        "prefill_flops": None, "prefill_flops_by_part": None, "decode_flops_per_token": None,
+        "latency": None, "serving": None,
+    }
+    arch = model.arch
+    if arch is not None:
+        if model.config is not None:  # an omnifuse config: count the parameters of the built model
+            from omnifuse.estimates import count_parameters
+
+            total = count_parameters(model.config)["total"]
+            params = {"total": total, "active": total}
+        else:
+            params = arch.parameters()
+        out["sources"]["architecture"] = arch.source
+        out["notes"] += list(arch.notes)
+        out["parameters"] = {"total": params["total"], "active": params["active"]}
+        out["weight_bytes"] = {k: params["total"] * v for k, v in DTYPE_BYTES.items()}
+        positions = context + workload.output_tokens
+        kv = {"self_attention": arch.decoder.kv_bytes(positions, DTYPE_BYTES[kv_dtype]),
+              "cross_attention": arch.decoder.cross_kv_bytes(states, DTYPE_BYTES[kv_dtype])}
+        out["kv_dtype"] = kv_dtype
+        out["kv_cache_bytes_by_kind"] = {k: int(v) for k, v in kv.items()}
+        out["kv_cache_bytes"] = int(sum(kv.values()))
+        prefill = arch.prefill_flops(context, work)
+        out["prefill_flops_by_part"] = {k: v for k, v in prefill.items() if k != "total"}
+        out["prefill_flops"] = prefill["total"]
+        out["decode_flops_per_token"] = arch.decode_flops(context + 1, states)
+        if accelerator is not None:
+            out.update(_serve(arch, out, accelerator, workload, dtype, kv_dtype, prefill["total"], states))
+    elif model.rule is not None:
+        out["notes"].append(f"{model.name} has no published architecture: token counts and API cost only "
+                            "(--assume-architecture prices it as another model, marked estimated)")
+    out["cost"] = _cost(model, out, workload, prices, accelerator)
+    return out
+
+
+def _serve(arch: Architecture, out: dict, acc: Accelerator, workload: Workload, dtype: str, kv_dtype: str,
+           prefill_flops: int, states: int) -> dict[str, Any]:
+    c = workload.concurrency
+    weights = out["parameters"]["total"] * DTYPE_BYTES[dtype]
+    need = weights + c * out["kv_cache_bytes"]
+    per_gpu = acc.memory_gb * 2 ** 30 * MEMORY_HEADROOM
+    gpus = max(1, math.ceil(need / per_gpu))
+    lat = _latency(arch, acc, dtype, DTYPE_BYTES[kv_dtype], out["context_tokens"], workload.output_tokens,
+                   prefill_flops, states, c, gpus)
+    serving: dict[str, Any] = {"accelerator": acc.key, "accelerator_name": acc.name, "dtype": dtype,
+                               "concurrency": c, "memory_bytes": int(need), "gpus_per_replica": gpus}
+    if workload.requests_per_day:
+        per_second = workload.requests_per_day / 86400
+        throughput = c / lat["request_s"]  # requests per second one replica finishes
+        replicas = max(1, math.ceil(per_second / throughput))
+        serving.update(replicas=replicas, gpus=replicas * gpus, requests_per_second_per_replica=throughput)
+    return {"latency": {"accelerator": acc.key, **lat}, "serving": serving}
+
+
+def _cost(model: PlanModel, out: dict, workload: Workload, prices: Prices | None,
+          acc: Accelerator | None) -> dict[str, Any] | None:
+    if not workload.requests_per_day or prices is None:
+        return None
+    cost: dict[str, Any] = {"requests_per_day": workload.requests_per_day, "prices_date": prices.date,
+                            "prices_file": prices.path, "api_usd_per_day": None, "self_hosted_usd_per_day": None}
+    api = prices.api_price(model.name)
+    if api is not None:
+        audio = sum(i["tokens"] for i in out["inputs"] if i["kind"] == "audio")
+        # Cross-attention models are billed for their encoder states (Together: 1601 per tile).
+        billed = out["context_tokens"] + out["cross_attention_states"] - audio
+        per_request = (billed * api["input"] + audio * api.get("audio_input", api["input"])
+                       + workload.output_tokens * api["output"]) / 1e6
+        cost.update(api_usd_per_request=per_request, api_usd_per_day=per_request * workload.requests_per_day,
+                    api_billed_input_tokens=billed + audio, api_source=api.get("source", ""))
+    if out.get("serving") and "gpus" in out["serving"]:
+        rate = prices.gpu_price(acc.key)
+        cost.update(gpu_usd_per_hour=rate, self_hosted_usd_per_day=out["serving"]["gpus"] * 24 * rate)
+    if cost["api_usd_per_day"] is None and cost["self_hosted_usd_per_day"] is None:
+        why = "no accelerator was chosen (--gpu)" if model.arch is not None else "it has no published architecture"
+        raise PlanError(f"no API price for {model.name} in the price file {prices.path} (dated {prices.date}) "
+                        f"and it cannot be priced self-hosted because {why}; add api: {{{model.name}: "
+                        "{input: ..., output: ...}}")
+    return cost

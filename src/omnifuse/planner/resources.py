@@ -1,0 +1,145 @@
+"""The planner's editable tables: accelerators (with this machine's CPU, measured once) and prices."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omnifuse.config import ConfigError
+
+__all__ = ["Accelerator", "Prices", "load_hardware", "load_prices", "local_cpu"]
+
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_HARDWARE = DATA / "hardware.yaml"
+DEFAULT_PRICES = DATA / "prices.yaml"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    key: str
+    name: str
+    tflops: dict[str, float]  # peak by compute dtype
+    memory_gb: float
+    bandwidth_gb_s: float
+    source: str
+
+    def peak_flops(self, dtype: str) -> float:
+        """FLOP/s for matmuls in ``dtype``; weight-only int4 runs its matmuls in bf16."""
+        compute = "bf16" if dtype == "int4" else dtype
+        if compute not in self.tflops:
+            raise ConfigError(f"{self.key} lists no {compute} throughput; it has {', '.join(self.tflops)}")
+        return self.tflops[compute] * 1e12
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping")
+    return data
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnifuse"
+
+
+def local_cpu(remeasure: bool = False) -> Accelerator:
+    """This machine's CPU as an accelerator: float32 matmul FLOP/s and copy bandwidth, measured
+    once with torch and cached in ``$XDG_CACHE_HOME/omnifuse/local_cpu.json`` (edit or delete it)."""
+    path = _cache_dir() / "local_cpu.json"
+    if path.is_file() and not remeasure:
+        data = json.loads(path.read_text())
+    else:
+        data = _measure_cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+    return Accelerator("cpu", data["name"], {"fp32": data["fp32_gflops"] / 1e3}, data["memory_gb"],
+                       data["bandwidth_gb_s"], f"measured {data['date']} ({path})")
+
+
+def _measure_cpu() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    gflops = 2 * n ** 3 / best / 1e9
+    src = torch.empty(32 * 2 ** 20)  # 128 MiB: well past the caches
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    bandwidth = 2 * src.nbytes / best / 1e9  # read + write
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        memory_gb = 0.0
+    return {"name": f"local CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "fp32_gflops": round(gflops, 1), "bandwidth_gb_s": round(bandwidth, 1),
+            "memory_gb": round(memory_gb, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def load_hardware(path: str | Path | None = None) -> dict[str, Accelerator]:
+    """The accelerator table (``cpu`` is measured on first use, not read from the file)."""
+    path = Path(path) if path else DEFAULT_HARDWARE
+    table = _read_yaml(path, "hardware").get("accelerators") or {}
+    out = {}
+    for key, e in table.items():
+        try:
+            out[key] = Accelerator(key, e.get("name", key), {k: float(v) for k, v in e["tflops"].items()},
+                                   float(e["memory_gb"]), float(e["bandwidth_gb_s"]), e.get("source", str(path)))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"hardware file {path}: accelerator {key!r} needs tflops, memory_gb and "
+                              f"bandwidth_gb_s ({err})") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Prices:
+    date: str
+    path: str
+    api: dict[str, dict[str, Any]]
+    gpu_hour: dict[str, dict[str, Any]]
+
+    def api_price(self, model: str) -> dict[str, Any] | None:
+        return self.api.get(model)
+
+    def gpu_price(self, gpu: str) -> float:
+        entry = self.gpu_hour.get(gpu)
+        if entry is None or "usd" not in entry:
+            raise ConfigError(f"no $/GPU-hour for {gpu!r} in the price file {self.path} (dated {self.date}); "
+                              f"add gpu_hour: {{{gpu}: {{usd: ...}}}}")
+        return float(entry["usd"])
+
+
+def load_prices(path: str | Path | None = None) -> Prices:
+    path = Path(path) if path else DEFAULT_PRICES
+    data = _read_yaml(path, "price")
+    if "date" not in data:
+        raise ConfigError(f"price file {path} has no date; prices need the day they were checked")
+    api = data.get("api") or {}
+    for model, entry in api.items():
+        if not isinstance(entry, dict) or not {"input", "output"} <= set(entry):
+            raise ConfigError(f"price file {path}: api.{model} needs input and output (USD per 1M tokens)")
+    return Prices(str(data["date"]), str(path), api, data.get("gpu_hour") or {})

@@ -1,0 +1,232 @@
+"""The cost planner: architecture arithmetic, predicted vs measured, costs, CLI and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omnifuse.cli import main
+from omnifuse.estimates import count_parameters, kv_bytes_per_token
+from omnifuse.planner.arch import from_model_config
+from omnifuse.planner.measure import measure_request
+from omnifuse.planner.plan import PlanError, Workload, plan, resolve_model
+from omnifuse.planner.published import PUBLISHED
+from omnifuse.planner.resources import load_hardware, load_prices, local_cpu
+from omnifuse.presets import get_preset, preset_names
+
+TINY = [n for n in preset_names() if n.startswith("tiny-")]
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    """The measured local CPU is cached per test run, never in the user's home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+# --- architecture arithmetic -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny-early", "tiny-cross", "llava-1.5-7b"])
+def test_parameter_formula_matches_the_built_model(name):
+    config = get_preset(name)
+    predicted = from_model_config(config).parameters()
+    built = count_parameters(config)
+    assert predicted["connector"] == built["connector"]
+    # The formula leaves out the ViT's pre-norm and the patch bias flag (a few hundred parameters).
+    assert predicted["total"] == pytest.approx(built["total"], rel=1e-3)
+
+
+@pytest.mark.parametrize("name, total, active", [
+    ("qwen2-vl-7b", 8.29e9, None),
+    ("qwen2.5-vl-7b", 8.29e9, None),
+    ("llama-4-scout", 109e9, 17e9),
+    ("llama-4-maverick", 400e9, 17e9),
+    ("idefics3-8b", 8.46e9, None),
+    ("smolvlm-256m", 256e6, None),
+    ("smolvlm-instruct", 2.25e9, None),
+    ("gemma-3-27b", 27.4e9, None),
+    ("blip-2", 3.74e9, None),
+])
+def test_published_architectures_have_their_published_sizes(name, total, active):
+    params = PUBLISHED[name].parameters()
+    assert params["total"] == pytest.approx(total, rel=0.02)
+    if active is not None:  # "17B active" counts the text model; ours adds the vision tower (~0.9B)
+        assert params["active"] == pytest.approx(active, rel=0.08)
+        assert params["active"] < params["total"] / 5
+
+
+def test_sliding_window_caps_the_kv_cache():
+    gemma = PUBLISHED["gemma-3-27b"].decoder
+    per_token_layer = 2 * gemma.kv_heads * gemma.head_dim * 2
+    # 62 layers: 10 global (every 6th) grow with the context, 52 stop at the 1024-token window.
+    assert gemma.kv_bytes(1000, 2) == 62 * 1000 * per_token_layer
+    assert gemma.kv_bytes(10_000, 2) == (10 * 10_000 + 52 * 1024) * per_token_layer
+
+
+def test_kv_cache_matches_the_model_estimate():
+    config = get_preset("tiny-early")
+    assert from_model_config(config).decoder.kv_bytes(100, 4) == 100 * kv_bytes_per_token(config, 4)
+
+
+# --- predicted vs measured -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("sizes", [[(64, 64)], [(100, 40), (30, 90)]])
+def test_prediction_equals_measurement_for_tiny_presets(name, sizes):
+    model = resolve_model(name)
+    workload = Workload(images=tuple(sizes), text_tokens=12, output_tokens=5)
+    predicted = plan(model, workload, dtype="fp32", kv_dtype="fp32")
+    measured = measure_request(get_preset(name), sizes, 12, 5, repeats=1)
+    visual = [i["tokens"] if i["cross_attention_states"] == 0 else i["cross_attention_states"]
+              for i in predicted["inputs"]]
+    assert visual == measured["visual_tokens"]
+    assert predicted["context_tokens"] == measured["context_tokens"]
+    assert predicted["kv_cache_bytes"] == measured["kv_cache_bytes"]
+    assert predicted["prefill_flops"] == pytest.approx(measured["prefill_flops"], rel=0.02)
+    assert predicted["decode_flops_per_token"] == pytest.approx(measured["decode_flops_per_token"], rel=0.02)
+
+
+def test_measure_counts_attention_flops_on_cpu():
+    """torch's flop registry has no CPU attention kernel; the planner's counter adds it, so a
+    longer context costs more per decoded token."""
+    config = get_preset("tiny-early")
+    short = measure_request(config, [(64, 64)], 4, 1, repeats=1)["decode_flops_per_token"]
+    long = measure_request(config, [(64, 64), (64, 64)], 4, 1, repeats=1)["decode_flops_per_token"]
+    d = config.decoder
+    assert long - short == 4 * d.num_heads * d.head_dim * d.num_layers * 64
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_measure_cli_agrees(name, capsys):
+    assert main(["plan", "--preset", name, "--measure", "--image", "80x48", "--text-tokens", "10",
+                 "--output-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["agree"] is True
+    assert [r[3] for r in out["rows"][:3]] == ["equal"] * 3
+
+
+def test_measure_refuses_full_size_presets(capsys):
+    assert main(["plan", "--preset", "llava-1.5-7b", "--measure", "--image", "336x336", "--text-tokens", "5"]) == 1
+    assert "float32" in capsys.readouterr().err
+
+
+# --- costs -----------------------------------------------------------------------------------
+
+def test_cross_attention_keeps_visual_states_out_of_the_context():
+    early = plan(resolve_model("tiny-early"), Workload(images=((64, 64),), text_tokens=10))
+    cross = plan(resolve_model("tiny-cross"), Workload(images=((64, 64),), text_tokens=10))
+    assert early["context_tokens"] == 10 + 64 and early["cross_attention_states"] == 0
+    assert cross["context_tokens"] == 10 + 1 and cross["cross_attention_states"] == 4 * 17
+
+
+def test_decode_cost_of_cross_attention_grows_with_states_not_context():
+    model = resolve_model("tiny-cross")
+    one = plan(model, Workload(images=((32, 32),), text_tokens=10))
+    four = plan(model, Workload(images=((32, 32),) * 4, text_tokens=10))
+    assert four["context_tokens"] == one["context_tokens"] + 3
+    assert four["cross_attention_states"] == 4 * one["cross_attention_states"]
+
+
+def test_serving_and_dollars():
+    prices = load_prices()
+    h100 = load_hardware()["h100"]
+    work = Workload(images=((1024, 1024),), text_tokens=200, output_tokens=300, requests_per_day=100_000,
+                    concurrency=16)
+    p = plan(resolve_model("llava-1.5-7b"), work, accelerator=h100, prices=prices)
+    assert p["serving"]["gpus_per_replica"] == 1  # 13.5 GB of bf16 weights + 16 caches fit one H100
+    assert p["serving"]["gpus"] >= 1
+    assert p["cost"]["self_hosted_usd_per_day"] == pytest.approx(p["serving"]["gpus"] * 24 * 2.99)
+    assert p["cost"]["api_usd_per_day"] is None  # no vendor API for LLaVA in the price file
+    big = plan(resolve_model("llama-4-maverick"), Workload(images=((672, 672),), text_tokens=10), accelerator=h100)
+    assert big["serving"]["gpus_per_replica"] >= 6  # 800 GB of bf16 weights
+
+
+def test_api_cost_uses_the_price_file():
+    prices = load_prices()
+    work = Workload(images=((1024, 1024),), text_tokens=100, output_tokens=50, requests_per_day=1000)
+    p = plan(resolve_model("gpt-4o"), work, prices=prices)
+    assert p["parameters"] is None and p["kv_cache_bytes"] is None  # closed: tokens and API cost only
+    expected = (765 + 100) * 2.50 / 1e6 + 50 * 10.00 / 1e6
+    assert p["cost"]["api_usd_per_request"] == pytest.approx(expected)
+    assert p["cost"]["api_usd_per_day"] == pytest.approx(1000 * expected)
+
+
+def test_assumed_architecture_is_marked_estimated():
+    model = resolve_model("gpt-4o", assume="llava-1.5-7b")
+    p = plan(model, Workload(images=((1024, 1024),), text_tokens=10))
+    assert p["estimated"] is True
+    assert p["context_tokens"] == 775  # the vendor's token rule still counts the tokens
+    assert p["kv_cache_bytes"] == 775 * 2 * 32 * 4096 * 2
+
+
+def test_moe_decode_reads_only_routed_experts_at_batch_one():
+    h100 = load_hardware()["h100"]
+    model = resolve_model("llama-4-scout")
+    one = plan(model, Workload(text_tokens=100, output_tokens=10), accelerator=h100)
+    many = plan(model, Workload(text_tokens=100, output_tokens=10, concurrency=64), accelerator=h100)
+    # batch 1 reads about the active weights; 64 requests touch nearly every expert
+    assert many["latency"]["decode_s_per_token"] > 4 * one["latency"]["decode_s_per_token"]
+
+
+# --- files and errors ------------------------------------------------------------------------
+
+def test_local_cpu_is_measured_once_and_cached(tmp_path):
+    first = local_cpu()
+    assert first.tflops["fp32"] > 0 and first.bandwidth_gb_s > 0
+    path = tmp_path / "cache" / "omnifuse" / "local_cpu.json"
+    data = json.loads(path.read_text())
+    data["fp32_gflops"] = 1234.0  # a user's edit is respected
+    path.write_text(json.dumps(data))
+    assert local_cpu().tflops["fp32"] == pytest.approx(1.234)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt-5-ultra", "--image", "10x10"], "unknown model 'gpt-5-ultra'"),
+    (["--model", "gpt-4o", "--image", "0x100"], "0x100 is impossible"),
+    (["--model", "gpt-4o", "--image=-5x100"], "impossible"),
+    (["--model", "llava-1.5-7b", "--image", "10x10", "--gpu", "b200"], "unknown accelerator 'b200'"),
+    (["--model", "gpt-4o"], "nothing to plan"),
+    (["--model", "gpt-4o", "--image", "10x10", "--rule", "nonsense=1"], "--rule 'nonsense=1'"),
+])
+def test_bad_requests_get_one_clear_line(argv, message, capsys):
+    assert main(["plan", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_prices_are_named(tmp_path, capsys):
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("date: '2026-01-01'\napi: {}\ngpu_hour: {}\n")
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--requests-per-day", "10",
+                 "--prices", str(prices)]) == 1
+    assert "no API price for gpt-4o" in capsys.readouterr().err
+    assert main(["plan", "--model", "llava-1.5-7b", "--image", "512x512", "--requests-per-day", "10",
+                 "--prices", str(prices)]) == 1
+    assert "no $/GPU-hour for 'h100'" in capsys.readouterr().err
+    undated = tmp_path / "undated.yaml"
+    undated.write_text("api: {}\n")
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--prices", str(undated)]) == 1
+    assert "has no date" in capsys.readouterr().err
+
+
+def test_json_has_the_documented_fields(capsys):
+    assert main(["plan", "--model", "llama-3.2-11b-vision", "--image", "1024x1024", "--text-tokens", "20",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("model", "inputs", "context_tokens", "cross_attention_states", "kv_cache_bytes", "prefill_flops",
+                "decode_flops_per_token"):
+        assert key in out
+    assert set(out["inputs"][0]) >= {"kind", "width", "height", "seconds", "tokens"}
+    assert out["context_tokens"] == 21 and out["cross_attention_states"] == 4 * 1601
+
+
+def test_compare_and_plot(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--compare", "gpt-4o,claude-3.5-sonnet,llava-1.5-7b,tiny-cross", "--image", "1024x1024",
+                 "--requests-per-day", "1000", "--output-tokens", "100", "--plot", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["model"] for p in out] == ["gpt-4o", "claude-3.5-sonnet", "llava-1.5-7b", "tiny-cross"]
+    assert png.stat().st_size > 10_000
+    assert main(["plan", "--compare", "gpt-4o,llava-1.5-7b", "--image", "1024x1024"]) == 0
+    table = capsys.readouterr().out
+    assert "gpt-4o" in table and "llava-1.5-7b" in table
