@@ -260,8 +260,18 @@ def test_bad_value_in_a_file_names_the_field(tmp_path):
 # --- presets --------------------------------------------------------------------------------
 
 
-def test_preset_names_are_the_four_presets():
-    assert preset_names() == ["llama-3.2-11b-vision", "llava-1.5-7b", "tiny-cross", "tiny-early"]
+def test_preset_names():
+    assert preset_names() == ["llama-3.2-11b-vision", "llama-3.2-90b-vision", "llava-1.5-7b", "tiny-cross",
+                              "tiny-early"]
+
+
+def test_llama_3_2_90b_vision_preset_has_the_published_shape():
+    from omnifuse.estimates import count_parameters
+
+    cfg = get_preset("llama-3.2-90b-vision")
+    assert len(cfg.cross_layers) == 20 and cfg.decoder.num_layers == 80  # HF's 100-layer stack
+    assert cfg.vision == get_preset("llama-3.2-11b-vision").vision
+    assert count_parameters(cfg)["total"] == pytest.approx(88.6e9, rel=0.002)  # "88.6B" on the model card
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)

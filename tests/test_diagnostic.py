@@ -11,6 +11,7 @@ from omnifuse.training.diagnostic import (
     BACKGROUND,
     COLOURS,
     OCR_ALPHABET,
+    OCR_LENGTH,
     SHAPES,
     SKILLS,
     DiagnosticSet,
@@ -145,7 +146,7 @@ def test_ocr_strings():
     data = DiagnosticSet("train", 6 * 40, seed=0)
     for i in range(SKILLS.index("ocr"), len(data), len(SKILLS)):
         s = data[i]
-        assert len(s.answer) == 3 and set(s.answer.upper()) <= set(OCR_ALPHABET)
+        assert len(s.answer) == OCR_LENGTH and set(s.answer.upper()) <= set(OCR_ALPHABET)
         ink = np.any(np.asarray(s.images[0]) != BACKGROUND, axis=-1)  # (H, W)
         assert ink.sum() > 60 and not ink[0].any() and not ink[:, 0].any()  # drawn, inside the frame
 
@@ -167,9 +168,9 @@ def test_chance_levels():
     assert chance_level("shape") == pytest.approx(1 / 3)
     assert chance_level("spatial") == pytest.approx(1 / 4)
     assert chance_level("counting") == pytest.approx(1 / 6)
-    assert chance_level("ocr") == pytest.approx(1 / 8**3)
+    assert chance_level("ocr") == pytest.approx(1 / 8**2)
     assert chance_level("compare") == pytest.approx(1 / 2)
-    assert len(set(answer_set("ocr"))) == 512
+    assert len(set(answer_set("ocr"))) == 64
 
 
 def test_bad_arguments_fail_loudly():
@@ -186,3 +187,27 @@ def test_bad_arguments_fail_loudly():
     with pytest.raises(IndexError):
         data[5]
     assert len(list(data)) == 5
+
+
+def test_skill_weights_give_a_skill_more_training_samples():
+    data = DiagnosticSet("train", 700, seed=0, weights={"ocr": 2})
+    counts = {s: 0 for s in SKILLS}
+    for i in range(len(data)):
+        counts[data.key(i)[0]] += 1
+    assert counts["ocr"] == 200 and all(counts[s] == 100 for s in SKILLS if s != "ocr")
+    answers = [data[i].answer for i in range(len(data)) if data.key(i)[0] == "compare"]
+    assert answers.count("yes") == answers.count("no")  # compare stays balanced
+    with pytest.raises(ValueError, match="not among the skills"):
+        DiagnosticSet("train", 10, skills=("colour",), weights={"ocr": 2})
+    with pytest.raises(ValueError, match="positive integer"):
+        DiagnosticSet("train", 10, weights={"ocr": 0})
+
+
+def test_skill_weights_apply_to_training_only(tmp_path):
+    from omnifuse.training.config import TrainConfig
+    from omnifuse.training.sources import DiagnosticSource
+
+    cfg = TrainConfig(skill_weights={"ocr": 3}, out_dir=str(tmp_path))
+    train, test = DiagnosticSource("train", 80, cfg), DiagnosticSource("test", 60, cfg)
+    assert sum(train[i][2]["skill"] == "ocr" for i in range(80)) == 30
+    assert sum(test[i][2]["skill"] == "ocr" for i in range(60)) == 10

@@ -145,3 +145,30 @@ def test_feature_layer_selection_and_concatenation():
         for layer in full.layers[:k]:
             x = layer(x)
         torch.testing.assert_close(out[..., :8], x[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion, mode", [("early", "fixed"), ("cross", "tiles")])
+def test_connector_position_embedding_starts_at_zero_and_marks_each_crop_position(fusion, mode, replace):
+    from omnifuse.config import ConnectorConfig
+
+    base = tiny_config(fusion, mode=mode, **({"max_tiles": 4} if mode == "tiles" else {}))
+    config = replace(base, connector=ConnectorConfig(type="mlp", position_embedding=True))
+    plain, positioned = make_model(base), make_model(config)
+    positioned.load_state_dict(plain.state_dict(), strict=False)  # same weights, positions at zero
+    image = positioned.image_processor(scene(64, 32))
+    assert torch.equal(plain.encode_images([image])[0], positioned.encode_images([image])[0])
+    per_crop = config.tokens_per_crop
+    assert positioned.connector.position_embedding.shape == (per_crop, config.decoder.hidden_size)
+    with torch.no_grad():
+        positioned.connector.position_embedding.copy_(torch.randn(per_crop, config.decoder.hidden_size))
+    delta = positioned.encode_images([image])[0] - plain.encode_images([image])[0]
+    crops = delta.reshape(-1, per_crop, delta.shape[-1])  # every crop (tile) gets the same positions
+    assert torch.allclose(crops, positioned.connector.position_embedding.expand_as(crops), atol=1e-5)
+
+
+def test_connector_position_embedding_needs_a_fixed_token_count(replace):
+    from omnifuse.config import ConfigError, ConnectorConfig
+
+    with pytest.raises(ConfigError, match="position_embedding"):
+        replace(tiny_config("early", mode="dynamic", max_patches=16),
+                connector=ConnectorConfig(type="mlp", position_embedding=True))

@@ -10,7 +10,7 @@ from omnifuse.cli import main
 from omnifuse.estimates import count_parameters, kv_bytes_per_token
 from omnifuse.planner.arch import from_model_config
 from omnifuse.planner.measure import measure_request
-from omnifuse.planner.plan import PlanError, Workload, plan, resolve_model
+from omnifuse.planner.plan import Workload, plan, resolve_model
 from omnifuse.planner.published import PUBLISHED
 from omnifuse.planner.resources import load_hardware, load_prices, local_cpu
 from omnifuse.presets import get_preset, preset_names
@@ -230,3 +230,29 @@ def test_compare_and_plot(tmp_path, capsys):
     assert main(["plan", "--compare", "gpt-4o,llava-1.5-7b", "--image", "1024x1024"]) == 0
     table = capsys.readouterr().out
     assert "gpt-4o" in table and "llava-1.5-7b" in table
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_prefill_flops_are_twice_the_active_weights_per_token_plus_attention(name):
+    """The rule of thumb (Kaplan et al. 2020): a text token costs 2 FLOPs per active decoder weight,
+    plus attention over the context."""
+    d = PUBLISHED[name].decoder
+    tokens = 1000
+    embeddings = (d.vocab + d.extra_embeddings) * d.hidden * (1 if d.tied else 2)
+    active = d.parameters() - d.inactive_parameters() - embeddings
+    cross_weights = d.cross_layers * (4 * d.hidden * d.heads * d.head_dim + 3 * d.hidden * d.intermediate)
+    flops = PUBLISHED[name].prefill_flops(tokens, [])
+    windowed = d.windowed_layers
+    keys = (d.layers - windowed) * tokens + windowed * min(tokens, d.window)  # per query, summed over layers
+    attention = 4 * d.heads * d.head_dim * tokens * keys  # FlopCounterMode: the full query x key rectangle
+    expected = 2 * tokens * (active - cross_weights) + attention + 2 * d.hidden * d.vocab
+    assert flops["total"] == pytest.approx(expected, rel=0.01)
+
+
+def test_qwen_video_attends_within_each_temporal_slice():
+    """Qwen2-VL's encoder attends within each 2-frame slice, so a 4x longer video costs 4x."""
+    model = resolve_model("qwen2-vl-7b")
+    short = plan(model, Workload(video_seconds=4, fps=2, video_size=(448, 448)))
+    long = plan(model, Workload(video_seconds=16, fps=2, video_size=(448, 448)))
+    assert long["prefill_flops_by_part"]["encoder"] == pytest.approx(4 * short["prefill_flops_by_part"]["encoder"],
+                                                                     rel=0.01)

@@ -14,7 +14,6 @@ import pytest
 
 from omnifuse.planner.tokens import (
     RULES,
-    TokenCount,
     TokenOptions,
     TokenRuleError,
     audio_tokens,

@@ -99,6 +99,24 @@ def test_align_stage_trains_only_connector_and_fusion(tmp_path):
         assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith(prefix))
 
 
+def test_encoder_learns_at_its_own_scaled_rate(tmp_path):
+    from omnifuse.config import ConfigError
+
+    cfg = TrainConfig(**{**TINY, "train_encoder": True, "encoder_lr_scale": 0.1, "out_dir": str(tmp_path)})
+    trainer = Trainer(cfg, quiet=True)
+    encoder = {id(p) for p in trainer.model.vision_encoder.parameters()}
+    base = {}
+    for group in trainer.optimizer.param_groups:
+        kinds = {id(p) in encoder for p in group["params"]}
+        assert len(kinds) == 1  # a group is all encoder or all not
+        base["encoder" if kinds.pop() else "rest"] = group["initial_lr"]
+    assert base == {"encoder": pytest.approx(0.1 * cfg.lr), "rest": pytest.approx(cfg.lr)}
+    grouped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match="encoder_lr_scale"):
+        TrainConfig(**{**TINY, "encoder_lr_scale": 0})
+
+
 def _losses(path: Path) -> list[float]:
     return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if "loss" in json.loads(ln)]
 

@@ -169,10 +169,16 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """Projects vision features to the decoder width: ``linear`` or ``mlp`` (two layers, GELU)."""
+    """Projects vision features to the decoder width: ``linear`` or ``mlp`` (two layers, GELU).
+
+    ``position_embedding``: add a learned vector per token position within a crop to the output
+    (zero at init). Early fusion gets positions from the decoder's RoPE; cross-attention memory has
+    none of its own, so Flamingo-style models add them to the media features.
+    """
 
     type: str = "mlp"
     bias: bool = True
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         from omnifuse.connectors import CONNECTORS
@@ -302,6 +308,10 @@ class ModelConfig:
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
                    f"{self.vision.patch_size}")
+        if self.connector.position_embedding:
+            _check(self.vision.type == "vit" and self.image.mode in ("fixed", "tiles"),
+                   "connector.position_embedding needs a vit encoder and fixed or tiles image mode "
+                   "(a fixed number of tokens per crop)")
         for i in self.fusion.resolved_layers(self.decoder.num_layers):
             # Index num_layers places a cross-attention layer after the last decoder layer.
             _check(0 <= i <= self.decoder.num_layers,
@@ -310,6 +320,11 @@ class ModelConfig:
     @property
     def cross_layers(self) -> tuple[int, ...]:
         return self.fusion.resolved_layers(self.decoder.num_layers)
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Visual tokens one crop gives (fixed and tiles modes)."""
+        return (self.image.image_size // self.vision.patch_size) ** 2 + self.vision.cls_tokens
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ class MultimodalModel(nn.Module):
         self.config = config
         v, d = config.vision, config.decoder
         self.vision_encoder = build_vision_encoder(config)
-        self.connector = CONNECTORS[config.connector.type](v.feature_dim, d.hidden_size, bias=config.connector.bias)
+        self.connector = CONNECTORS[config.connector.type](
+            v.feature_dim, d.hidden_size, bias=config.connector.bias,
+            positions=config.tokens_per_crop if config.connector.position_embedding else 0)
         self.embed_tokens = nn.Embedding(d.vocab_size + d.extra_embeddings, d.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps,

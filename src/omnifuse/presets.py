@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from omnifuse.config import (ConfigError, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig,
-                             TextConfig, VisionConfig)
+from omnifuse.config import (
+    ConfigError,
+    ConnectorConfig,
+    DecoderConfig,
+    FusionConfig,
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
 
 __all__ = ["PRESETS", "get_preset", "preset_names"]
 

@@ -17,6 +17,21 @@ _COST_COLUMNS = [
 ]
 
 
+def _encoder_training(t: dict) -> str:
+    if not t["train_encoder"]:
+        return "frozen"
+    scale = t.get("encoder_lr_scale", 1.0)
+    return "fine-tuned" + (f" at {scale:g}x the learning rate" if scale != 1.0 else "")
+
+
+def _weights(t: dict) -> str:
+    weights = t.get("skill_weights") or {}
+    if not weights:
+        return ""
+    return " Training samples per skill are weighted (" + ", ".join(f"{k} x{v}" for k, v in weights.items()) + \
+        "; the others x1); test samples are balanced."
+
+
 def _acc(r: dict, skill: str) -> float:
     return r.get(f"accuracy/{skill}", float("nan"))
 
@@ -32,10 +47,10 @@ def write_report(report: dict, out: Path) -> None:
         f"Every strategy trained on the built-in diagnostic set with the same budget: {t['steps']} steps "
         f"of batch {t['batch_size']}, learning rate {t['lr']}, seed {t['seed']}, {t['image_size']} px images, "
         + (f"all from the same vision encoder, pre-trained contrastively for {report['pretrain_steps']} steps "
-           f"({'fine-tuned' if t['train_encoder'] else 'frozen'} after that); " if report.get("pretrain_steps")
+           f"({_encoder_training(t)} after that); " if report.get("pretrain_steps")
            else "from scratch; ") +
         f"accuracy is exact match of greedy answers on {report['test_size']} test samples (a split no training "
-        f"sample comes from). Total time {report['seconds']:.0f} s." + (" **Quick run: too short to compare.**" if report["quick"] else ""),
+        f"sample comes from)." + _weights(t) + f" Total time {report['seconds']:.0f} s." + (" **Quick run: too short to compare.**" if report["quick"] else ""),
         "",
         "## Accuracy per skill",
         "",
@@ -100,7 +115,7 @@ def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
     ax.set_xlabel("KV cache per sample (KiB, float32)")
     ax.set_ylabel("overall test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.4 * max(r["kv_cache_bytes_per_sample"] for r in report["strategies"]) / 1024)  # room for labels
     ax.set_title("Accuracy against KV cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -167,7 +167,8 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
     report = {"strategies": results, "chance": {k: chance_level(k) for k in skills}, "skills": skills,
               "quick": quick, "seconds": time.perf_counter() - t_start,
               "train": {k: v for k, v in dataclasses.asdict(plans[0][1]).items()
-                        if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder")},
+                        if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder",
+                                 "encoder_lr_scale", "skill_weights")},
               "pretrain_steps": config.pretrain.get("steps", 0) if config.pretrain else 0,
               "test_size": config.test_size}
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -186,7 +187,7 @@ def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> dict:
         raise ConfigError("arena pretrain needs every strategy to use the same vision encoder config")
     first = plans[0][1]
     fields = {"model": first.model, "seed": first.seed, "image_size": first.image_size, "skills": first.skills,
-              "train_size": first.train_size, **config.pretrain, "stage": "contrastive",
+              "skill_weights": first.skill_weights, "train_size": first.train_size, **config.pretrain, "stage": "contrastive",
               "out_dir": str(Path(config.out_dir) / "pretrain"), "resume": False}
     if quick:
         fields.update(steps=max(2, config.quick_steps // 2), warmup_steps=0)

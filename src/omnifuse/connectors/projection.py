@@ -5,27 +5,44 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LinearConnector(nn.Module):
+class _Positions(nn.Module):
+    """Optional learned position per token of a crop, added to the connector's output."""
+
+    def _init_positions(self, positions: int, out_dim: int) -> None:
+        self.position_embedding = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None
+
+    def _add_positions(self, y: torch.Tensor) -> torch.Tensor:  # (..., N, out_dim)
+        if self.position_embedding is None:
+            return y
+        if y.shape[-2] != self.position_embedding.shape[0]:
+            raise ValueError(f"connector position embedding has {self.position_embedding.shape[0]} positions "
+                             f"but a crop gave {y.shape[-2]} tokens")
+        return y + self.position_embedding
+
+
+class LinearConnector(_Positions):
     """A single linear projection (LLaVA-1.0)."""
 
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, positions: int = 0) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim, bias=bias)
+        self._init_positions(positions, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
-        return self.linear(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, in_dim) -> (..., N, out_dim)
+        return self._add_positions(self.linear(x))
 
 
-class MLPConnector(nn.Module):
+class MLPConnector(_Positions):
     """Two-layer GELU MLP (LLaVA-1.5 ``mlp2x_gelu``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, positions: int = 0) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+        self._init_positions(positions, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
-        return self.linear_2(F.gelu(self.linear_1(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, in_dim) -> (..., N, out_dim)
+        return self._add_positions(self.linear_2(F.gelu(self.linear_1(x))))
 
 
 CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector}

@@ -14,13 +14,12 @@ position only, as generation needs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from omnifuse.config import ModelConfig
 
-__all__ = ["Architecture", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork", "PUBLISHED",
+__all__ = ["Architecture", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork",
            "from_model_config"]
 
 
@@ -40,7 +39,8 @@ class EncoderArch:
     pad_to: int = 1  # sequence padded to a multiple of this (Mllama: 8)
     stem: tuple[tuple[int, int, int, int], ...] = ()
     global_layers: int = 0  # a second stack over the same sequence (Mllama's gated global layers)
-    joint_crops: bool = False  # all crops of an image attend to each other (Mllama tiles, Qwen's one sequence)
+    joint_crops: bool = False  # all crops of an image attend to each other (Mllama tiles)
+    dynamic: bool = False  # native resolution: patches per crop follow the image (Qwen2-VL)
     out_dim: int = 0  # channels handed to the connector (0: hidden)
     channels: int = 3
 
@@ -248,7 +248,7 @@ class Architecture:
         s = context_tokens
         states = sum(m.cross_states for m in media)
         encoder = sum(self.encoder_flops(m) for m in media)
-        span = sum(d.attention_span(p) for p in range(1, s + 1)) if d.window else d.layers * s * s
+        span = s * d.attention_span(s)  # every query against the full key range (windowed layers: the window)
         decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span
         cross = 0
         if d.cross_layers and states:

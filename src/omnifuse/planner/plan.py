@@ -106,9 +106,9 @@ def resolve_model(name: str, assume: str | None = None) -> PlanModel:
         assumed = resolve_model(assume)
         if assumed.arch is None:
             raise PlanError(f"--assume-architecture {assume}: that model has no architecture either")
-        plan_model = PlanModel(plan_model.name, plan_model.rule, None, assumed.arch, estimated=True,
-                               notes=(f"architecture assumed to be {assumed.name}'s: every memory, FLOP, "
-                                      "latency and self-hosting figure is an estimate",))
+        note = (f"architecture assumed to be {assumed.name}'s: every memory, FLOP, latency and self-hosting "
+                "figure is an estimate")
+        plan_model = PlanModel(plan_model.name, plan_model.rule, None, assumed.arch, estimated=True, notes=(note,))
     return plan_model
 
 
@@ -135,13 +135,13 @@ def _media_work(model: PlanModel, count: rules.TokenCount) -> list[MediaWork]:
     if model.arch is None:
         return []
     enc = model.arch.encoder
-    frames = max(1, getattr(count, "frames", 1))
-    crops = max(1, getattr(count, "crops", 1) // frames)
+    frames = count.frames
+    crops = max(1, count.crops // frames)
     ctx, states = count.context_tokens // frames, count.cross_states // frames
     patches = None
-    if enc is not None and enc.joint_crops and enc.cls_tokens == 0:  # Qwen: one sequence of merged patches
+    if enc is not None and enc.dynamic:  # Qwen: each temporal slice is one sequence of merged patches
         merge = model.arch.connector.merge if model.arch.connector else 1
-        patches = (ctx - 2) * merge  # minus <|vision_start|>, <|vision_end|>
+        patches = (ctx - 2) * merge // crops  # minus <|vision_start|>, <|vision_end|>
     positions = states  # cross-attention models hand every encoder state on
     if enc is not None and not states:
         per_crop = patches if patches is not None else enc.patches_per_crop
@@ -173,7 +173,7 @@ def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptio
     if workload.video_seconds:
         w, h = workload.video_size
         if model.rule is None:  # omnifuse models: frames as images
-            frames = max(1, round(workload.video_seconds * workload.fps))
+            frames = max(1, math.floor(workload.video_seconds * workload.fps + 0.5))  # as the vendor rules round
             entry, item = _own_image(model.config, w, h)
             inputs.append({**entry, "kind": "video", "seconds": workload.video_seconds,
                            "tokens": entry["tokens"] * frames,

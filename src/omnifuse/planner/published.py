@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from omnifuse.planner.arch import Architecture, ConnectorArch, DecoderArch, EncoderArch, from_model_config
+from omnifuse.planner.arch import (
+    Architecture,
+    ConnectorArch,
+    DecoderArch,
+    EncoderArch,
+    from_model_config,
+)
 from omnifuse.presets import get_preset
 
 __all__ = ["PUBLISHED"]
 
-_SIGLIP_SO400M = dict(hidden=1152, layers=27, heads=16, intermediate=4304, patch=14, cls_tokens=0)
+_SIGLIP_SO400M = {"hidden": 1152, "layers": 27, "heads": 16, "intermediate": 4304, "patch": 14, "cls_tokens": 0}
 _QWEN2_7B = DecoderArch(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944,
                         vocab=152064, qkv_bias=True)
 # Qwen2-VL: a Conv3d patch embedding over 2 frames (an image is repeated), 2x2 merge into an MLP.
@@ -42,13 +48,13 @@ PUBLISHED: dict[str, Architecture] = {
     "qwen2-vl-7b": Architecture(
         name="qwen2-vl-7b", decoder=_QWEN2_7B,
         encoder=EncoderArch(hidden=1280, layers=32, heads=16, intermediate=5120, patch=14, image_size=224,
-                            cls_tokens=0, stem=_QWEN_STEM, joint_crops=True),
+                            cls_tokens=0, stem=_QWEN_STEM, dynamic=True),
         connector=_QWEN_MERGER,
         source="Qwen/Qwen2-VL-7B-Instruct config.json; transformers models/qwen2_vl"),
     "qwen2.5-vl-7b": Architecture(
         name="qwen2.5-vl-7b", decoder=_QWEN2_7B,
         encoder=EncoderArch(hidden=1280, layers=32, heads=16, intermediate=3420, patch=14, image_size=224,
-                            cls_tokens=0, mlp_matrices=3, stem=_QWEN_STEM, joint_crops=True),
+                            cls_tokens=0, mlp_matrices=3, stem=_QWEN_STEM, dynamic=True),
         connector=_QWEN_MERGER,
         source="Qwen/Qwen2.5-VL-7B-Instruct config.json; transformers models/qwen2_5_vl",
         notes=("window attention (112 px windows) in 28 of 32 encoder layers is priced as full attention",)),

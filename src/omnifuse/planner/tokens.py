@@ -410,7 +410,7 @@ def _qwen_video(seconds: float, fps: float, width: int, height: int, options: To
     padded = frames + frames % 2
     w, h = _smart_resize(width, height, *_pixel_bounds(_QWEN_VIDEO_PIXELS, options))
     n = padded // 2 * (w // 28) * (h // 28)
-    return TokenCount(n + 2, note=f"{frames} frames (padded {padded}) at {w}x{h} -> {padded // 2} x "
+    return TokenCount(n + 2, crops=padded // 2, note=f"{frames} frames (padded {padded}) at {w}x{h} -> {padded // 2} x "
                                   f"{(w // 28) * (h // 28)} + 2 start/end")
 
 

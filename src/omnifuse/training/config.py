@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class TrainConfig:
     init_checkpoint: str = ""  # start from these weights (an omnifuse checkpoint folder)
     stage: str = "instruct"  # contrastive | align | instruct
     train_encoder: bool = False  # instruct: also train the vision encoder (needed from scratch)
+    encoder_lr_scale: float = 1.0  # the vision encoder's learning rate relative to lr (align / instruct)
     contrastive_loss: str = "clip"  # clip (InfoNCE) | siglip
     # data
     data: str = "diagnostic"  # diagnostic | llava | captions
@@ -32,6 +33,7 @@ class TrainConfig:
     val_size: int = 300
     image_size: int = 64  # diagnostic images
     skills: tuple[str, ...] = ("colour", "shape", "spatial", "counting", "ocr", "compare")
+    skill_weights: dict = field(default_factory=dict)  # training samples per skill, relative (default 1 each)
     max_length: int = 256
     truncation: str = "drop"  # rows that cannot be cut safely: drop (counted) | error
     # optimisation
@@ -68,6 +70,7 @@ class TrainConfig:
         check(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.encoder_lr_scale > 0, f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         object.__setattr__(self, "skills", tuple(self.skills))
 

@@ -74,12 +74,15 @@ class Trainer:
         self.train_source, self.val_source = build_sources(cfg)
         self.builder = ExampleBuilder(self.tokenizer, self.model_config.text.image_token, self.model.is_cross,
                                       cfg.max_length, cfg.truncation)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += list(self.head.parameters()) if self.head is not None else []
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]  # norms, biases, gates: no weight decay
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named += [(f"head.{n}", p) for n, p in self.head.named_parameters()] if self.head is not None else []
+        groups = []
+        for is_encoder in (False, True):  # a fine-tuned pre-trained encoder usually wants a smaller step
+            lr = cfg.lr * (cfg.encoder_lr_scale if is_encoder and cfg.stage != "contrastive" else 1.0)
+            part = [p for n, p in named if n.startswith("vision_encoder.") == is_encoder]
+            groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                       {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]  # norms, biases, gates
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.wrapped = self.model
         if self.world > 1:

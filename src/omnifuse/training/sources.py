@@ -16,7 +16,9 @@ class DiagnosticSource:
     def __init__(self, split: str, size: int, cfg: TrainConfig, captions: bool = False) -> None:
         from omnifuse.training.diagnostic import DiagnosticSet
 
-        self.set = DiagnosticSet(split, size, seed=cfg.seed, image_size=cfg.image_size, skills=cfg.skills)
+        weights = cfg.skill_weights if split == "train" else None  # val and test stay balanced
+        self.set = DiagnosticSet(split, size, seed=cfg.seed, image_size=cfg.image_size, skills=cfg.skills,
+                                 weights=weights)
         self.captions = captions
 
     def __len__(self) -> int:
