@@ -186,6 +186,9 @@ def test_local_cpu_is_measured_once_and_cached(tmp_path):
     (["--model", "gpt-4o", "--image=-5x100"], "impossible"),
     (["--model", "llava-1.5-7b", "--image", "10x10", "--gpu", "b200"], "unknown accelerator 'b200'"),
     (["--model", "gpt-4o"], "nothing to plan"),
+    (["--model", "gpt-4o", "--image", "10x10x10"], "--image expects WIDTHxHEIGHT"),
+    (["--model", "gpt-4o", "--video-seconds", "5", "--video-size", "big"], "--video-size expects WIDTHxHEIGHT"),
+    (["--model", "gpt-4o", "--image", "10x10", "--plot", "/no/such/folder/p.png"], "its folder does not exist"),
     (["--model", "gpt-4o", "--image", "10x10", "--rule", "nonsense=1"], "--rule 'nonsense=1'"),
 ])
 def test_bad_requests_get_one_clear_line(argv, message, capsys):

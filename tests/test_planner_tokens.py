@@ -199,6 +199,12 @@ def test_claude_table_sizes_are_not_resized(width, height):
     assert tokens("claude-3.5-sonnet", height, width) == -(-width * height // 750)
 
 
+def test_claude_resized_long_edge_lands_on_the_limit():
+    # 3000 * (1568 / 3000) is 1567.9999... in floating point; the long edge must still be 1568.
+    assert tokens("claude-3.5-sonnet", 1000, 3000) == -(-522 * 1568 // 750)
+    assert tokens("claude-3.5-sonnet", 3000, 1000) == -(-522 * 1568 // 750)
+
+
 def test_claude_patch28_alternative():
     assert tokens("claude-3.5-sonnet", 1092, 1092, claude_rule="patch28") == 39 * 39
     assert tokens("claude-3.5-sonnet", 200, 200, claude_rule="patch28") == 8 * 8

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from omnifuse.planner.plan import PlanError
@@ -13,11 +14,11 @@ from omnifuse.planner.plan import PlanError
 __all__ = ["add_plan_parser", "cmd_plan"]
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str, flag: str) -> tuple[int, int]:
     try:
         w, h = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 1024x768, got {text!r}") from None
+        raise PlanError(f"{flag} expects WIDTHxHEIGHT like 1024x768, got {text!r}") from None
     return w, h
 
 
@@ -30,11 +31,11 @@ def add_plan_parser(sub) -> None:
     who.add_argument("--preset", help="an omnifuse preset (with --measure: build it and check the prediction)")
     who.add_argument("--compare", help="several models side by side, comma-separated")
     who.add_argument("--list", action="store_true", help="list the models the planner knows")
-    p.add_argument("--image", action="append", type=_size, default=[], metavar="WxH", help="an image; repeat for more")
+    p.add_argument("--image", action="append", default=[], metavar="WxH", help="an image; repeat for more")
     p.add_argument("--audio-seconds", type=float, default=0.0)
     p.add_argument("--video-seconds", type=float, default=0.0)
     p.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
-    p.add_argument("--video-size", type=_size, default=(1280, 720), metavar="WxH", help="video frame size (default 1280x720)")
+    p.add_argument("--video-size", default="1280x720", metavar="WxH", help="video frame size (default 1280x720)")
     p.add_argument("--text-tokens", type=int, default=0, help="prompt text tokens per request")
     p.add_argument("--output-tokens", type=int, default=0, help="generated tokens per request")
     p.add_argument("--requests-per-day", type=int, default=0, help="for $/day: the vendor API and self-hosting")
@@ -96,8 +97,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(known_models()))
         return 0
-    workload = Workload(images=tuple(args.image), audio_seconds=args.audio_seconds, video_seconds=args.video_seconds,
-                        fps=args.fps, video_size=args.video_size, text_tokens=args.text_tokens,
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise PlanError(f"cannot write the plot {args.plot}: its folder does not exist")
+    images = tuple(_size(x, "--image") for x in args.image)
+    workload = Workload(images=images, audio_seconds=args.audio_seconds, video_seconds=args.video_seconds,
+                        fps=args.fps, video_size=_size(args.video_size, "--video-size"), text_tokens=args.text_tokens,
                         output_tokens=args.output_tokens, requests_per_day=args.requests_per_day,
                         concurrency=args.concurrency)
     if not (workload.images or workload.audio_seconds or workload.video_seconds or workload.text_tokens):

@@ -192,10 +192,9 @@ def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptio
 # Cost
 
 
-def _weights_read(arch: Architecture, dtype_bytes: float, batch: int) -> float:
+def _weights_read(arch: Architecture, total: int, dtype_bytes: float, batch: int) -> float:
     """Weight bytes one decode step reads: every dense weight, and the experts the batch routes to."""
     d = arch.decoder
-    total = arch.parameters()["total"]
     unused = d.inactive_parameters()
     if unused:
         e, k = d.experts, d.experts_per_token
@@ -204,17 +203,17 @@ def _weights_read(arch: Architecture, dtype_bytes: float, batch: int) -> float:
     return (total - unused) * dtype_bytes
 
 
-def _latency(arch: Architecture, acc: Accelerator, dtype: str, kv_dtype_bytes: float, context: int,
+def _latency(arch: Architecture, total: int, acc: Accelerator, dtype: str, kv_dtype_bytes: float, context: int,
              output: int, prefill_flops: int, states: int, batch: int, gpus: int) -> dict[str, float]:
     """Roofline: each phase takes the longer of its compute time and its memory-traffic time."""
     peak = acc.peak_flops(dtype) * gpus
     bandwidth = acc.bandwidth_gb_s * 1e9 * gpus
-    w_bytes = arch.parameters()["total"] * DTYPE_BYTES[dtype]
+    w_bytes = total * DTYPE_BYTES[dtype]
     prefill = max(prefill_flops / peak, w_bytes / bandwidth)
     mid = context + max(1, output) // 2 + 1  # the average decode step's context length
     step_flops = arch.decode_flops(mid, states)
     kv = arch.decoder.kv_bytes(mid, kv_dtype_bytes) + arch.decoder.cross_kv_bytes(states, kv_dtype_bytes)
-    step = max(batch * step_flops / peak, (_weights_read(arch, DTYPE_BYTES[dtype], batch) + batch * kv) / bandwidth)
+    step = max(batch * step_flops / peak, (_weights_read(arch, total, DTYPE_BYTES[dtype], batch) + batch * kv) / bandwidth)
     return {"prefill_s": prefill, "decode_s_per_token": step, "request_s": prefill + output * step,
             "decode_tokens_per_s": batch / step}
 
@@ -292,7 +291,7 @@ def _serve(arch: Architecture, out: dict, acc: Accelerator, workload: Workload, 
     need = weights + c * out["kv_cache_bytes"]
     per_gpu = acc.memory_gb * 2 ** 30 * MEMORY_HEADROOM
     gpus = max(1, math.ceil(need / per_gpu))
-    lat = _latency(arch, acc, dtype, DTYPE_BYTES[kv_dtype], out["context_tokens"], workload.output_tokens,
+    lat = _latency(arch, out["parameters"]["total"], acc, dtype, DTYPE_BYTES[kv_dtype], out["context_tokens"], workload.output_tokens,
                    prefill_flops, states, c, gpus)
     serving: dict[str, Any] = {"accelerator": acc.key, "accelerator_name": acc.name, "dtype": dtype,
                                "concurrency": c, "memory_bytes": int(need), "gpus_per_replica": gpus}

@@ -150,7 +150,7 @@ def plot_plans(plans: list[dict[str, Any]], path: str) -> None:
     ax.barh(y, context, color="#4477aa", label="context tokens")
     ax.barh(y, states, left=context, color="#ee6677", label="cross-attention states")
     for i, (c, s) in enumerate(zip(context, states)):
-        ax.text(c + s, i, f" {c + s:,}", va="center", fontsize="small")
+        ax.text(c + s, i, f" {c:,} + {s:,} states" if s else f" {c:,}", va="center", fontsize="small")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g}k" if x else "0"))
     ax.set_yticks(y, names)
     ax.invert_yaxis()

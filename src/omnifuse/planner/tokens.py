@@ -282,7 +282,7 @@ def _claude(width: int, height: int, options: TokenOptions) -> TokenCount:
     if max(w, h) > 1568 or w * h > _CLAUDE_MAX_AREA:
         area = 750 if rule == "area750" else 28 * 28
         scale = min(1568 / max(w, h), math.sqrt(1600 * area / (w * h)))
-        w, h = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+        w, h = max(1, math.floor(w * scale + 1e-9)), max(1, math.floor(h * scale + 1e-9))  # 1568.0, not 1567.99...
     tokens = _claude_count(w, h, rule)
     resized = f" -> {w}x{h}" if (w, h) != (width, height) else ""
     return TokenCount(tokens, note=f"{width}x{height}{resized} -> {tokens} ({rule})")
