@@ -159,6 +159,14 @@ def test_assumed_architecture_is_marked_estimated():
     assert p["kv_cache_bytes"] == 775 * 2 * 32 * 4096 * 2
 
 
+def test_compare_applies_an_assumed_architecture_to_closed_models_only(capsys):
+    assert main(["plan", "--compare", "gpt-4o,llava-1.5-7b", "--image", "336x336", "--assume-architecture",
+                 "llava-1.5-7b", "--json"]) == 0
+    gpt, llava = json.loads(capsys.readouterr().out)
+    assert gpt["estimated"] is True and gpt["kv_cache_bytes"] == 255 * 2 * 32 * 4096 * 2  # 85 + 170: one tile
+    assert llava["estimated"] is False
+
+
 def test_moe_decode_reads_only_routed_experts_at_batch_one():
     h100 = load_hardware()["h100"]
     model = resolve_model("llama-4-scout")

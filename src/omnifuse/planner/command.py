@@ -120,7 +120,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     accelerator = _accelerator(args)
     plans = []
     for name in names:
-        model = resolve_model(name, args.assume_architecture if not args.compare else None)
+        model = resolve_model(name)
+        if args.assume_architecture and (model.arch is None or not args.compare):  # closed models, in --compare
+            model = resolve_model(name, args.assume_architecture)
         plans.append(plan(model, workload, options, accelerator, prices, args.dtype, args.kv_dtype))
     if args.plot:
         report.plot_plans(plans, args.plot)
