@@ -86,6 +86,23 @@ def test_prediction_equals_measurement_for_tiny_presets(name, sizes):
     assert predicted["decode_flops_per_token"] == pytest.approx(measured["decode_flops_per_token"], rel=0.02)
 
 
+@pytest.mark.parametrize("path", ["configs/models/arena-early.yaml", "configs/models/arena-cross.yaml"])
+def test_prediction_equals_measurement_for_arena_models(path):
+    """Model config files too: a convolutional stem and connector positions."""
+    from pathlib import Path
+
+    from omnifuse.config import load_config
+
+    path = str(Path(__file__).resolve().parents[1] / path)
+    model = resolve_model(path)
+    predicted = plan(model, Workload(images=((64, 64),), text_tokens=9, output_tokens=4), dtype="fp32",
+                     kv_dtype="fp32")
+    measured = measure_request(load_config(path), [(64, 64)], 9, 4, repeats=1)
+    assert predicted["kv_cache_bytes"] == measured["kv_cache_bytes"]
+    assert predicted["prefill_flops"] == pytest.approx(measured["prefill_flops"], rel=0.02)
+    assert predicted["decode_flops_per_token"] == pytest.approx(measured["decode_flops_per_token"], rel=0.02)
+
+
 def test_measure_counts_attention_flops_on_cpu():
     """torch's flop registry has no CPU attention kernel; the planner's counter adds it, so a
     longer context costs more per decoded token."""

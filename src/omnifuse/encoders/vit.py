@@ -25,19 +25,27 @@ class ViTLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def conv_stem_layers(num_channels: int, dim: int, patch_size: int) -> list[tuple[int, int, int, int]]:
+    """The convolutions of ``conv_stem`` as (in, out, kernel, stride)."""
+    steps = patch_size.bit_length() - 1  # patch_size = 2 ** steps
+    layers, ch_in = [], num_channels
+    for i in range(steps - 1):
+        ch_out = max(dim >> (steps - 1 - i), 8)
+        layers.append((ch_in, ch_out, 3, 2))
+        ch_in = ch_out
+    return layers + [(ch_in, dim, 2, 2)]
+
+
 def conv_stem(num_channels: int, dim: int, patch_size: int) -> nn.Sequential:
     """Xiao et al. 2021, "Early convolutions help transformers see better": stride-2 3x3
     convolutions (channels doubling up to dim / 2), then a 2x2 stride-2 projection, in place of
     the single patch_size x patch_size projection. Same output grid; trains much faster from
     scratch because neighbouring pixels are combined before attention has to learn to."""
-    steps = patch_size.bit_length() - 1  # patch_size = 2 ** steps
+    *hidden, (ch_in, ch_out, k, s) = conv_stem_layers(num_channels, dim, patch_size)
     layers: list[nn.Module] = []
-    ch_in = num_channels
-    for i in range(steps - 1):
-        ch_out = max(dim >> (steps - 1 - i), 8)
-        layers += [nn.Conv2d(ch_in, ch_out, 3, stride=2, padding=1), nn.GELU()]
-        ch_in = ch_out
-    layers.append(nn.Conv2d(ch_in, dim, 2, stride=2))
+    for ci, co, kernel, stride in hidden:
+        layers += [nn.Conv2d(ci, co, kernel, stride=stride, padding=1), nn.GELU()]
+    layers.append(nn.Conv2d(ch_in, ch_out, k, stride=s))
     return nn.Sequential(*layers)
 
 

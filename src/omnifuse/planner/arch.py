@@ -281,14 +281,9 @@ def from_model_config(config: ModelConfig) -> Architecture:
         layers = max(i % (v.num_layers + 1) for i in v.feature_layers)
         stem: tuple[tuple[int, int, int, int], ...] = ()
         if v.stem == "conv":
-            steps = v.patch_size.bit_length() - 1
-            ch_in, convs = v.num_channels, []
-            for i in range(steps - 1):
-                ch_out = max(v.hidden_size >> (steps - 1 - i), 8)
-                convs.append((ch_in, ch_out, 3, 2))
-                ch_in = ch_out
-            convs.append((ch_in, v.hidden_size, 2, 2))
-            stem = tuple(convs)
+            from omnifuse.encoders.vit import conv_stem_layers
+
+            stem = tuple(conv_stem_layers(v.num_channels, v.hidden_size, v.patch_size))
         encoder = EncoderArch(hidden=v.hidden_size, layers=layers, heads=v.num_heads, intermediate=v.intermediate_size,
                               patch=v.patch_size, image_size=v.image_size, cls_tokens=int(v.use_cls), stem=stem,
                               out_dim=v.feature_dim, channels=v.num_channels)
