@@ -15,7 +15,7 @@ position only, as generation needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omnifuse.config import ModelConfig
 
@@ -41,7 +41,6 @@ class EncoderArch:
     global_layers: int = 0  # a second stack over the same sequence (Mllama's gated global layers)
     joint_crops: bool = False  # all crops of an image attend to each other (Mllama tiles)
     dynamic: bool = False  # native resolution: patches per crop follow the image (Qwen2-VL)
-    out_dim: int = 0  # channels handed to the connector (0: hidden)
     channels: int = 3
 
     @property
@@ -222,7 +221,7 @@ class Architecture:
     connector: ConnectorArch | None = None
     source: str = ""
     estimated: bool = False  # an assumed architecture (closed models): every figure is an estimate
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
     def parameters(self) -> dict[str, int]:
         enc = self.encoder.parameters() if self.encoder else 0
@@ -276,7 +275,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
     if v.type == "mllama":
         encoder = EncoderArch(hidden=v.hidden_size, layers=v.num_layers, heads=v.num_heads,
                               intermediate=v.intermediate_size, patch=v.patch_size, image_size=v.image_size,
-                              global_layers=v.num_global_layers, pad_to=8, joint_crops=True, out_dim=v.feature_dim)
+                              global_layers=v.num_global_layers, pad_to=8, joint_crops=True)
     else:
         layers = max(i % (v.num_layers + 1) for i in v.feature_layers)
         stem: tuple[tuple[int, int, int, int], ...] = ()
@@ -286,7 +285,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
             stem = tuple(conv_stem_layers(v.num_channels, v.hidden_size, v.patch_size))
         encoder = EncoderArch(hidden=v.hidden_size, layers=layers, heads=v.num_heads, intermediate=v.intermediate_size,
                               patch=v.patch_size, image_size=v.image_size, cls_tokens=int(v.use_cls), stem=stem,
-                              out_dim=v.feature_dim, channels=v.num_channels)
+                              channels=v.num_channels)
     connector = ConnectorArch(kind=config.connector.type, in_dim=v.feature_dim, out_dim=d.hidden_size)
     decoder = DecoderArch(hidden=d.hidden_size, layers=d.num_layers, heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,

@@ -9,7 +9,7 @@ counts and API cost only, unless an assumed architecture is given (then marked e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class PlanModel:
     config: ModelConfig | None  # an omnifuse config (its processor counts tokens when ``rule`` is None)
     arch: Architecture | None
     estimated: bool = False
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = ()
 
 
 def known_models() -> list[str]:
