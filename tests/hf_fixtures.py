@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WORDS = ("the a red blue green circle square left right above below of is what how many colour shape "
          "picture image describe count one two three yes no and in on to").split()
 
@@ -51,7 +53,10 @@ def randomise(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> None:
 def save_llava(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, feature_layer=-2,
                strategy: str = "default", image_size: int = 28, patch: int = 14, vision_layers: int = 3,
                text_layers: int = 2, vocab: int = 320, image_token_id: int = 300, tie: bool = False,
-               processor: str = "crop") -> Path:
+               processor: str = "crop", mean=CLIP_MEAN, std=CLIP_STD, layout: str = "v5") -> Path:
+    """``layout``: how the processor is saved. "v5": ``processor.save_pretrained`` of transformers 5
+    (``processor_config.json`` with an ``image_processor`` section, the tokenizer re-saved);
+    "v4": the image processor's own ``preprocessor_config.json``; "none": no processor files."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
@@ -69,19 +74,30 @@ def save_llava(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2
     write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
                          chat_template="{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
                                        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-    pre = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3,
-           "do_center_crop": processor == "crop", "crop_size": {"height": image_size, "width": image_size},
-           "size": {"shortest_edge": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "do_pad": processor == "pad"}
-    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    if processor == "pad":
+        from transformers import LlavaImageProcessorPil as ImageProcessor
+    else:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    image_processor = ImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                     do_center_crop=processor == "crop", do_pad=processor == "pad",
+                                     image_mean=list(mean), image_std=list(std))
+    if layout == "v5":
+        from transformers import AutoTokenizer, LlavaProcessor
+
+        # num_additional_image_tokens=1: the CLS position CLIP adds, so "default" expands to the patch count.
+        LlavaProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(folder),
+                       patch_size=patch, vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+                       image_token="<image>").save_pretrained(folder)
+    elif layout == "v4":
+        image_processor.save_pretrained(folder)
     return folder
 
 
 def save_mllama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, cross_layers=(1, 3),
                 text_layers: int = 4, image_size: int = 28, max_tiles: int = 4, intermediate=(0, 2),
                 vision_layers: int = 3, global_layers: int = 1, vocab: int = 320,
-                rope_scaling: bool = False) -> Path:
+                rope_scaling: bool = False, mean=CLIP_MEAN, std=CLIP_STD, layout: str = "v5") -> Path:
+    """``layout`` as in ``save_llava``."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
 
@@ -106,10 +122,15 @@ def save_mllama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 
     write_word_tokenizer(folder, vocab + 1, {"<unk>": 3, "<|begin_of_text|>": 1, "<|eot_id|>": 2, "<|finetune_right_pad_id|>": 0,
                                              "<|image|>": vocab},
                          bos="<|begin_of_text|>", eos="<|eot_id|>")
-    pre = {"image_processor_type": "MllamaImageProcessor", "do_resize": True, "resample": 2,
-           "size": {"height": image_size, "width": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-           "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "do_pad": True,
-           "max_image_tiles": max_tiles}
-    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    from transformers import MllamaImageProcessorPil
+
+    image_processor = MllamaImageProcessorPil(size={"height": image_size, "width": image_size}, max_image_tiles=max_tiles,
+                                              image_mean=list(mean), image_std=list(std))
+    if layout == "v5":
+        from transformers import AutoTokenizer, MllamaProcessor
+
+        MllamaProcessor(image_processor=image_processor,
+                        tokenizer=AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    elif layout == "v4":
+        image_processor.save_pretrained(folder)
     return folder

@@ -155,3 +155,36 @@ def test_missing_key_and_unsupported_architecture_are_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="qwen2_vl.*supported: .*llava"):
         Pipeline.from_checkpoint(folder)
+
+
+@pytest.mark.parametrize("layout,processor", [("v5", "pad"), ("v5", "crop"), ("v4", "pad")])
+def test_saved_processor_settings_reach_the_cli(tmp_path, capsys, layout, processor):
+    # mean = std = 0.5 (and the pad colour it implies), not the CLIP defaults a misread folder gets.
+    from omnifuse.cli import main
+
+    folder = save_llava(tmp_path / "ckpt", seed=9, processor=processor, mean=(0.5,) * 3, std=(0.5,) * 3, layout=layout)
+    ref = _reference(folder)
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaImageProcessorPil
+
+    image_processor = (LlavaImageProcessorPil if processor == "pad" else CLIPImageProcessorPil).from_pretrained(folder)
+    assert list(image_processor.image_mean) == [0.5, 0.5, 0.5]  # the reference reads the saved settings
+    image, prompt = scene(64, 40, 3), "<image> what is left of the square"
+    image.save(tmp_path / "a.png")
+    pixel_values = image_processor(image, return_tensors="pt")["pixel_values"]
+    n = (28 // 14) ** 2
+    ref_ids = AutoTokenizer.from_pretrained(folder)(prompt.replace("<image>", "<image>" * n), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = ref.generate(input_ids=ref_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False)
+    code = main(["generate", "--checkpoint", str(folder), "--image", str(tmp_path / "a.png"), "--prompt", prompt,
+                 "--max-new-tokens", "32", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and "warning" not in captured.err
+    assert json.loads(captured.out)["tokens"] == out[0, ref_ids.shape[1]:].tolist()
+
+
+def test_folder_without_processor_settings_says_which_defaults(tmp_path):
+    from omnifuse.config import LoudDefaultWarning
+
+    folder = save_llava(tmp_path, seed=10, layout="none")
+    with pytest.warns(LoudDefaultWarning, match="no processor_config.json or preprocessor_config.json.*CLIP"):
+        Pipeline.from_checkpoint(folder)

@@ -106,3 +106,52 @@ def test_decode_cost_does_not_grow_with_images(tmp_path):
     # Four images take four context positions, not four images' worth of visual tokens.
     assert four.prompt_tokens - one.prompt_tokens == 3
     assert four.visual_tokens == 4 * one.visual_tokens
+
+
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_saved_processor_settings_reach_the_cli(tmp_path, capsys, layout):
+    # mean = std = 0.5, not the CLIP values the published checkpoints use: a processor read wrongly
+    # (or not at all) normalises differently and generates other tokens.
+    import json
+
+    from omnifuse.cli import main
+
+    folder = save_mllama(tmp_path / "ckpt", seed=9, mean=(0.5,) * 3, std=(0.5,) * 3, layout=layout)
+    assert (folder / "processor_config.json").is_file() == (layout == "v5")
+    ref, proc = _reference(folder), _processor(folder, 4)
+    image, prompt = scene(70, 40, 3), "<|image|>describe the picture"
+    image.save(tmp_path / "a.png")
+    inputs = proc(text=prompt, images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        expected = ref.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    code = main(["generate", "--checkpoint", str(folder), "--image", str(tmp_path / "a.png"), "--prompt", prompt,
+                 "--max-new-tokens", "32", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and "warning" not in captured.err
+    assert json.loads(captured.out)["tokens"] == expected
+
+
+def test_folder_without_processor_settings_says_which_defaults(tmp_path, capsys):
+    from omnifuse.cli import main
+    from omnifuse.config import LoudDefaultWarning
+
+    folder = save_mllama(tmp_path, seed=10, layout="none")
+    with pytest.warns(LoudDefaultWarning, match="no processor_config.json or preprocessor_config.json.*mean"):
+        pipe = Pipeline.from_checkpoint(folder)
+    assert pipe.model.config.image.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", "what", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "omnifuse: warning:" in err and "published Llama 3.2 Vision settings" in err
+
+
+def test_processor_that_does_not_fit_the_encoder_is_refused(tmp_path):
+    import json
+
+    from omnifuse.checkpoint import CheckpointError
+
+    folder = save_mllama(tmp_path, seed=11)
+    cfg = json.loads((folder / "processor_config.json").read_text())
+    cfg["image_processor"]["size"] = {"height": 56, "width": 56}
+    (folder / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="processor_config.json: tiles are 56 px but the vision encoder takes 28"):
+        Pipeline.from_checkpoint(folder)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -193,10 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """omnifuse's own warnings (a default standing in for a missing setting) as one line."""
+    from omnifuse.config import LoudDefaultWarning
+
+    if issubclass(category, LoudDefaultWarning):
+        print(f"omnifuse: warning: {message}", file=sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from omnifuse.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except USER_ERRORS as e:  # bad input: one clear line, no traceback

@@ -14,6 +14,7 @@ from typing import Any, Union, get_origin, get_type_hints
 
 __all__ = [
     "ConfigError",
+    "LoudDefaultWarning",
     "VisionConfig",
     "ImageConfig",
     "ConnectorConfig",
@@ -33,6 +34,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
+
+
+class LoudDefaultWarning(UserWarning):
+    """A setting was missing and a default stands in for it; the message names both. The CLI prints
+    it as one ``omnifuse: warning:`` line."""
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from omnifuse.checkpoint import CheckpointError, missing_keys, raise_if_mismatched, read_config_json
 
-__all__ = ["KeyMap", "read_hf_config", "iter_safetensors", "load_mapped", "rope_settings"]
+__all__ = ["KeyMap", "read_hf_config", "read_image_processor_config", "iter_safetensors", "load_mapped",
+           "rope_settings"]
 
 KeyMap = list[tuple[str, str | None]]
 
@@ -161,6 +162,47 @@ def read_json_if_present(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
+
+
+def read_image_processor_config(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """(image processor settings, the file they came from) of a Hugging Face folder.
+
+    transformers 5's ``processor.save_pretrained`` nests them in ``processor_config.json`` under
+    ``image_processor``; transformers 4 (and image-processor-only saves) write
+    ``preprocessor_config.json``. The nested section wins when both exist, as in transformers' own
+    loader. ``({}, None)`` when the folder has neither: the caller must say which defaults it uses.
+    """
+    nested = read_json_if_present(folder / "processor_config.json").get("image_processor")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise CheckpointError(f"{folder / 'processor_config.json'}: image_processor must be a JSON object")
+        return nested, "processor_config.json"
+    if (folder / "preprocessor_config.json").is_file():
+        return read_json_if_present(folder / "preprocessor_config.json"), "preprocessor_config.json"
+    return {}, None
+
+
+def per_channel(value: Any, where: str) -> tuple[float, float, float]:
+    """An ``image_mean`` / ``image_std`` setting as three floats (transformers also takes one number)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise CheckpointError(f"{where} must be one number or three, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def warn_processor_defaults(folder: Path, described: str) -> None:
+    """A folder without processor settings is processed with ``described`` defaults: say so, loudly."""
+    import warnings
+
+    from omnifuse.config import LoudDefaultWarning
+
+    warnings.warn(f"{folder} has no processor_config.json or preprocessor_config.json: images are processed "
+                  f"with {described}; copy the reference processor's config into the folder to use its settings",
+                  LoudDefaultWarning, stacklevel=3)
 
 
 def stop_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...] | None:

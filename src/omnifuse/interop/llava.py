@@ -18,7 +18,8 @@ import torch
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (CLIP_MEAN, CLIP_STD, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig,
                              ModelConfig, TextConfig, VisionConfig)
-from omnifuse.interop.hf import KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, read_json_if_present
+from omnifuse.interop.hf import (KeyMap, image_token_text, llama_decoder_kwargs, load_mapped,
+                                per_channel, read_image_processor_config, warn_processor_defaults)
 
 __all__ = ["llava_config", "llava_key_map", "normalise_llava_key", "load_llava"]
 
@@ -27,31 +28,51 @@ _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
                       image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
 
 
+# transformers' CLIPImageProcessor / LlavaImageProcessor class defaults, for keys a saved processor
+# leaves out (what the reference itself then uses).
+_PROCESSOR_DEFAULTS = dict(resample=3, size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                           do_resize=True, do_center_crop=True, do_pad=False, do_rescale=True, rescale_factor=1 / 255,
+                           do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
 def _image_config(folder: Path, image_size: int) -> ImageConfig:
-    """The reference image processor's settings (``preprocessor_config.json``) as an ImageConfig."""
-    pre = read_json_if_present(folder / "preprocessor_config.json")
-    if not pre:
+    """The reference image processor's settings (``processor_config.json`` or
+    ``preprocessor_config.json``) as an ImageConfig; a folder with neither gets LLaVA-1.5's CLIP
+    processing at the vision tower's resolution, with a warning."""
+    pre, source = read_image_processor_config(folder)
+    if source is None:
+        warn_processor_defaults(folder, f"CLIP defaults (shortest edge {image_size} + centre crop, "
+                                        f"mean {CLIP_MEAN}, std {CLIP_STD})")
         return ImageConfig(mode="fixed", image_size=image_size, resize="crop")
-    resample = pre.get("resample", 3)
-    if resample != 3:
-        raise CheckpointError(f"preprocessor resample={resample} is not supported (LLaVA uses 3, bicubic)")
-    size = pre.get("size", {"shortest_edge": image_size})
-    crop = pre.get("crop_size", size)
-    crop_side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else int(crop)
-    if pre.get("do_pad"):
-        mode = "pad"
-    elif pre.get("do_center_crop", True) and isinstance(size, dict) and "shortest_edge" in size:
-        mode = "crop"
-        if size["shortest_edge"] != crop_side:
-            raise CheckpointError(f"preprocessor resizes to {size['shortest_edge']} but crops {crop_side}; "
-                                  "only equal sizes are supported")
+    pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
+    where = f"{folder / source}"
+    if pre["resample"] != 3:
+        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported (LLaVA uses 3, bicubic)")
+    if not (pre["do_resize"] and pre["do_rescale"] and pre["do_normalize"]) \
+            or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
+        raise CheckpointError(f"{where}: only do_resize, do_rescale (1/255) and do_normalize all on are supported")
+    size, crop = pre["size"], pre["crop_size"]
+    if isinstance(size, dict) and "shortest_edge" in size:
+        side = int(size["shortest_edge"])  # the short side (a padded square: both sides)
+    elif isinstance(size, dict) and size.get("height") == size.get("width") and size.get("height"):
+        side = int(size["height"])  # a stretch to a square
     else:
-        mode = "resize"
-        crop_side = size.get("height", image_size) if isinstance(size, dict) else int(size)
-    if pre.get("do_normalize", True) is False or pre.get("do_rescale", True) is False:
-        raise CheckpointError("preprocessor without rescale/normalize is not supported")
-    return ImageConfig(mode="fixed", image_size=int(crop_side), resize=mode,
-                       mean=tuple(pre.get("image_mean", CLIP_MEAN)), std=tuple(pre.get("image_std", CLIP_STD)))
+        raise CheckpointError(f"{where}: size {size} is not supported (a shortest_edge or a square)")
+    stretch = "shortest_edge" not in size
+    mode = "pad" if pre["do_pad"] else "resize" if stretch else "crop"
+    if pre["do_center_crop"]:
+        crop_side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+        if isinstance(crop, dict) and crop.get("width", crop_side) != crop_side or crop_side != side:
+            raise CheckpointError(f"{where}: resizes to {side} but crops {crop}; only a crop of the same "
+                                  "square size is supported")
+    elif mode == "crop":
+        raise CheckpointError(f"{where}: a shortest_edge resize without do_center_crop or do_pad keeps the "
+                              "aspect ratio, which LLaVA's fixed-size vision tower cannot take")
+    if side != image_size:
+        raise CheckpointError(f"{where}: images become {side} x {side} but the vision tower takes "
+                              f"{image_size} x {image_size}")
+    return ImageConfig(mode="fixed", image_size=side, resize=mode, mean=per_channel(pre["image_mean"], f"{where}: image_mean"),
+                       std=per_channel(pre["image_std"], f"{where}: image_std"))
 
 
 def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:

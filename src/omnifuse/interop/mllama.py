@@ -21,25 +21,50 @@ from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, TextConfig,
                              VisionConfig)
 from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
-from omnifuse.interop.hf import KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, read_json_if_present
+from omnifuse.interop.hf import (KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, per_channel,
+                                read_image_processor_config, warn_processor_defaults)
 
 __all__ = ["load_mllama", "mllama_config", "mllama_key_map", "normalise_mllama_key"]
 
-_MLLAMA_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_MLLAMA_STD = (0.26862954, 0.26130258, 0.27577711)
+# The published Llama 3.2 Vision processors normalise with CLIP's mean and std ...
+_PUBLISHED_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_PUBLISHED_STD = (0.26862954, 0.26130258, 0.27577711)
+# ... while transformers' MllamaImageProcessor class defaults, which the reference uses for keys a
+# saved processor leaves out, are 0.5 / 0.5 (IMAGENET_STANDARD).
+_PROCESSOR_DEFAULTS = dict(resample=2, size={"height": 224, "width": 224}, do_resize=True, do_pad=True,
+                           do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=(0.5, 0.5, 0.5),
+                           image_std=(0.5, 0.5, 0.5), max_image_tiles=4)
 
 
 def _image_config(folder: Path, tile: int, max_tiles: int) -> ImageConfig:
-    pre = read_json_if_present(folder / "preprocessor_config.json")
-    size = pre.get("size", {"height": tile, "width": tile})
-    side = size.get("height", tile) if isinstance(size, dict) else int(size)
-    if isinstance(size, dict) and size.get("width", side) != side:
-        raise CheckpointError(f"Mllama tiles must be square, preprocessor size is {size}")
-    if pre.get("resample", 2) != 2:
-        raise CheckpointError(f"preprocessor resample={pre['resample']} is not supported (Mllama uses 2, bilinear)")
-    return ImageConfig(mode="tiles", image_size=int(side), max_tiles=int(pre.get("max_image_tiles", max_tiles)),
-                       overview=False, pad_tiles=True, mean=tuple(pre.get("image_mean", _MLLAMA_MEAN)),
-                       std=tuple(pre.get("image_std", _MLLAMA_STD)))
+    """The reference processor's settings as an ImageConfig; a folder with none gets the published
+    Llama 3.2 Vision settings at the encoder's tile size, with a warning."""
+    pre, source = read_image_processor_config(folder)
+    if source is None:
+        warn_processor_defaults(folder, f"the published Llama 3.2 Vision settings ({tile} px tiles, up to "
+                                        f"{max_tiles}, mean {_PUBLISHED_MEAN}, std {_PUBLISHED_STD})")
+        return ImageConfig(mode="tiles", image_size=tile, max_tiles=max_tiles, overview=False, pad_tiles=True,
+                           mean=_PUBLISHED_MEAN, std=_PUBLISHED_STD)
+    pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
+    where = f"{folder / source}"
+    size = pre["size"]
+    side = size.get("height") if isinstance(size, dict) else size
+    if not isinstance(side, int) or isinstance(size, dict) and size.get("width", side) != side:
+        raise CheckpointError(f"{where}: Mllama tiles must be square, size is {size}")
+    if side != tile:
+        raise CheckpointError(f"{where}: tiles are {side} px but the vision encoder takes {tile} px tiles")
+    if pre["resample"] != 2:
+        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported (Mllama uses 2, bilinear)")
+    if not (pre["do_resize"] and pre["do_pad"] and pre["do_rescale"] and pre["do_normalize"]) \
+            or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
+        raise CheckpointError(f"{where}: only do_resize, do_pad, do_rescale (1/255) and do_normalize all on "
+                              "are supported")
+    if pre["max_image_tiles"] != max_tiles:
+        raise CheckpointError(f"{where}: max_image_tiles {pre['max_image_tiles']} differs from the vision "
+                              f"encoder's max_num_tiles {max_tiles}")
+    return ImageConfig(mode="tiles", image_size=side, max_tiles=max_tiles, overview=False, pad_tiles=True,
+                       mean=per_channel(pre["image_mean"], f"{where}: image_mean"),
+                       std=per_channel(pre["image_std"], f"{where}: image_std"))
 
 
 def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
