@@ -202,7 +202,9 @@ def test_train_config_yaml_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="stage"):
         load_train_config(None, ["stage=pretrain"])
     for name in sorted(p.name for p in (ROOT / "configs").glob("train-*.yaml")):
-        load_train_config(str(ROOT / "configs" / name))  # the shipped configs are valid
+        load_train_config(str(ROOT / "configs" / name), ["data_path=x.json"])  # the shipped configs are valid
+    with pytest.raises(ConfigError, match="data 'captions' needs data_path"):
+        load_train_config(str(ROOT / "configs" / "train-llava-align.yaml"))  # the user names the data
 
 
 def test_contrastive_stage_lowers_its_loss(tmp_path):
@@ -227,3 +229,39 @@ def test_arena_quick_writes_report_and_plots(tmp_path):
     assert early["context_tokens_per_sample"] - cross["context_tokens_per_sample"] > 60  # visual tokens in context
     assert early["kv_cache_bytes_per_sample"] > cross["kv_cache_bytes_per_sample"]
     assert "chance" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["train-yaml", "override", "model-yaml", "arena-yaml", "not-utf8"])
+def test_invalid_yaml_is_one_error_line(tmp_path, capsys, case):
+    from omnifuse.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\nlr: 0.1\n")
+    good = tmp_path / "t.yaml"
+    good.write_text(f"model: tiny-early\nsteps: 1\nout_dir: {tmp_path / 'run'}\n")
+    argv, expect = {
+        "train-yaml": (["train", "--config", str(bad)], "bad.yaml is not valid YAML (line"),
+        "override": (["train", "--config", str(good), "lr=[1,"], "override 'lr=[1,': the value is not valid YAML"),
+        "model-yaml": (["train", "--config", str(good), f"model={bad}"], "model config"),
+        "arena-yaml": (["arena", "--config", str(bad)], "arena config"),
+        "not-utf8": (["train", "--config", str(good), f"model={tmp_path / 'm.yaml'}"], "cannot read model config"),
+    }[case]
+    (tmp_path / "m.yaml").write_bytes(b"\xff\xfe\x00bad")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("omnifuse: error:") and err.count("\n") == 1 and expect in err, err
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "cfgs"
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "m.yaml").write_text((ROOT / "configs" / "models" / "arena-early.yaml").read_text())
+    (folder / "t.yaml").write_text("model: models/m.yaml\ndata: captions\ndata_path: data/pairs.jsonl\n"
+                                   "image_folder: data/images\nout_dir: runs/x\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config("cfgs/t.yaml", ["val_path=v.jsonl"])
+    assert cfg.model == str(Path("cfgs/models/m.yaml"))
+    assert (cfg.data_path, cfg.image_folder) == (str(Path("cfgs/data/pairs.jsonl")), str(Path("cfgs/data/images")))
+    assert cfg.val_path == "v.jsonl"  # a key=value override is relative to the working directory
+    assert cfg.out_dir == "runs/x"  # outputs follow the working directory
+    assert load_train_config("cfgs/t.yaml", ["model=tiny-cross"]).model == "tiny-cross"  # a preset name

@@ -25,6 +25,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "read_yaml",
     "save_config",
 ]
 
@@ -389,18 +390,38 @@ def save_config(cfg: ModelConfig, path: str | Path) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """A YAML file parsed; a syntax error is one ConfigError naming the file, line and column."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(_read_text(path, what))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = read_yaml(path, "model config")
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(_read_text(path, "model config"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return config_from_dict(ModelConfig, data)
+    try:
+        return config_from_dict(ModelConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"model config {path}: {e}") from None

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from omnifuse.config import ConfigError
-from omnifuse.training.config import TrainConfig
+from omnifuse.config import ConfigError, read_yaml
+from omnifuse.training.config import TrainConfig, resolve_input_paths
 
 __all__ = ["ArenaConfig", "Strategy", "load_arena_config", "run_arena"]
 
@@ -53,7 +52,9 @@ def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"arena config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "arena config") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"arena config {path} must hold a mapping of settings")
     entries = data.pop("strategies", None)
     if not entries:
         raise ConfigError(f"{path} lists no strategies")
@@ -61,16 +62,17 @@ def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "name" not in e or "model" not in e:
             raise ConfigError(f"{path}: strategy {i} needs a name and a model")
-        model = e["model"]
-        if (path.parent / model).is_file():
-            model = str(path.parent / model)
-        strategies.append(Strategy(e["name"], model, dict(e.get("overrides") or {})))
+        model = resolve_input_paths({"model": str(e["model"])}, path.parent)["model"]
+        overrides = e.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: strategy {e['name']!r}: overrides must be a mapping of settings")
+        strategies.append(Strategy(e["name"], model, resolve_input_paths(overrides, path.parent)))
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: strategy names repeat: {names}")
     known = {f.name for f in dataclasses.fields(ArenaConfig)} - {"strategies", "train"}
     arena = {k: data.pop(k) for k in list(data) if k in known}
-    return ArenaConfig(strategies=tuple(strategies), train=data, **arena)
+    return ArenaConfig(strategies=tuple(strategies), train=resolve_input_paths(data, path.parent), **arena)
 
 
 def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainConfig:

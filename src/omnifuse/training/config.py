@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from omnifuse.config import ConfigError, config_from_dict
+from omnifuse.config import ConfigError, config_from_dict, read_yaml
 
-__all__ = ["TrainConfig", "load_train_config", "parse_overrides"]
+__all__ = ["TrainConfig", "load_train_config", "parse_overrides", "resolve_input_paths"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e})") from None
+    return out
+
+
+# Settings that name files to read. Written in a config file they are relative to that file's folder
+# (so a command works from any working directory); given as key=value they are relative to the
+# working directory, as the user typed them. out_dir is an output and always follows the working
+# directory.
+INPUT_PATHS = ("model", "init_checkpoint", "data_path", "image_folder", "val_path")
+
+
+def resolve_input_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with its relative input paths (INPUT_PATHS) taken relative to ``folder``. A model
+    that names a preset, not a file, stays as it is."""
+    out = dict(data)
+    for key in INPUT_PATHS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        if key == "model" and not Path(value).suffix:
+            continue  # a preset name
+        out[key] = str(folder / value)
     return out
 
 
@@ -92,9 +117,10 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"training config not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p, "training config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping of settings")
+        data = resolve_input_paths(data, p.parent)
     data.update(parse_overrides(list(overrides)))
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - names)
