@@ -267,3 +267,95 @@ def test_corrupt_safetensors_file(saved, tmp_path, content):
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+_BROKEN_CONFIG_SCRIPT = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from hf_fixtures import save_llava, save_mllama
+from omnifuse.cli import main
+
+root = Path(sys.argv[2])
+cases = {}
+folder = root / "empty-config"
+folder.mkdir()
+(folder / "config.json").write_text(json.dumps({"format": "omnifuse", "config": {}}))  # a 7B-sized default
+save_file({"x": torch.zeros(3)}, str(folder / "model.safetensors"))
+cases["empty-config"] = folder
+for name, save in (("llava", save_llava), ("mllama", save_mllama)):
+    base = save(root / name)
+    for case in ("no-text-config", "huge-vocab"):
+        folder = root / f"{name}-{case}"
+        folder.mkdir()
+        for f in base.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((folder / "config.json").read_text())
+        if case == "no-text-config":
+            del cfg["text_config"]  # Llama defaults: 4096 wide, 32 layers
+        else:
+            cfg["text_config"]["vocab_size"] = 50_000_000
+        (folder / "config.json").write_text(json.dumps(cfg))
+        cases[f"{name}-{case}"] = folder
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name, folder in cases.items():
+    code = main(["generate", "--checkpoint", str(folder), "--prompt", "hi", "--max-new-tokens", "1"])
+    print(name, code, flush=True)
+print("peak_kib", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_broken_configs_are_refused_before_anything_is_allocated(tmp_path):
+    # Each config describes billions of parameters next to a tiny file: the keys and shapes are
+    # checked on the meta device, so the refusal costs no memory (a child process reports its peak).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-c", _BROKEN_CONFIG_SCRIPT, str(tests), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("\n")
+    results = dict(line.split() for line in lines if line and not line.startswith("peak_kib"))
+    assert set(results) == {"empty-config", "llava-no-text-config", "llava-huge-vocab", "mllama-no-text-config",
+                            "mllama-huge-vocab"}
+    assert set(results.values()) == {"1"}
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("omnifuse: error:")]
+    assert len(errors) == 5 and all("does not fit the model (the config describes" in e for e in errors), errors
+    assert "Traceback" not in proc.stderr
+    before, peak = (int(v) for v in lines[-2].split()[1:])
+    assert peak - before < 500 * 1024, f"peak RSS grew by {(peak - before) // 1024} MiB"
+
+
+def test_a_model_larger_than_memory_is_refused_with_the_estimate(monkeypatch, capsys):
+    from omnifuse import machine
+    from omnifuse.cli import main
+
+    monkeypatch.setattr(machine, "available_memory", lambda: 8 * machine.GIB)
+    assert main(["generate", "--preset", "llava-1.5-7b", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "preset 'llava-1.5-7b' (7,050,828,800 float32 parameters) needs about 26.3 GiB" in err
+    assert "8.0 GiB of memory available" in err
+    assert main(["generate", "--preset", "tiny-early", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+
+
+def test_training_state_larger_than_memory_is_refused(monkeypatch, capsys, tmp_path):
+    from omnifuse import machine
+    from omnifuse.cli import main
+
+    monkeypatch.setattr(machine, "available_memory", lambda: 1024 * 1024)  # 1 MiB
+    assert main(["train", "model=tiny-early", "steps=1", f"out_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "training tiny-early" in err and "x 4 for training" in err and "1.0 MiB of memory available" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_available_memory_is_read_from_the_machine():
+    from omnifuse.machine import available_memory
+
+    free = available_memory()
+    assert free is None or free > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from safetensors.torch import save_model
 
 from omnifuse.config import ModelConfig, config_from_dict, config_to_dict
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_state_dict_checked", "read_config", "save_checkpoint"]
+__all__ = ["CheckpointError", "check_shapes", "load_checkpoint", "load_state_dict_checked", "materialize", "read_config",
+           "safetensors_shapes", "save_checkpoint"]
 
 FORMAT = "omnifuse"
 
@@ -37,26 +39,62 @@ def missing_keys(own: dict[str, torch.Tensor], present) -> list[str]:
     return [names[0] for names in groups.values() if not any(n in present for n in names)]
 
 
-def raise_if_mismatched(source: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
-    """One error naming every missing, unexpected and mis-shaped key (the first 20 of each)."""
+def raise_if_mismatched(source: str, missing: list[str], unexpected: list[str], shapes: list[str],
+                        sizes: tuple[int, int] | None = None) -> None:
+    """One error naming every missing, unexpected and mis-shaped key (the first 20 of each), and
+    ``sizes`` = (parameters the config describes, parameters the file holds) when known."""
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
         if keys:
-            problems.append(f"{label} {keys[:20]}{' ...' if len(keys) > 20 else ''}")
+            problems.append(f"{label} {keys[:20]}{f' ... ({len(keys)} in all)' if len(keys) > 20 else ''}")
     if problems:
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+        told = f" (the config describes {sizes[0]:,} parameters, the file holds {sizes[1]:,})" if sizes else ""
+        raise CheckpointError(f"{source} does not fit the model{told}: " + "; ".join(problems))
+
+
+def check_shapes(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise naming every missing, unexpected or mis-shaped key of ``shapes`` (file key -> shape)
+    against the model's ``own`` state dict; works on a model still on the meta device."""
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [f"{k}: file {shapes[k]} vs model {tuple(own[k].shape)}"
+                  for k in shapes if k in own and shapes[k] != tuple(own[k].shape)]
+    raise_if_mismatched(source, missing_keys(own, shapes), unexpected, mismatched,
+                        (parameter_count(own), sum(math.prod(shape) for shape in shapes.values())))
+
+
+def parameter_count(own: dict[str, torch.Tensor]) -> int:
+    """Elements of a state dict, each shared (tied) tensor once."""
+    return sum({id(t): t.numel() for t in own.values()}.values())
 
 
 def load_state_dict_checked(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into ``model``; raise naming every missing, unexpected or mis-shaped key."""
     own = model.state_dict(keep_vars=True)
-    unexpected = [k for k in tensors if k not in own]
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in tensors if k in own and tuple(tensors[k].shape) != tuple(own[k].shape)]
-    raise_if_mismatched(source, missing_keys(own, tensors), unexpected, shapes)
+    check_shapes(own, {k: tuple(t.shape) for k, t in tensors.items()}, source)
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].data.copy_(t)
+
+
+def materialize(model: torch.nn.Module, device: str | torch.device, what: str) -> torch.nn.Module:
+    """Allocate a model built on the meta device, once it is known to fit in memory. Nothing is
+    initialised: every tensor is about to come from a file."""
+    from omnifuse.machine import ensure_fits, tensor_bytes
+
+    ensure_fits(tensor_bytes(model), what, device)
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave tied parameters their own storage
+    model.rope.reset_buffers()
+    return model
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header; no tensor data is read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
 def read_config_json(folder: str | Path):
@@ -84,8 +122,9 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build the model from ``config.json`` on the meta device and fill it from the memory-mapped
-    safetensors file, so only one copy of the weights is ever held."""
+    """Build the model from ``config.json`` on the meta device, check it against the safetensors
+    header (keys and shapes) and the free memory, then fill it one tensor at a time from the
+    memory-mapped file, so a broken config costs nothing and the weights are never held twice."""
     from omnifuse.model import build_model
 
     folder = Path(folder)
@@ -95,13 +134,13 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{folder} has no model.safetensors")
     with torch.device("meta"):
         model = build_model(config)
-    model = model.to_empty(device=device)  # no random init: every tensor comes from the file
-    model.tie_weights()
-    model.rope.reset_buffers()
+    check_shapes(model.state_dict(keep_vars=True), safetensors_shapes(weights), str(weights))
+    model = materialize(model, device, f"the model in {folder}")
+    own = model.state_dict(keep_vars=True)
     try:
-        with safe_open(str(weights), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        with safe_open(str(weights), framework="pt", device=str(device)) as f, torch.no_grad():
+            for k in f.keys():
+                own[k].data.copy_(f.get_tensor(k))
+    except Exception as e:  # a file cut short after a valid header
         raise CheckpointError(f"cannot read {weights}: {e}") from None
-    load_state_dict_checked(model, tensors, str(weights))
     return model.eval()

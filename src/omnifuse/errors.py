@@ -4,13 +4,15 @@ from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import ConfigError
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import ContextOverflowError
+from omnifuse.machine import InsufficientMemoryError
 from omnifuse.processing.image import ImageError
 from omnifuse.processing.text import TokenizerError
 from omnifuse.training.collate import TruncationError
 from omnifuse.training.llava_data import DataFormatError
 
 USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, FeatureCountError, ContextOverflowError, ImageError,
+               InsufficientMemoryError,
                TokenizerError, TruncationError, FileNotFoundError, ValueError)
 
 __all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "FeatureCountError", "ContextOverflowError",
-           "DataFormatError", "ImageError", "TokenizerError", "TruncationError"]
+           "DataFormatError", "ImageError", "InsufficientMemoryError", "TokenizerError", "TruncationError"]

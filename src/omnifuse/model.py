@@ -17,7 +17,8 @@ from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCach
 from omnifuse.nn import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU
 from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
 
-__all__ = ["DecoderLayer", "MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder"]
+__all__ = ["DecoderLayer", "MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder",
+           "ensure_model_fits"]
 
 
 class DecoderLayer(nn.Module):
@@ -316,3 +317,15 @@ def build_vision_encoder(config: ModelConfig) -> nn.Module:
 
 def build_model(config: ModelConfig) -> MultimodalModel:
     return MultimodalModel(config)
+
+
+def ensure_model_fits(config: ModelConfig, what: str, copies: int = 1, device: str | torch.device = "cpu") -> None:
+    """Refuse, before allocating anything, a model whose float32 tensors (times ``copies``: 4 for
+    training with AdamW = weights, gradients and two moments) exceed the memory available."""
+    from omnifuse.machine import ensure_fits, tensor_bytes
+
+    with torch.device("meta"):
+        model = build_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    ensure_fits(copies * tensor_bytes(model), f"{what} ({params:,} float32 parameters"
+                                              f"{f' x {copies} for training' if copies > 1 else ''})", device)

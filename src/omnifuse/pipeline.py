@@ -13,7 +13,7 @@ from omnifuse.estimates import request_cache_bytes
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
-from omnifuse.model import MultimodalModel, build_model
+from omnifuse.model import MultimodalModel, build_model, ensure_model_fits
 from omnifuse.nn.packed import pack_linears
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
@@ -63,6 +63,7 @@ class Pipeline:
     def from_preset(cls, name: str, seed: int = 0, **options) -> Pipeline:
         """A randomly initialised preset (seeded, so the same name and seed give the same weights)."""
         config = get_preset(name)
+        ensure_model_fits(config, f"preset {name!r}")
         torch.manual_seed(seed)
         return cls(build_model(config), load_tokenizer(config.text), **options)
 

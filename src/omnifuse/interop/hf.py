@@ -9,6 +9,7 @@ copied into a model built on the meta device, so a checkpoint is never held twic
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from omnifuse.checkpoint import CheckpointError, missing_keys, raise_if_mismatched, read_config_json
+from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, raise_if_mismatched, read_config_json
 
 __all__ = ["KeyMap", "read_hf_config", "read_image_processor_config", "iter_safetensors", "load_mapped",
            "rope_settings"]
@@ -74,40 +75,48 @@ def _map_key(key: str, key_map: KeyMap) -> tuple[bool, str | None]:
     return False, None
 
 
-def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap,
-                normalise=lambda k: k, transforms: dict[str, Any] | None = None) -> None:
-    """Fill ``model`` from the folder's safetensors through ``key_map``.
+def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, normalise=lambda k: k,
+                device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Fill ``model``, built on the meta device, from the folder's safetensors through ``key_map``.
 
-    Raises ``CheckpointError`` naming every checkpoint key the map does not know, every model
-    tensor nothing filled (missing), and every shape mismatch.
+    Every key and shape is checked against the safetensors headers before anything is allocated:
+    ``CheckpointError`` names every checkpoint key the map does not know, every model tensor
+    nothing fills (missing) and every shape mismatch, so a config that does not describe the
+    weights costs nothing. Then the model is allocated (if it fits in memory) and filled one
+    tensor at a time. Returns the filled model.
     """
+    from omnifuse.checkpoint import materialize
+
     folder = Path(folder)
+    files = weight_files(folder)
     own = model.state_dict(keep_vars=True)
-    filled: set[str] = set()
+    plan: dict[str, str] = {}  # checkpoint key -> model key
     unexpected, shapes = [], []
-    transforms = transforms or {}
-    for key, handle in iter_safetensors(weight_files(folder)):
+    present: set[str] = set()  # model keys the files hold, well shaped or not
+    in_file = 0
+    for key, handle in iter_safetensors(files):
+        in_file += math.prod(handle.get_slice(key).get_shape())
         known, target = _map_key(normalise(key), key_map)
         if not known:
             unexpected.append(key)
-            continue
-        if target is None:
+        elif target is None:
             continue  # deliberately unused
-        if target not in own:
+        elif target not in own:
             unexpected.append(f"{key} (-> {target})")
-            continue
-        tensor = handle.get_tensor(key)
-        for pattern, fn in transforms.items():
-            if re.fullmatch(pattern, target):
-                tensor = fn(tensor)
-        param = own[target]
-        if tuple(tensor.shape) != tuple(param.shape):
-            shapes.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(param.shape)}")
-            continue
-        with torch.no_grad():
-            param.data.copy_(tensor)  # converts dtype (e.g. bf16 checkpoint -> float32 model)
-        filled.add(target)
-    raise_if_mismatched(str(folder), missing_keys(own, filled), unexpected, shapes)
+        elif tuple(handle.get_slice(key).get_shape()) != tuple(own[target].shape):
+            shapes.append(f"{key}: file {tuple(handle.get_slice(key).get_shape())} vs model {tuple(own[target].shape)}")
+            present.add(target)
+        else:
+            plan[key] = target
+            present.add(target)
+    raise_if_mismatched(str(folder), missing_keys(own, present), unexpected, shapes, (parameter_count(own), in_file))
+    model = materialize(model, device, f"the model in {folder}")
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, handle in iter_safetensors(files):
+            if key in plan:
+                own[plan[key]].data.copy_(handle.get_tensor(key))  # converts dtype (bf16 file -> float32 model)
+    return model
 
 
 def rope_settings(text: dict[str, Any]) -> dict[str, Any]:

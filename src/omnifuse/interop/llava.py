@@ -142,9 +142,6 @@ def load_llava(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
     config, image_token_id = llava_config(hf, folder)
     with torch.device("meta"):
         model = build_model(config)
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    model.rope.reset_buffers()
-    load_mapped(model, folder, llava_key_map(model.vision_encoder.num_layers_used), normalise_llava_key)
+    model = load_mapped(model, folder, llava_key_map(model.vision_encoder.num_layers_used), normalise_llava_key, device=device)
     model.placeholder_id = image_token_id
     return model.eval()

@@ -148,9 +148,6 @@ def load_mllama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
     cross_stack = sorted(int(i) for i in text.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
     with torch.device("meta"):
         model = build_model(config)
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    model.rope.reset_buffers()
-    load_mapped(model, folder, mllama_key_map(cross_stack, text.get("num_hidden_layers", 40)), normalise_mllama_key)
+    model = load_mapped(model, folder, mllama_key_map(cross_stack, text.get("num_hidden_layers", 40)), normalise_mllama_key, device=device)
     model.placeholder_id = image_token_id
     return model.eval()

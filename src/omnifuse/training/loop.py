@@ -41,7 +41,7 @@ def _resolve_model_config(name: str):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_config=None, quiet: bool = False) -> None:
-        from omnifuse.model import build_model
+        from omnifuse.model import build_model, ensure_model_fits
         from omnifuse.processing.text import load_tokenizer
 
         self.cfg, self.quiet = cfg, quiet
@@ -59,6 +59,7 @@ class Trainer:
             self.model_config = self.model.config
         else:
             self.model_config = model_config or _resolve_model_config(cfg.model)
+            ensure_model_fits(self.model_config, f"training {cfg.model}", copies=4)
             self.model = build_model(self.model_config)
         self.tokenizer = load_tokenizer(self.model_config.text, cfg.init_checkpoint or None)
         self.model.placeholder_id = self.tokenizer.image_token_id
