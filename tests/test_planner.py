@@ -215,6 +215,13 @@ def test_local_cpu_is_measured_once_and_cached(tmp_path):
     (["--model", "gpt-4o", "--video-seconds", "5", "--video-size", "big"], "--video-size expects WIDTHxHEIGHT"),
     (["--model", "gpt-4o", "--image", "10x10", "--plot", "/no/such/folder/p.png"], "its folder does not exist"),
     (["--model", "gpt-4o", "--image", "10x10", "--rule", "nonsense=1"], "--rule 'nonsense=1'"),
+    (["--model", "tiny-cross", "--video-seconds", "inf"], "video-seconds must be a finite number, got inf"),
+    (["--model", "tiny-cross", "--video-seconds", "2", "--fps", "nan"], "fps must be a finite number, got nan"),
+    (["--compare", "", "--image", "512x512"], "--compare '' names no model"),
+    (["--compare", ",", "--image", "512x512"], "--compare ',' names no model"),
+    (["--compare", " , ,", "--image", "512x512"], "names no model"),
+    (["--compare", "gpt-4o,llava-1.5-7b, gpt-4o", "--image", "512x512"], "--compare names gpt-4o more than once"),
+    (["--model", "gpt-4o", "--image", "10x10", "--plot", "p.v2"], "cannot draw .v2 files"),
 ])
 def test_bad_requests_get_one_clear_line(argv, message, capsys):
     assert main(["plan", *argv]) == 1
@@ -235,6 +242,56 @@ def test_missing_prices_are_named(tmp_path, capsys):
     undated.write_text("api: {}\n")
     assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--prices", str(undated)]) == 1
     assert "has no date" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("omnifuse: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("h100:\n  memory_gb: lots\n", "lists no accelerators (found 'h100' at the top level); put each entry under"),
+    ("accelerators:\n  h100:\n    memory_gb: lots\n",
+     "accelerator 'h100': missing tflops, bandwidth_gb_s; memory_gb must be a positive number, got 'lots'"),
+    ("accelerators:\n  h100: {tflops: {bf16: fast}, memory_gb: 80, bandwidth_gb_s: -1}\n",
+     ("accelerator 'h100': tflops.bf16 must be a positive number, got 'fast'; bandwidth_gb_s must be a positive "
+      "number, got -1")),
+    ("accelerators:\n  h100: {tflops: 989, memory_gb: 80, bandwidth_gb_s: 3350}\n",
+     "accelerator 'h100': tflops must map compute dtypes to peak TFLOP/s"),
+    ("accelerators:\n  h100: 80\n", "accelerator 'h100' must be a mapping with tflops, memory_gb, bandwidth_gb_s"),
+    ("accelerators: [h100]\n", "accelerators must be a mapping"),
+])
+def test_malformed_hardware_entries_are_named(tmp_path, capsys, text, message):
+    hardware = tmp_path / "hw.yaml"
+    hardware.write_text(text)
+    assert main(["plan", "--model", "llava-1.5-7b", "--image", "512x512", "--hardware", str(hardware)]) == 1
+    assert f"hardware file {hardware}" in (err := _one_error_line(capsys)) and message in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("api:\n  gpt-4o: {input: cheap, output: 10}\n", "api.gpt-4o: input must be a non-negative number, got 'cheap'"),
+    ("api:\n  gpt-4o: {input: 2.5}\n", "api.gpt-4o: missing output"),
+    ("api:\n  gpt-4o: 2.5\n", "api.gpt-4o must be a mapping with input, output, got 2.5"),
+    ("api:\n  gpt-4o: {input: 2.5, output: 10, audio_input: -1}\n", "audio_input must be a non-negative number"),
+    ("api: {}\ngpu_hour:\n  h100: {usd: lots}\n", "gpu_hour.h100: usd must be a non-negative number, got 'lots'"),
+    ("api: {}\ngpu_hour:\n  h100: {source: somewhere}\n", "gpu_hour.h100: missing usd"),
+    ("api: [gpt-4o]\n", "api must be a mapping"),
+])
+def test_malformed_price_entries_are_named(tmp_path, capsys, text, message):
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("date: '2026-01-01'\n" + text)
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--requests-per-day", "10",
+                 "--prices", str(prices)]) == 1
+    assert f"price file {prices}" in (err := _one_error_line(capsys)) and message in err
+
+
+def test_free_prices_are_prices(tmp_path, capsys):
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("date: '2026-01-01'\napi:\n  gpt-4o: {input: 0, output: 0}\n")
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--requests-per-day", "10",
+                 "--prices", str(prices), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost"]["api_usd_per_day"] == 0
 
 
 def test_json_has_the_documented_fields(capsys):
@@ -284,3 +341,100 @@ def test_qwen_video_attends_within_each_temporal_slice():
     long = plan(model, Workload(video_seconds=16, fps=2, video_size=(448, 448)))
     assert long["prefill_flops_by_part"]["encoder"] == pytest.approx(4 * short["prefill_flops_by_part"]["encoder"],
                                                                      rel=0.01)
+
+
+# --- --compare lists, --plot paths, settings a model ignores -----------------------------------
+
+def test_compare_skips_empty_items(capsys):
+    assert main(["plan", "--compare", "gpt-4o,,llava-1.5-7b,", "--image", "512x512", "--json"]) == 0
+    assert [p["model"] for p in json.loads(capsys.readouterr().out)] == ["gpt-4o", "llava-1.5-7b"]
+
+
+def test_plot_without_a_suffix_prints_the_file_it_writes(tmp_path, capsys):
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--plot", str(tmp_path / "myplot")]) == 0
+    assert f"plot: {tmp_path / 'myplot.png'}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["myplot.png"]
+
+
+def test_plot_keeps_a_given_suffix(tmp_path, capsys):
+    assert main(["plan", "--model", "gpt-4o", "--image", "512x512", "--plot", str(tmp_path / "plan.svg")]) == 0
+    assert f"plot: {tmp_path / 'plan.svg'}" in capsys.readouterr().out
+    assert (tmp_path / "plan.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_refuses_a_folder_before_any_work(tmp_path, capsys):
+    before = sorted(tmp_path.iterdir())
+    # An unknown model fails only once planning starts: the folder is refused first.
+    assert main(["plan", "--model", "gpt-5-ultra", "--image", "512x512", "--plot", str(tmp_path)]) == 1
+    assert f"--plot {tmp_path} is a folder" in _one_error_line(capsys)
+    assert sorted(tmp_path.iterdir()) == before and not tmp_path.with_suffix(".png").exists()
+
+
+IGNORED = [
+    (["--model", "llava-1.5-7b", "--detail", "low"], "--detail low is ignored by llava-1.5-7b's image rule"),
+    (["--model", "llava-1.5-7b", "--detail", "high"], "--detail high is ignored by llava-1.5-7b's image rule"),
+    (["--model", "gemini-2.0-flash", "--media-resolution", "low"],
+     "--media-resolution low is ignored by gemini-2.0-flash's image rule"),
+    (["--model", "gpt-4o", "--pan-and-scan"], "--pan-and-scan is ignored by gpt-4o's image rule"),
+    (["--model", "claude-3.5-sonnet", "--max-pixels", "1000000"],
+     "--max-pixels 1000000 is ignored by claude-3.5-sonnet's image rule"),
+    (["--model", "gemma-3-27b", "--min-pixels", "1000"], "--min-pixels 1000 is ignored by gemma-3-27b's image rule"),
+    (["--model", "gpt-4o", "--rule", "claude_rule=patch28"],
+     "--rule claude_rule=patch28 is ignored by gpt-4o's image rule"),
+    (["--model", "qwen2-vl-7b", "--video-seconds", "4", "--rule", "qwen_defaults=class"],
+     "--rule qwen_defaults=class is ignored by qwen2-vl-7b's video rule"),
+    (["--model", "tiny-cross", "--detail", "low"],
+     "--detail low is ignored by tiny-cross: omnifuse models count tokens with their own image processor"),
+]
+
+
+@pytest.mark.parametrize("argv, note", IGNORED)
+def test_a_setting_the_model_ignores_is_noted_in_the_table_and_json(argv, note, capsys):
+    argv = ["plan", *argv, "--image", "512x512"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert note in out.out and "Traceback" not in out.err
+    assert main([*argv, "--json"]) == 0
+    assert note in json.loads(capsys.readouterr().out)["notes"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "llava-1.5-7b"],  # the --detail default is not the user's setting
+    ["--model", "gpt-4o", "--detail", "low"],
+    ["--model", "gemini-2.5-pro", "--media-resolution", "low"],
+    ["--model", "gemini-2.0-flash", "--rule", "gemini_image_rule=crop_unit"],
+    ["--model", "gemma-3-27b", "--pan-and-scan"],
+    ["--model", "qwen2.5-vl-7b", "--max-pixels", "1000000", "--min-pixels", "3136"],
+    ["--model", "claude-3.5-sonnet", "--rule", "claude_rule=patch28"],
+])
+def test_a_setting_the_model_uses_is_not_noted(argv, capsys):
+    assert main(["plan", *argv, "--image", "512x512", "--json"]) == 0
+    assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "ignored" in n]
+
+
+def test_a_setting_read_for_one_medium_only_names_the_other(capsys):
+    """gemini-2.0-flash applies media_resolution to video frames (66 at LOW) but not to images."""
+    assert main(["plan", "--model", "gemini-2.0-flash", "--image", "512x512", "--video-seconds", "10",
+                 "--media-resolution", "low", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [n for n in out["notes"] if "ignored" in n] == [
+        "--media-resolution low is ignored by gemini-2.0-flash's image rule"]
+    assert out["inputs"][1]["tokens"] == 10 * 66 + 10 * 32
+
+
+def test_a_request_without_media_ignores_every_setting(capsys):
+    assert main(["plan", "--model", "gpt-4o", "--text-tokens", "20", "--detail", "low", "--json"]) == 0
+    assert "--detail low is ignored by gpt-4o: the request has no image, audio or video" in \
+        json.loads(capsys.readouterr().out)["notes"]
+
+
+def test_compare_names_the_models_that_ignore_a_setting(capsys):
+    argv = ["plan", "--compare", "gpt-4o,llava-1.5-7b,claude-3.5-sonnet", "--image", "512x512", "--detail", "low"]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert lines == ["note: --detail low is ignored by llava-1.5-7b's image rule",
+                     "note: --detail low is ignored by claude-3.5-sonnet's image rule"]
+    assert main([*argv, "--json"]) == 0
+    ignored = {p["model"]: [n for n in p["notes"] if "ignored" in n] for p in json.loads(capsys.readouterr().out)}
+    assert ignored == {"gpt-4o": [], "llava-1.5-7b": ["--detail low is ignored by llava-1.5-7b's image rule"],
+                       "claude-3.5-sonnet": ["--detail low is ignored by claude-3.5-sonnet's image rule"]}

@@ -18,6 +18,7 @@ from omnifuse.planner.tokens import (
     TokenRuleError,
     audio_tokens,
     image_tokens,
+    options_read,
     video_tokens,
 )
 
@@ -51,6 +52,41 @@ def test_every_rule_names_its_source_date_fusion_and_real_options(model):
     assert rule.fusion in ("early", "cross")
     assert set(rule.options) <= option_names
     assert rule.image is not None
+
+
+class _RecordingOptions:
+    """The default TokenOptions, remembering which fields a rule reads."""
+
+    def __init__(self):
+        self.options, self.read = TokenOptions(), set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self.options, name)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_rule_declares_exactly_the_options_it_reads(model):
+    """The declarations are what `plan` uses to say a setting does not apply, so they must match the code."""
+    calls = {"image": lambda o: image_tokens(model, 1000, 500, o),
+             "audio": lambda o: audio_tokens(model, 10, o),
+             "video": lambda o: video_tokens(model, 10, 1, 640, 480, options=o)}
+    for kind, call in calls.items():
+        if kind == "audio" and RULES[model].audio is None:
+            continue
+        recorder = _RecordingOptions()
+        call(recorder)
+        assert recorder.read == options_read(model, [kind]), kind
+
+
+def test_options_read_depend_on_the_medium():
+    assert options_read("gemini-2.0-flash", ["image"]) == {"gemini_image_rule"}  # 2.0 images have no levels
+    assert "media_resolution" in options_read("gemini-2.0-flash", ["video"])
+    assert "media_resolution" in options_read("gemini-2.5-pro", ["image"])
+    assert options_read("qwen2-vl-7b", ["video"]) == {"min_pixels", "max_pixels"}  # frames: their own defaults
+    assert options_read("gpt-4o", ["video"]) == {"detail"}  # frames counted as images
+    assert options_read("llava-1.5-7b", ["image", "video"]) == set()
+    assert set(RULES["gemini-2.0-flash"].options) == options_read("gemini-2.0-flash", ["image", "audio", "video"])
 
 
 def test_context_windows():

@@ -22,6 +22,38 @@ def _size(text: str, flag: str) -> tuple[int, int]:
     return w, h
 
 
+def _compare_names(text: str) -> list[str]:
+    """The models of --compare. An empty item (a stray or trailing comma) names nothing and is
+    skipped; a repeated name is refused, as it more likely stands for a model mistyped than one
+    wanted twice, and rows are matched to the list by position."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise PlanError(f"--compare {text!r} names no model; give model names separated by commas, "
+                        "e.g. --compare gpt-4o,llava-1.5-7b")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PlanError(f"--compare names {', '.join(repeated)} more than once; list each model once")
+    return names
+
+
+def _plot_path(text: str) -> Path:
+    """The file --plot will write, checked before any work. matplotlib takes the format from the
+    suffix and writes NAME.png for a name without one; resolving that here makes the path printed
+    the path written."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    if not path.suffix and not path.is_dir():
+        path = path.with_suffix(".png")
+    if path.is_dir():
+        raise PlanError(f"--plot {path} is a folder; give a file name, e.g. {path / 'plan.png'}")
+    if not path.resolve().parent.is_dir():
+        raise PlanError(f"cannot write the plot {path}: its folder does not exist")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise PlanError(f"--plot {path}: cannot draw {path.suffix} files; use .png, .svg or .pdf")
+    return path
+
+
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="tokens, memory, FLOPs, latency, GPUs and $/day of a multimodal workload",
                        description="Map images, audio and video through each model's published token rule "
@@ -44,7 +76,7 @@ def add_plan_parser(sub) -> None:
                                                  "tpu-v5p, cpu (this machine), or one from --hardware")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"], help="weights")
     p.add_argument("--kv-dtype", choices=["fp32", "bf16", "fp16", "int8"], help="KV cache (default: weights', bf16 for int8/int4)")
-    p.add_argument("--detail", choices=["high", "low", "auto"], default="high", help="OpenAI image detail")
+    p.add_argument("--detail", choices=["high", "low", "auto"], help="OpenAI image detail (default high)")
     p.add_argument("--max-pixels", type=int, help="Qwen2-VL / 2.5-VL max_pixels")
     p.add_argument("--min-pixels", type=int, help="Qwen2-VL / 2.5-VL min_pixels")
     p.add_argument("--pan-and-scan", action="store_true", help="Gemma 3 pan & scan crops")
@@ -58,22 +90,29 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--hardware", help="accelerator file (default: the packaged hardware.yaml)")
     p.add_argument("--measure", action="store_true", help="with --preset: build it, run the request, compare")
     p.add_argument("--json", action="store_true", help="print JSON (one object; a list with --compare)")
-    p.add_argument("--plot", metavar="FILE", help="bar charts of tokens and cost per model (PNG)")
+    p.add_argument("--plot", metavar="FILE", help="bar charts of tokens and cost per model; the suffix picks the "
+                                                  "format (.png, .svg, .pdf ...), none writes FILE.png")
     p.set_defaults(func=cmd_plan)
 
 
+_SETTINGS = {"detail": "--detail", "max_pixels": "--max-pixels", "min_pixels": "--min-pixels",
+             "pan_and_scan": "--pan-and-scan", "media_resolution": "--media-resolution"}  # TokenOptions field: flag
+
+
 def _options(args):
+    """The token options, and those the user set (field -> as spelled): only a setting the user
+    gave is reported when a model ignores it, so unset flags stay None (or False) here."""
     from omnifuse.planner.tokens import TokenOptions, TokenRuleError
 
-    fields = {"detail": args.detail, "max_pixels": args.max_pixels, "min_pixels": args.min_pixels,
-              "pan_and_scan": args.pan_and_scan, "media_resolution": args.media_resolution}
-    known = set(TokenOptions.__dataclass_fields__) - set(fields)
+    fields = {name: getattr(args, name) for name in _SETTINGS if getattr(args, name) not in (None, False)}
+    given = {name: _SETTINGS[name] if value is True else f"{_SETTINGS[name]} {value}" for name, value in fields.items()}
+    known = set(TokenOptions.__dataclass_fields__) - set(_SETTINGS)
     for item in args.rule:
         name, sep, value = item.partition("=")
         if not sep or name not in known:
             raise TokenRuleError(f"--rule {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(known))}")
-        fields[name] = value
-    return TokenOptions(**fields)
+        fields[name], given[name] = value, f"--rule {item}"
+    return TokenOptions(**fields), given
 
 
 def _accelerator(args):
@@ -83,7 +122,8 @@ def _accelerator(args):
         return local_cpu()
     table = load_hardware(args.hardware)
     if args.gpu not in table:
-        raise PlanError(f"unknown accelerator {args.gpu!r}; known: {', '.join([*table, 'cpu'])}")
+        where = f" in {args.hardware}" if args.hardware else ""
+        raise PlanError(f"unknown accelerator {args.gpu!r}{where}; known: {', '.join([*table, 'cpu'])}")
     return table[args.gpu]
 
 
@@ -91,14 +131,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from omnifuse.planner import report
-    from omnifuse.planner.plan import Workload, known_models, plan, resolve_model
+    from omnifuse.planner.plan import (
+        Workload,
+        ignored_options,
+        known_models,
+        plan,
+        resolve_model,
+    )
     from omnifuse.planner.resources import load_prices
 
     if args.list:
         print("\n".join(known_models()))
         return 0
-    if args.plot and not Path(args.plot).resolve().parent.is_dir():
-        raise PlanError(f"cannot write the plot {args.plot}: its folder does not exist")
+    names = _compare_names(args.compare) if args.compare is not None else [args.model or args.preset]
+    plot = _plot_path(args.plot) if args.plot is not None else None
     images = tuple(_size(x, "--image") for x in args.image)
     workload = Workload(images=images, audio_seconds=args.audio_seconds, video_seconds=args.video_seconds,
                         fps=args.fps, video_size=_size(args.video_size, "--video-size"), text_tokens=args.text_tokens,
@@ -106,44 +152,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         concurrency=args.concurrency)
     if not (workload.images or workload.audio_seconds or workload.video_seconds or workload.text_tokens):
         raise PlanError("nothing to plan: give --image WxH, --audio-seconds, --video-seconds or --text-tokens")
-    options = _options(args)
+    options, given = _options(args)
     prices = load_prices(args.prices)
     if args.measure:
         if not args.preset:
             raise PlanError("--measure needs --preset (it builds the model)")
-        return _measure(args, workload, options)
-    names = [n.strip() for n in args.compare.split(",") if n.strip()] if args.compare else [args.model or args.preset]
+        return _measure(args, workload, options, given)
     if args.preset:
         from omnifuse.presets import get_preset
 
         get_preset(args.preset)  # --preset accepts presets only
     accelerator = _accelerator(args)
-    plans = []
+    plans, ignored = [], []
     for name in names:
         model = resolve_model(name)
         if args.assume_architecture and (model.arch is None or not args.compare):  # closed models, in --compare
             model = resolve_model(name, args.assume_architecture)
         plans.append(plan(model, workload, options, accelerator, prices, args.dtype, args.kv_dtype))
-    if args.plot:
-        report.plot_plans(plans, args.plot)
+        notes = ignored_options(model, workload, given)
+        plans[-1]["notes"] += notes
+        ignored += notes
+    if plot:
+        report.plot_plans(plans, str(plot))
     if args.json:
-        print(json.dumps(plans if args.compare else plans[0], indent=2))
+        print(json.dumps(plans if args.compare is not None else plans[0], indent=2))
         return 0
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    console.print(report.compare_table(plans) if args.compare else report.plan_table(plans[0]))
-    if args.plot:
-        console.print(f"plot: {args.plot}")
+    if args.compare is not None:  # the side-by-side table has no notes column: say it under the table
+        console.print(report.compare_table(plans))
+        _print_notes(console, ignored)
+    else:
+        console.print(report.plan_table(plans[0]))
+    if plot:
+        console.print(f"plot: {plot}", markup=False)
     return 0
 
 
-def _measure(args, workload, options) -> int:
+def _print_notes(console, notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def _measure(args, workload, options, given) -> int:
     """Predicted (planner) vs measured (the built preset) for one request on this machine."""
     from rich.console import Console
 
     from omnifuse.estimates import count_parameters
     from omnifuse.planner import report
     from omnifuse.planner.measure import MEASURE_MAX_PARAMETERS, measure_request
-    from omnifuse.planner.plan import plan, resolve_model
+    from omnifuse.planner.plan import ignored_options, plan, resolve_model
     from omnifuse.planner.resources import local_cpu
 
     model = resolve_model(args.preset)
@@ -158,6 +215,8 @@ def _measure(args, workload, options) -> int:
     workload = dataclasses.replace(workload, output_tokens=max(1, workload.output_tokens))  # decode at least once
     cpu = local_cpu()
     predicted = plan(model, workload, options, cpu, None, dtype="fp32", kv_dtype="fp32")
+    ignored = ignored_options(model, workload, given)
+    predicted["notes"] += ignored
     measured = measure_request(model.config, list(workload.images), workload.text_tokens, workload.output_tokens)
     result = _compare(predicted, measured)
     if args.json:
@@ -165,6 +224,7 @@ def _measure(args, workload, options) -> int:
     else:
         console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(report.measure_table(result["rows"]))
+        _print_notes(console, ignored)
     return 0 if result["agree"] else 2
 
 

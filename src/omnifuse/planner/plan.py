@@ -18,7 +18,7 @@ from omnifuse.planner import tokens as rules
 from omnifuse.planner.arch import Architecture, MediaWork, from_model_config
 from omnifuse.planner.resources import Accelerator, Prices
 
-__all__ = ["DTYPE_BYTES", "PlanError", "Workload", "known_models", "plan", "resolve_model"]
+__all__ = ["DTYPE_BYTES", "PlanError", "Workload", "ignored_options", "known_models", "plan", "resolve_model"]
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 MEMORY_HEADROOM = 0.9  # fraction of accelerator memory usable for weights + cache
@@ -52,6 +52,9 @@ class Workload:
                 raise PlanError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.fps <= 0:
             raise PlanError(f"fps must be positive, got {self.fps}")
+        for name in ("audio_seconds", "video_seconds", "fps"):  # nan and inf would reach int() as a traceback
+            if not math.isfinite(getattr(self, name)):
+                raise PlanError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.concurrency < 1:
             raise PlanError(f"concurrency must be at least 1, got {self.concurrency}")
 
@@ -114,6 +117,31 @@ def resolve_model(name: str, assume: str | None = None) -> PlanModel:
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
+
+
+def _media_kinds(workload: Workload) -> list[str]:
+    return [kind for kind, present in (("image", workload.images), ("audio", workload.audio_seconds),
+                                       ("video", workload.video_seconds)) if present]
+
+
+def ignored_options(model: PlanModel, workload: Workload, given: dict[str, str]) -> list[str]:
+    """Notes on the token settings the user gave that change nothing for ``model`` on ``workload``,
+    so that a setting meant for another model is not mistaken for one applied. ``given`` maps a
+    ``TokenOptions`` field to the option as the user spelled it (``--detail low``)."""
+    kinds = _media_kinds(workload)
+    if model.rule is None:
+        return [f"{spelled} is ignored by {model.name}: omnifuse models count tokens with their own image processor"
+                for spelled in given.values()]
+    if not kinds:
+        return [f"{spelled} is ignored by {model.name}: the request has no image, audio or video"
+                for spelled in given.values()]
+    notes = []
+    for name, spelled in given.items():
+        unread = [kind for kind in kinds if name not in rules.options_read(model.name, [kind])]
+        if unread:  # a setting read for one medium but not another is named for the one that ignores it
+            plural = "s" if len(unread) > 1 else ""
+            notes.append(f"{spelled} is ignored by {model.name}'s {' and '.join(unread)} rule{plural}")
+    return notes
 
 
 def _own_image(config: ModelConfig, width: int, height: int) -> tuple[dict[str, Any], MediaWork]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +48,33 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} file {path} must hold a mapping")
     return data
+
+
+def _mapping(entry: Any, where: str, fields: tuple[str, ...]) -> dict:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a mapping with {', '.join(fields)}, got {entry!r}")
+    return entry
+
+
+def _check(where: str, entry: dict, required: tuple[str, ...], numbers: dict[str, Any], zero_ok: bool = False) -> None:
+    """One line naming everything wrong with a table entry (missing fields, numbers that are not), as
+    a file edited by hand is where typos live and one round trip per mistake is tedious."""
+    missing = [f for f in required if f not in entry]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    kind = "a non-negative" if zero_ok else "a positive"
+    for field, value in numbers.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (value == 0 and not zero_ok):
+            problems.append(f"{field} must be {kind} number, got {value!r}")
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}")
+
+
+def _section(data: dict, key: str, path: Path, what: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} file {path}: {key} must be a mapping of names to entries, got {value!r}")
+    return value
 
 
 def _cache_dir() -> Path:
@@ -103,16 +131,32 @@ def _measure_cpu() -> dict[str, Any]:
 def load_hardware(path: str | Path | None = None) -> dict[str, Accelerator]:
     """The accelerator table (``cpu`` is measured on first use, not read from the file)."""
     path = Path(path) if path else DEFAULT_HARDWARE
-    table = _read_yaml(path, "hardware").get("accelerators") or {}
-    out = {}
-    for key, e in table.items():
-        try:
-            out[key] = Accelerator(key, e.get("name", key), {k: float(v) for k, v in e["tflops"].items()},
-                                   float(e["memory_gb"]), float(e["bandwidth_gb_s"]), e.get("source", str(path)))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(f"hardware file {path}: accelerator {key!r} needs tflops, memory_gb and "
-                              f"bandwidth_gb_s ({err})") from None
-    return out
+    data = _read_yaml(path, "hardware")
+    table = _section(data, "accelerators", path, "hardware")
+    if not table:  # entries written at the top level would otherwise surface as "unknown accelerator"
+        found = [k for k in data if k != "date"]
+        hint = f" (found {', '.join(map(repr, found))} at the top level)" if found else ""
+        raise ConfigError(f"hardware file {path} lists no accelerators{hint}; put each entry under "
+                          "accelerators:, e.g. accelerators: {h100: {tflops: {bf16: 989.4}, memory_gb: 80, "
+                          "bandwidth_gb_s: 3350}}")
+    return {key: _accelerator(key, entry, path) for key, entry in table.items()}
+
+
+_ACCELERATOR_FIELDS = ("tflops", "memory_gb", "bandwidth_gb_s")
+
+
+def _accelerator(key: str, entry: Any, path: Path) -> Accelerator:
+    where = f"hardware file {path}: accelerator {key!r}"
+    entry = _mapping(entry, where, _ACCELERATOR_FIELDS)
+    tflops = entry.get("tflops", {})
+    if not isinstance(tflops, dict) or ("tflops" in entry and not tflops):
+        raise ConfigError(f"{where}: tflops must map compute dtypes to peak TFLOP/s, e.g. {{bf16: 989.4}}, "
+                          f"got {tflops!r}")
+    numbers = {f"tflops.{dtype}": value for dtype, value in tflops.items()}
+    numbers.update({f: entry[f] for f in _ACCELERATOR_FIELDS[1:] if f in entry})
+    _check(where, entry, _ACCELERATOR_FIELDS, numbers)
+    return Accelerator(key, str(entry.get("name", key)), {str(k): float(v) for k, v in tflops.items()},
+                       float(entry["memory_gb"]), float(entry["bandwidth_gb_s"]), str(entry.get("source", path)))
 
 
 @dataclass(frozen=True)
@@ -138,8 +182,15 @@ def load_prices(path: str | Path | None = None) -> Prices:
     data = _read_yaml(path, "price")
     if "date" not in data:
         raise ConfigError(f"price file {path} has no date; prices need the day they were checked")
-    api = data.get("api") or {}
-    for model, entry in api.items():
-        if not isinstance(entry, dict) or not {"input", "output"} <= set(entry):
-            raise ConfigError(f"price file {path}: api.{model} needs input and output (USD per 1M tokens)")
-    return Prices(str(data["date"]), str(path), api, data.get("gpu_hour") or {})
+    api = _section(data, "api", path, "price")
+    for model, entry in api.items():  # USD per 1M tokens; zero is a price (a free tier)
+        where = f"price file {path}: api.{model}"
+        entry = _mapping(entry, where, ("input", "output"))
+        _check(where, entry, ("input", "output"),
+               {f: entry[f] for f in ("input", "output", "audio_input") if f in entry}, zero_ok=True)
+    gpu_hour = _section(data, "gpu_hour", path, "price")
+    for gpu, entry in gpu_hour.items():
+        where = f"price file {path}: gpu_hour.{gpu}"
+        entry = _mapping(entry, where, ("usd",))
+        _check(where, entry, ("usd",), {"usd": entry["usd"]} if "usd" in entry else {}, zero_ok=True)
+    return Prices(str(data["date"]), str(path), api, gpu_hour)

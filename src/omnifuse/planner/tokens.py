@@ -49,12 +49,12 @@ Where a source is ambiguous the documented reading is the default and the altern
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
 __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError", "audio_tokens", "image_tokens",
-           "video_tokens"]
+           "options_read", "video_tokens"]
 
 _READ = "2025"  # date the sources were read (reference/token_rules.md)
 _REFERENCE = "reference/token_rules.md"
@@ -126,7 +126,7 @@ class TokenRule:
     audio: Callable[[float, TokenOptions], TokenCount] | None  # seconds
     video: Callable[[float, float, int, int, TokenOptions], TokenCount] | None  # seconds, fps, width, height
     context_window: int | None
-    options: tuple[str, ...]
+    options: tuple[str, ...]  # every field its rules read (see ``_reads``)
 
 
 # --- small arithmetic ---------------------------------------------------------------------------
@@ -146,6 +146,20 @@ def _ceil(x: float) -> int:
 
 def _round_half_up(x: float | Fraction) -> int:
     return math.floor(x + Fraction(1, 2))
+
+
+def _reads(*names: str):
+    """Marks a rule with the ``TokenOptions`` fields it reads. The mark sits beside the code that
+    reads them and is the one list of them: ``TokenRule.options`` and ``options_read`` (which tells
+    the planner that a setting does not apply) are derived from it."""
+    def mark(rule):
+        rule.options = names
+        return rule
+    return mark
+
+
+def _read_by(rule) -> tuple[str, ...]:
+    return getattr(rule, "options", ())  # unmarked (or absent): the rule reads no option
 
 
 # --- OpenAI: platform.openai.com/docs/guides/images-vision#calculating-costs ----------------------
@@ -174,6 +188,7 @@ def _fit_short_side(width: int, height: int, limit: int) -> tuple[int, int]:
 def _openai_tiles(base: int, tile: int):
     """Tile rule: fit in 2048x2048, shrink the short side to 768, n 512-px tiles -> base + n*tile.
     Scaled sides are floored to whole pixels (the doc shows only exact cases)."""
+    @_reads("detail")
     def rule(width: int, height: int, options: TokenOptions) -> TokenCount:
         if options.detail == "low":
             return TokenCount(base, note=f"detail low -> base {base}")
@@ -200,6 +215,7 @@ _ROUNDING = {"ceil": math.ceil, "floor": math.floor, "round": _round_half_up}
 def _openai_patches(multiplier: str):
     factor = Fraction(multiplier)  # exact: 100 * 1.62 must not ceil to 163
 
+    @_reads("openai_multiplier_rounding")
     def rule(width: int, height: int, options: TokenOptions) -> TokenCount:
         n = _patch32_count(width, height)
         tokens = _ROUNDING[options.openai_multiplier_rounding](n * factor)
@@ -219,6 +235,7 @@ _GEMINI_25_FRAME = {"low": 64}  # 2.5 table: 256 per frame, 64 at LOW
 _GEMINI_AUDIO_RATE = {"per_second_32": 32, "per_second_25": 25}
 
 
+@_reads("gemini_image_rule")  # 2.0 has no media_resolution levels for images
 def _gemini_2_0_image(width: int, height: int, options: TokenOptions) -> TokenCount:
     """258 if both sides <= 384 px; otherwise 258 per 768-px tile, n by reading A or B."""
     rule = options.gemini_image_rule
@@ -231,6 +248,7 @@ def _gemini_2_0_image(width: int, height: int, options: TokenOptions) -> TokenCo
     return TokenCount(258 * n, note=f"{width}x{height} -> {n} tiles of {unit} px x 258 ({rule})")
 
 
+@_reads("gemini_image_rule", "media_resolution")
 def _gemini_2_5_image(width: int, height: int, options: TokenOptions) -> TokenCount:
     if options.gemini_image_rule == "flat258":
         return TokenCount(258, note=f"{width}x{height} -> 258 (flat258, observed)")
@@ -240,6 +258,7 @@ def _gemini_2_5_image(width: int, height: int, options: TokenOptions) -> TokenCo
     return TokenCount(tokens, note=f"media_resolution {level}: {detail}")
 
 
+@_reads("gemini_audio_rule")
 def _gemini_audio(seconds: float, options: TokenOptions) -> TokenCount:
     rate = _GEMINI_AUDIO_RATE[options.gemini_audio_rule]
     return TokenCount(_ceil(rate * seconds), note=f"{seconds:g} s x {rate}/s")
@@ -247,6 +266,7 @@ def _gemini_audio(seconds: float, options: TokenOptions) -> TokenCount:
 
 def _gemini_video(frame_tokens: dict[str, int], default_frame: int):
     """Gemini's native video rule; width and height do not change the count."""
+    @_reads("gemini_video_rule", "media_resolution", *_read_by(_gemini_audio))
     def rule(seconds: float, fps: float, width: int, height: int, options: TokenOptions) -> TokenCount:
         if options.gemini_video_rule == "per_second_263":
             return TokenCount(_ceil(263 * seconds), note=f"{seconds:g} s x 263/s (tokens page)")
@@ -275,6 +295,7 @@ def _claude_count(width: int, height: int, rule: str) -> int:
     return _cdiv(width * height, 750)
 
 
+@_reads("claude_rule")
 def _claude(width: int, height: int, options: TokenOptions) -> TokenCount:
     """Area/750 (or 28-px patches) after the resize-down described in the module docstring."""
     rule = options.claude_rule
@@ -396,6 +417,7 @@ def _pixel_bounds(defaults: tuple[int, int], options: TokenOptions) -> tuple[int
     return options.min_pixels or defaults[0], options.max_pixels or defaults[1]
 
 
+@_reads("qwen_defaults", "min_pixels", "max_pixels")
 def _qwen_image(width: int, height: int, options: TokenOptions) -> TokenCount:
     """(h/28)*(w/28) merged patches + <|vision_start|>/<|vision_end|>."""
     w, h = _smart_resize(width, height, *_pixel_bounds(_QWEN_IMAGE_PIXELS[options.qwen_defaults], options))
@@ -403,6 +425,7 @@ def _qwen_image(width: int, height: int, options: TokenOptions) -> TokenCount:
     return TokenCount(n + 2, note=f"{width}x{height} -> {w}x{h} -> {n} + 2 start/end ({options.qwen_defaults})")
 
 
+@_reads("min_pixels", "max_pixels")  # frames have their own defaults, not qwen_defaults
 def _qwen_video(seconds: float, fps: float, width: int, height: int, options: TokenOptions) -> TokenCount:
     """Frames padded to an even count, 2 frames per temporal patch; one start/end pair per video.
     Frames use the video processor's pixel bounds; min_pixels/max_pixels override them too."""
@@ -462,6 +485,7 @@ def _pan_and_scan_crops(width: int, height: int, min_crop: int = 256, max_crops:
     return crops if min(_cdiv(long, crops), short) >= min_crop else 0
 
 
+@_reads("pan_and_scan")
 def _gemma3(width: int, height: int, options: TokenOptions) -> TokenCount:
     """256 soft tokens per 896-px image; Pan & Scan adds 256 per crop."""
     if not options.pan_and_scan:
@@ -491,26 +515,24 @@ def _flamingo_video(seconds: float, fps: float, width: int, height: int, options
 
 # --- Registry --------------------------------------------------------------------------------------
 
-def _entry(model, source, image, context_window, options=(), fusion="early", audio=None, video=None) -> TokenRule:
+def _entry(model, source, image, context_window, fusion="early", audio=None, video=None) -> TokenRule:
+    options = tuple(dict.fromkeys(name for f in (image, audio, video) for name in _read_by(f)))
     return TokenRule(model, source, _READ, fusion, image, audio, video, context_window, options)
 
 
-_GEMINI_OPTIONS = ("media_resolution", "gemini_image_rule", "gemini_video_rule", "gemini_audio_rule")
-_QWEN_OPTIONS = ("qwen_defaults", "max_pixels", "min_pixels")
-
 RULES: dict[str, TokenRule] = {r.model: r for r in (
     # context windows: OpenAI model pages (gpt-4o 128k, gpt-4.1 1,047,576, o1 200k)
-    _entry("gpt-4o", _OPENAI_SOURCE, _openai_tiles(85, 170), 128_000, ("detail",)),
-    _entry("gpt-4o-mini", _OPENAI_SOURCE, _openai_tiles(2833, 5667), 128_000, ("detail",)),
-    _entry("gpt-4.1-mini", _OPENAI_SOURCE, _openai_patches("1.62"), 1_047_576, ("openai_multiplier_rounding",)),
-    _entry("gpt-4.1-nano", _OPENAI_SOURCE, _openai_patches("2.46"), 1_047_576, ("openai_multiplier_rounding",)),
-    _entry("o1", _OPENAI_SOURCE, _openai_tiles(75, 150), 200_000, ("detail",)),
+    _entry("gpt-4o", _OPENAI_SOURCE, _openai_tiles(85, 170), 128_000),
+    _entry("gpt-4o-mini", _OPENAI_SOURCE, _openai_tiles(2833, 5667), 128_000),
+    _entry("gpt-4.1-mini", _OPENAI_SOURCE, _openai_patches("1.62"), 1_047_576),
+    _entry("gpt-4.1-nano", _OPENAI_SOURCE, _openai_patches("2.46"), 1_047_576),
+    _entry("o1", _OPENAI_SOURCE, _openai_tiles(75, 150), 200_000),
     # Gemini model pages: 1,048,576 input tokens
-    _entry("gemini-2.0-flash", _GEMINI_SOURCE, _gemini_2_0_image, 1_048_576, _GEMINI_OPTIONS,
+    _entry("gemini-2.0-flash", _GEMINI_SOURCE, _gemini_2_0_image, 1_048_576,
            audio=_gemini_audio, video=_gemini_video(_GEMINI_20_FRAME, 258)),
-    _entry("gemini-2.5-pro", _GEMINI_SOURCE, _gemini_2_5_image, 1_048_576, _GEMINI_OPTIONS,
+    _entry("gemini-2.5-pro", _GEMINI_SOURCE, _gemini_2_5_image, 1_048_576,
            audio=_gemini_audio, video=_gemini_video(_GEMINI_25_FRAME, 256)),
-    _entry("claude-3.5-sonnet", _CLAUDE_SOURCE, _claude, 200_000, ("claude_rule",)),
+    _entry("claude-3.5-sonnet", _CLAUDE_SOURCE, _claude, 200_000),
     # Llama 3.2 Vision: 128k context (model card)
     _entry("llama-3.2-11b-vision", _MLLAMA_SOURCE, _mllama, 131_072, fusion="cross"),
     _entry("llama-3.2-90b-vision", _MLLAMA_SOURCE, _mllama, 131_072, fusion="cross"),
@@ -518,8 +540,8 @@ RULES: dict[str, TokenRule] = {r.model: r for r in (
     _entry("llava-1.5-7b", _LLAVA_SOURCE, _llava_1_5, 4096),
     _entry("llava-next-7b", _LLAVA_NEXT_SOURCE, _llava_next, 4096),
     # hub config.json max_position_embeddings: Qwen2-VL-7B 32768, Qwen2.5-VL-7B 128000
-    _entry("qwen2-vl-7b", _QWEN_SOURCE, _qwen_image, 32_768, _QWEN_OPTIONS, video=_qwen_video),
-    _entry("qwen2.5-vl-7b", _QWEN_SOURCE, _qwen_image, 128_000, _QWEN_OPTIONS, video=_qwen_video),
+    _entry("qwen2-vl-7b", _QWEN_SOURCE, _qwen_image, 32_768, video=_qwen_video),
+    _entry("qwen2.5-vl-7b", _QWEN_SOURCE, _qwen_image, 128_000, video=_qwen_video),
     # hub config.json max_position_embeddings: Scout 10485760, Maverick 1048576
     _entry("llama-4-scout", _LLAMA4_SOURCE, _llama4, 10_485_760),
     _entry("llama-4-maverick", _LLAMA4_SOURCE, _llama4, 1_048_576),
@@ -527,7 +549,7 @@ RULES: dict[str, TokenRule] = {r.model: r for r in (
     _entry("idefics3-8b", _IDEFICS3_SOURCE, _idefics3(1456, 364, 169), None),
     _entry("smolvlm-256m", _IDEFICS3_SOURCE, _idefics3(2048, 512, 64), 8192),
     _entry("smolvlm-instruct", _IDEFICS3_SOURCE, _idefics3(1536, 384, 81), 16_384),
-    _entry("gemma-3-27b", _GEMMA3_SOURCE, _gemma3, 131_072, ("pan_and_scan",)),  # 128k (model card)
+    _entry("gemma-3-27b", _GEMMA3_SOURCE, _gemma3, 131_072),  # 128k (model card)
     _entry("blip-2", _BLIP2_SOURCE, _blip2, 2048),  # blip2-opt-2.7b: OPT max_position_embeddings 2048
     _entry("flamingo-80b", _FLAMINGO_SOURCE, _flamingo, None, fusion="cross", video=_flamingo_video),  # unpublished
 )}
@@ -555,6 +577,14 @@ def _check_size(width, height) -> None:
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
         raise TokenRuleError(f"{name} must be a positive number, got {value!r}")
+
+
+def options_read(model: str, kinds: Iterable[str]) -> frozenset[str]:
+    """The ``TokenOptions`` fields that ``model``'s rules for ``kinds`` ("image", "audio", "video") read."""
+    rule = _lookup(model)
+    counters = {"image": rule.image, "audio": rule.audio,
+                "video": rule.video or rule.image}  # no native video rule: frames are counted as images
+    return frozenset(name for kind in kinds for name in _read_by(counters[kind]))
 
 
 def image_tokens(model: str, width: int, height: int, options: TokenOptions = TokenOptions()) -> TokenCount:
