@@ -151,6 +151,26 @@ def test_generate_without_json_prints_text_and_a_summary(capsys):
 
 
 @pytest.mark.parametrize("name", ["tiny-early", "tiny-cross"])
+def test_summary_says_where_the_visual_tokens_are(capsys, images, name):
+    rc, _, err = run(capsys, "generate", "--preset", name, "--image", images["square"], "--prompt", "hi",
+                     "--max-new-tokens", "2")
+    out = run_json(capsys, "generate", "--preset", name, "--image", images["square"], "--prompt", "hi",
+                   "--max-new-tokens", "2")
+    assert rc == 0
+    p, v = out["prompt_tokens"], out["visual_tokens"]
+    if name == "tiny-cross":  # the states sit beside the sequence: not a part of the prompt tokens
+        assert v > p and f"{p} prompt tokens + {v} cross-attention states" in err
+    else:
+        assert v < p and f"{p} prompt tokens ({v} of them visual)" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_invalid_temperature_is_one_error_line(capsys, value):
+    rc, _, err = run(capsys, "generate", "--preset", "tiny-early", "--prompt", "hi", f"--temperature={value}")
+    assert rc == 1 and err.startswith("omnifuse: error:") and err.count("\n") == 1 and "temperature" in err
+
+
+@pytest.mark.parametrize("name", ["tiny-early", "tiny-cross"])
 def test_generate_from_checkpoint_equals_preset(capsys, checkpoints, name):
     argv = ["--prompt", PROMPT, "--max-new-tokens", "12", "--seed", "5", "--temperature", "0.9"]
     from_preset = run_json(capsys, "generate", "--preset", name, *argv)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import torch
 from conftest import scene
 from omnifuse.training.collate import ExampleBuilder, TruncationError, collate
 from omnifuse.training.config import TrainConfig, load_train_config
+from omnifuse.training.llava_data import DataFormatError
 from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
 from omnifuse.training.loop import Trainer
 from omnifuse.training.stages import set_trainable
@@ -224,6 +227,8 @@ def test_arena_quick_writes_report_and_plots(tmp_path):
     assert (tmp_path / "accuracy_per_skill.png").stat().st_size > 1000
     assert (tmp_path / "accuracy_vs_kv_cache.png").stat().st_size > 1000
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["pretrain_steps"] == 15  # as run: --quick pre-trains for half its 30 steps, not the config's 300
+    assert "pre-trained contrastively for 15 steps" in report
     early, cross = results["strategies"]
     assert early["visual_tokens_per_image"] == cross["visual_tokens_per_image"] == 64
     assert early["context_tokens_per_sample"] - cross["context_tokens_per_sample"] > 60  # visual tokens in context
@@ -265,3 +270,83 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert cfg.val_path == "v.jsonl"  # a key=value override is relative to the working directory
     assert cfg.out_dir == "runs/x"  # outputs follow the working directory
     assert load_train_config("cfgs/t.yaml", ["model=tiny-cross"]).model == "tiny-cross"  # a preset name
+
+
+def _llava_folder(tmp_path, corrupt: int | None = None) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        scene(40, 40, i).save(images / f"{i}.png")
+    if corrupt is not None:
+        (images / f"{corrupt}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                                      {"from": "gpt", "value": "a scene"}]} for i in range(4)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def test_undecodable_image_is_skipped_and_named_or_stops_the_run(tmp_path):
+    folder = _llava_folder(tmp_path, corrupt=2)
+    settings = ["model=tiny-early", "data=llava", f"data_path={folder / 'data.json'}", f"image_folder={folder / 'images'}",
+                "steps=3", "batch_size=2", "warmup_steps=0", "max_new_tokens=2"]
+    proc = _run_cli(["train", *settings, f"out_dir={tmp_path / 'skip'}"])
+    assert proc.stderr.count("skipped record 2:") == 1 and "cannot decode image" in proc.stderr  # named once
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["skipped_media"] == 1 and result["loss"] > 0
+    assert (tmp_path / "skip" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    proc = _run_cli(["train", *settings, "on_error=raise", f"out_dir={tmp_path / 'raise'}"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "record 2: cannot decode image" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_run_without_a_usable_row_fails_and_writes_nothing(tmp_path):
+    # 64 visual tokens per image cannot fit max_length 40: every row is dropped.
+    proc = _run_cli(["train", *_overrides({**TINY, "steps": 2, "max_length": 40, "out_dir": tmp_path})], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no training step had a usable row" in proc.stderr and "exceeds max_length 40" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    # A longer run stops after one epoch of unusable records instead of running on.
+    trainer = Trainer(TrainConfig(**{**TINY, "train_size": 16, "max_length": 40, "out_dir": str(tmp_path)}), quiet=True)
+    assert math.isnan(trainer.train_step(0))
+    with pytest.raises(DataFormatError, match="a whole epoch \\(16 records\\) gave no usable training row"):
+        for step in range(1, 4):
+            trainer.train_step(step)
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_a_resume_says_its_step(tmp_path):
+    settings = {**TINY, "steps": 6, "checkpoint_every": 3, "out_dir": tmp_path}
+    killed = _run_cli(["train", *_overrides({**settings, "stop_after": 4})], check=False)
+    assert killed.returncode == 17
+    lines = [ln for ln in killed.stdout.splitlines() if ln.startswith("train instruct: step")]
+    assert lines[0].startswith("train instruct: step 1/6 loss ") and "step/s" in lines[0] and "ETA" in lines[0]
+    assert "nan" not in killed.stdout and "━" not in killed.stdout  # no bar redraws in a log file
+    resumed = _run_cli(["train", *_overrides(settings)])
+    assert "resuming" in resumed.stdout and "from step 3 of 6" in resumed.stdout
+    assert any(ln.startswith("train instruct: step 6/6") for ln in resumed.stdout.splitlines())
+
+
+def test_progress_bar_shows_no_loss_before_the_first_step():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from omnifuse.training.progress import StepProgress
+
+    out = StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    shown = []
+    with StepProgress("train", 3, console=console) as progress:
+        shown.append(progress._bar.tasks[0].fields["loss"])
+        for step, loss in ((1, 2.5), (2, float("nan"))):
+            progress.update(step, loss)
+            shown.append(progress._bar.tasks[0].fields["loss"])
+    assert shown == ["-", "2.5000", "-"]  # a step without a usable row has no loss either
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without the terminal's control codes
+    assert "nan" not in text and "0/3 loss -" in text
+
+
+def test_fsdp_is_refused_with_or_without_torchrun(tmp_path):
+    from omnifuse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fsdp is not supported yet"):
+        Trainer(TrainConfig(**{**TINY, "distributed": "fsdp", "out_dir": str(tmp_path)}), quiet=True)

@@ -65,8 +65,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not stream:
             sys.stdout.write(result.text)
         sys.stdout.write("\n")
-        print(f"[{len(result.tokens)} tokens, {result.prompt_tokens} prompt tokens "
-              f"({result.visual_tokens} visual), KV cache {result.kv_cache_bytes:,} bytes, "
+        if pipe.model.is_cross:  # the visual states sit beside the sequence, not in it
+            media = f"{result.prompt_tokens} prompt tokens + {result.visual_tokens} cross-attention states"
+        else:
+            media = f"{result.prompt_tokens} prompt tokens ({result.visual_tokens} of them visual)"
+        print(f"[{len(result.tokens)} tokens, {media}, KV cache {result.kv_cache_bytes:,} bytes, "
               f"{elapsed:.2f} s, finish: {result.finish_reason}]", file=sys.stderr)
     return 0
 

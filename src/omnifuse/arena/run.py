@@ -150,7 +150,7 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
         raise ConfigError(f"strategies' parameter counts differ by more than {config.param_tolerance:.0%}: {params}")
     results = []
     t_start = time.perf_counter()
-    encoder = _pretrain_encoder(config, plans, quick, console) if config.pretrain else None
+    encoder, pretrain_steps = _pretrain_encoder(config, plans, quick, console) if config.pretrain else (None, 0)
     for strategy, tc in plans:
         console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
                       f"{tc.batch_size * tc.grad_accum} samples")
@@ -171,7 +171,7 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
               "train": {k: v for k, v in dataclasses.asdict(plans[0][1]).items()
                         if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder",
                                  "encoder_lr_scale", "skill_weights")},
-              "pretrain_steps": config.pretrain.get("steps", 0) if config.pretrain else 0,
+              "pretrain_steps": pretrain_steps,  # as run (--quick runs fewer than the config's)
               "test_size": config.test_size}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     write_report(report, out)
@@ -179,9 +179,9 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
     return report
 
 
-def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> dict:
-    """One contrastive run (image-caption pairs of the diagnostic set); its encoder weights seed
-    every strategy, so all start from the same place."""
+def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> tuple[dict, int]:
+    """One contrastive run (image-caption pairs of the diagnostic set): (its encoder weights, which
+    seed every strategy so all start from the same place, and the steps it ran)."""
     from omnifuse.training.loop import Trainer
 
     encoders = {json.dumps(dataclasses.asdict(_model_config(tc).vision), sort_keys=True) for _, tc in plans}
@@ -198,7 +198,7 @@ def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> dict:
                   f"vision encoder, {tc.steps} steps of {tc.batch_size} pairs")
     trainer = Trainer(tc)
     trainer.run()
-    return trainer.model.vision_encoder.state_dict()
+    return trainer.model.vision_encoder.state_dict(), tc.steps
 
 
 def _model_config(tc: TrainConfig):

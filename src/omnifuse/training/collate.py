@@ -40,6 +40,7 @@ class ExampleBuilder:
         self.tokenizer, self.image_token, self.is_cross = tokenizer, image_token, is_cross
         self.max_length, self.truncation = max_length, truncation
         self.dropped = 0  # rows dropped by truncation
+        self.last_drop = ""  # why the latest one was
 
     def _messages(self, turns, n_images: int) -> list[dict]:
         messages = [{"role": role, "content": text} for role, text in turns]
@@ -86,10 +87,11 @@ class ExampleBuilder:
             no_answer = all(lab == IGNORE for lab in labels[:self.max_length])
             if cut_media or no_answer:
                 why = "would cut an image's tokens" if cut_media else "would remove every answer token"
+                message = f"a row of {len(ids)} tokens exceeds max_length {self.max_length} and truncating it {why}"
                 if self.truncation == "error":
-                    raise TruncationError(f"a row of {len(ids)} tokens exceeds max_length {self.max_length} and "
-                                          f"truncating it {why}")
+                    raise TruncationError(message)
                 self.dropped += 1
+                self.last_drop = message
                 return None
             ids, labels = ids[:self.max_length], labels[:self.max_length]
         return Example(ids, labels, list(images), dict(meta or {}))

@@ -52,7 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
-    log_every: int = 10
+    log_seconds: float = 10.0  # off a terminal: a plain progress line at most this often
     max_new_tokens: int = 8  # answer length for accuracy evaluation
     distributed: str = "ddp"  # under torchrun: ddp (fsdp is refused for now)
     stop_after: int = 0  # testing aid: exit abruptly after this many steps (as if killed)

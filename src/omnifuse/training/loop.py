@@ -21,10 +21,14 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from omnifuse.config import ConfigError
 from omnifuse.inference import SamplingConfig, generate
+from omnifuse.processing.image import ImageError
 from omnifuse.training.collate import ExampleBuilder, collate
 from omnifuse.training.config import TrainConfig, config_dict
+from omnifuse.training.llava_data import DataFormatError
 from omnifuse.training.losses import IGNORE, next_token_loss
+from omnifuse.training.progress import StepProgress
 from omnifuse.training.sources import build_sources
 from omnifuse.training.stages import STAGES, set_trainable
 from omnifuse.training.state import latest_checkpoint, load_training_state, save_training_state
@@ -45,6 +49,12 @@ class Trainer:
         from omnifuse.processing.text import load_tokenizer
 
         self.cfg, self.quiet = cfg, quiet
+        if cfg.distributed == "fsdp":
+            # Not yet: evaluation and checkpoints run on rank 0 alone, which a sharded model cannot
+            # do without gathering its parameters first. Refused with or without torchrun, so the
+            # setting is never silently ignored.
+            raise ConfigError("distributed: fsdp is not supported yet (evaluation and checkpoints need gathered "
+                              "parameters); use distributed: ddp (under torchrun) or leave it out")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not torch_dist.is_initialized():
@@ -90,6 +100,9 @@ class Trainer:
             self.wrapped = self._distribute()
         self.out_dir = Path(cfg.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.skipped_media: dict[str, str] = {}  # "record N" -> why its media could not be used
+        self.rows_trained = 0  # usable rows over all processes, this run
+        self._unusable = 0  # records drawn since the last usable row
 
     # ------------------------------------------------------------------ setup helpers
     def _lr_factor(self, step: int) -> float:
@@ -101,13 +114,6 @@ class Trainer:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def _distribute(self):
-        if self.cfg.distributed == "fsdp":
-            # Not yet: evaluation and checkpoints run on rank 0 alone, which a sharded model cannot
-            # do without gathering its parameters first; refuse rather than hang.
-            from omnifuse.config import ConfigError
-
-            raise ConfigError("distributed: fsdp is not supported yet (evaluation and checkpoints need gathered "
-                              "parameters); use distributed: ddp")
         from torch.nn.parallel import DistributedDataParallel
 
         # Rows without images leave the encoder unused in some steps.
@@ -136,12 +142,27 @@ class Trainer:
             self._perm_cache = (epoch, torch.randperm(len(self.train_source), generator=g))
         return self._perm_cache[1]
 
+    def _images(self, record, i: int):
+        """The record's processed images, or None when one cannot be used: skipped and counted by
+        record index (``on_error: skip``) or a DataFormatError naming the record (``raise``)."""
+        _turns, image_sources, meta = record
+        try:
+            return [self.model.image_processor(s) for s in image_sources]
+        except ImageError as e:
+            where = f"record {meta.get('index', i)}"
+            if self.cfg.on_error == "raise":
+                raise DataFormatError(f"{self.cfg.data_path or self.cfg.data}: {where}: {e}") from None
+            if where not in self.skipped_media:
+                self.skipped_media[where] = str(e)
+                print(f"omnifuse: warning: skipped {where}: {e}", file=sys.stderr, flush=True)
+            return None
+
     def _examples(self, source, indices: list[int]):
         out = []
         for i in indices:
-            turns, image_sources, meta = source[i]
-            images = [self.model.image_processor(s) for s in image_sources]
-            ex = self.builder.build(turns, images, meta)
+            record = source[i]
+            images = self._images(record, i)
+            ex = self.builder.build(record[0], images, record[2]) if images is not None else None
             if ex is not None:
                 out.append(ex)
         return out
@@ -153,8 +174,20 @@ class Trainer:
         return value
 
     def train_step(self, step: int) -> float:
+        """One optimizer step; its loss, or NaN when no row of the global batch was usable (the
+        weights are then untouched: no gradient, so AdamW skips every parameter)."""
         self.wrapped.train()
         micro = [self._examples(self.train_source, idx) for idx in self._indices(step)]
+        rows = int(self._all_reduce(torch.tensor(sum(len(mb) for mb in micro))))
+        self.rows_trained += rows
+        if rows == 0:
+            self._optimizer_step()  # no gradients: AdamW leaves every parameter; the schedule moves on
+            self._unusable += self.cfg.batch_size * self.cfg.grad_accum * self.world
+            if self._unusable >= len(self.train_source):
+                raise DataFormatError(f"a whole epoch ({len(self.train_source)} records) gave no usable "
+                                      f"training row: {self._unusable_reasons()}")
+            return float("nan")
+        self._unusable = 0
         if self.head is not None:
             return self._contrastive_step(micro)
         tokens = sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for mb in micro for e in mb)
@@ -184,6 +217,15 @@ class Trainer:
         self._optimizer_step()
         return float(loss.detach())
 
+    def _unusable_reasons(self) -> str:
+        reasons = []
+        if self.builder.dropped:
+            reasons.append(f"{self.builder.dropped} rows dropped by truncation ({self.builder.last_drop})")
+        if self.skipped_media:
+            reasons.append(f"{len(self.skipped_media)} records skipped for their media "
+                           f"(first: {next(iter(self.skipped_media.items()))})")
+        return "; ".join(reasons) or "every row was empty"
+
     def _optimizer_step(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.clip_norm > 0:
@@ -205,8 +247,15 @@ class Trainer:
         loss_sum, loss_tokens = 0.0, 0
         eos = tuple(self.tokenizer.eos_token_ids)
         for start in range(0, n, batch_size):
-            records = [source[i] for i in range(start, min(n, start + batch_size))]
-            images = [[self.model.image_processor(s) for s in r[1]] for r in records]
+            records, images = [], []
+            for i in range(start, min(n, start + batch_size)):
+                record = source[i]
+                imgs = self._images(record, i)
+                if imgs is not None:
+                    records.append(record)
+                    images.append(imgs)
+            if not records:
+                continue
             examples = [self.builder.build(r[0], imgs, r[2]) for r, imgs in zip(records, images)]
             kept = [e for e in examples if e is not None]
             if kept:
@@ -223,7 +272,7 @@ class Trainer:
                 correct.setdefault(r[2].get("skill", "all"), []).append(int(answer == str(r[2]["answer"]).strip().lower()))
         result = {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(correct.items())}
         result["accuracy"] = sum(sum(v) for v in correct.values()) / max(1, sum(len(v) for v in correct.values()))
-        result["val_loss"] = loss_sum / max(1, loss_tokens)
+        result["val_loss"] = loss_sum / loss_tokens if loss_tokens else None  # None: no row fit max_length
         return result
 
     # ------------------------------------------------------------------ the run
@@ -253,25 +302,21 @@ class Trainer:
                                 {"config": config_dict(self.cfg)}, keep=self.cfg.keep_checkpoints)
 
     def run(self) -> dict:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         cfg = self.cfg
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         start = self._resume()
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.2f} step/s"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        if start and self.main:
+            print(f"resuming {self.out_dir} from step {start} of {cfg.steps} (its latest checkpoint)", flush=True)
         last_eval: dict = {}
         t0, loss = time.perf_counter(), float("nan")
-        with Progress(*columns, disable=self.quiet or not self.main, transient=False) as progress:
-            task = progress.add_task(f"train {cfg.stage}", total=cfg.steps, completed=start, loss=float("nan"), rate=0.0)
+        with StepProgress(f"train {cfg.stage}", cfg.steps, start, enabled=not self.quiet and self.main,
+                          every=cfg.log_seconds) as progress:
             for step in range(start, cfg.steps):
                 loss = self.train_step(step)
                 done = step + 1
-                rate = (done - start) / (time.perf_counter() - t0)
-                progress.update(task, advance=1, loss=loss, rate=rate)
-                record = {"step": done, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                progress.update(done, loss)
+                record = {"step": done, "loss": None if math.isnan(loss) else loss, "lr": self.scheduler.get_last_lr()[0]}
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     last_eval = self._eval_main()
                     record.update(last_eval)
@@ -281,13 +326,17 @@ class Trainer:
                 if cfg.stop_after and done >= cfg.stop_after:
                     sys.stdout.flush()
                     os._exit(17)  # as if killed: nothing after this step is written
+        if start < cfg.steps and self.rows_trained == 0:
+            # Nothing was learned: a checkpoint and a loss would only pretend otherwise.
+            raise DataFormatError(f"no training step had a usable row: {self._unusable_reasons()}")
         last_eval = self._eval_main()
         self._log({"step": cfg.steps, "final": True, **last_eval})
         self._checkpoint(cfg.steps)
         if self.world > 1:
             torch_dist.barrier()
-        return {"steps": cfg.steps, "loss": loss, "dropped": self.builder.dropped, **last_eval,
-                "seconds": time.perf_counter() - t0, "trainable": self.trainable}
+        return {"steps": cfg.steps, "loss": None if math.isnan(loss) else loss, "dropped": self.builder.dropped,
+                "skipped_media": len(self.skipped_media), **last_eval, "seconds": time.perf_counter() - t0,
+                "trainable": self.trainable}
 
     def _eval_main(self) -> dict:
         result = self.evaluate() if self.main else {}
