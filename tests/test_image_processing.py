@@ -14,6 +14,7 @@ from PIL import Image
 
 from omnifuse.config import ConfigError, ImageConfig
 from omnifuse.processing import image as image_mod
+from omnifuse.processing import resample
 from omnifuse.processing.image import (
     ImageError,
     ImageProcessor,
@@ -242,7 +243,9 @@ def test_crop_mode_matches_clip(s):
 def test_crop_mode_thin_image_shortcut_is_close(monkeypatch):
     cfg = ImageConfig(mode="fixed", resize="crop", image_size=56)
     proc = ImageProcessor(cfg, patch_size=14)
-    imgs = [random_image(w, h, seed=i) for i, (w, h) in enumerate([(9, 200), (200, 9), (33, 70), (71, 40)])]
+    # (70, 900): Pillow resizes that one vertical pass first, and so must the shortcut.
+    sizes = [(9, 200), (200, 9), (33, 70), (71, 40), (70, 900), (900, 70), (3, 2000)]
+    imgs = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     exact = [proc(img).pixel_values for img in imgs]
     monkeypatch.setattr(image_mod, "_MAX_INTERMEDIATE_PIXELS", 0)  # force the box path
     for img, ref in zip(imgs, exact):
@@ -263,6 +266,144 @@ def test_pad_mode_centres_on_mean_colour():
     torch.testing.assert_close(px[:, s - 1, :], ((fill - mean) / std).expand(3, s))
     torch.testing.assert_close(px[:, s // 2, :], ((0 - mean) / std).expand(3, s))
     assert out.num_tokens == 4
+
+
+def expand2square_resize(img: Image.Image, fill: tuple[int, int, int], s: int) -> Image.Image:
+    """The reference: LLaVA's padded square, resized by Pillow."""
+    w, h = img.size
+    side = max(w, h)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    return square.resize((s, s), Image.Resampling.BICUBIC)
+
+
+# Wide, tall, near-square, odd and even side differences (centring offsets), smaller and larger
+# than image_size, one-pixel sides.
+PAD_SIZES = [(40, 90), (90, 41), (7, 120), (121, 7), (1, 50), (50, 1), (2, 1), (1, 2), (20, 10),
+             (10, 21), (299, 300), (301, 299), (1000, 3), (3, 999), (401, 500), (500, 400),
+             (2000, 17), (17, 2001)]
+FILLS = [(122, 116, 104), (0, 255, 7), (255, 0, 128), (3, 200, 254)]
+
+
+@pytest.mark.parametrize("s", [28, 64, 224, 336])
+def test_pad_without_the_square_is_bit_exact(s):
+    for i, (w, h) in enumerate(PAD_SIZES):
+        img = random_image(w, h, seed=i)
+        fill = FILLS[i % len(FILLS)]
+        got = np.asarray(resample.pad_resize(img, fill, s))
+        ref = np.asarray(expand2square_resize(img, fill, s))
+        assert got.shape == (s, s, 3)
+        np.testing.assert_array_equal(got, ref, err_msg=f"{w} x {h} -> {s}, fill {fill}")
+
+
+def test_pad_mode_takes_the_exact_path_above_the_limit(monkeypatch):
+    cfg = ImageConfig(mode="fixed", resize="pad", image_size=56, mean=(0.9, 0.1, 0.45))
+    proc = ImageProcessor(cfg, patch_size=14)
+    sizes = [(300, 7), (7, 300), (57, 56), (90, 91)]
+    imgs = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    direct = [proc(img).pixel_values for img in imgs]
+    monkeypatch.setattr(image_mod, "_MAX_INTERMEDIATE_PIXELS", 0)  # every padded square is too big
+    for img, ref in zip(imgs, direct):
+        assert torch.equal(proc(img).pixel_values, ref), img.size
+
+
+def test_pad_long_axis_pass_matches_pillow():
+    # The kernels at a large scale (windows of ~12000 taps): the horizontal pass of a wide image is
+    # Pillow's own one-axis resize.
+    w, h, s = 1_000_003, 2, 336
+    arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    win = resample._windows(w, s)
+    bands = resample._bands(win, np.zeros(s), 0, w, 3 * h)
+
+    def cols(a, b):  # (b-a, 3h)
+        return arr[:, a:b].transpose(1, 0, 2).reshape(b - a, -1)
+
+    acc = resample._apply(bands, cols, 0, s, 3 * h)
+    got = resample._clip8(resample._HALF + acc).reshape(s, h, 3).transpose(1, 0, 2)
+    ref = np.asarray(Image.fromarray(arr).resize((s, h), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(got, ref)
+
+
+def thin_pad_reference(img: Image.Image, fill: tuple[int, int, int], s: int) -> np.ndarray:
+    """expand2square + resize of a one-pixel-thin image by Pillow alone, one pass at a time (the
+    square itself, side^2 pixels, is out of reach): the horizontal pass of each distinct row of
+    the square, then Pillow's vertical pass over those rows."""
+    w, h = img.size
+    side = max(w, h)
+    bicubic = Image.Resampling.BICUBIC
+    if h == 1:  # rows: fill everywhere except the image row
+        fill_row = Image.new("RGB", (side, 1), fill).resize((s, 1), bicubic)
+        rows = np.repeat(np.asarray(fill_row), side, 0)  # (side, s, 3)
+        rows[(side - 1) // 2] = np.asarray(img.resize((s, 1), bicubic))[0]
+    else:  # row y is fill except pixel img[y] in the middle column: tabulate all 256 values
+        table = np.empty((256, side, 3), dtype=np.uint8)
+        table[:] = fill
+        table[:, (side - 1) // 2] = np.arange(256)[:, None]
+        table = np.asarray(Image.fromarray(table).resize((s, 256), bicubic))  # (256, s, 3)
+        px = np.asarray(img)[:, 0]  # (side, 3)
+        rows = table[px, :, np.arange(3)].transpose(0, 2, 1)  # (side, 3, s) -> (side, s, 3)
+    return np.asarray(Image.fromarray(rows).resize((s, s), bicubic))  # only a vertical pass now
+
+
+@pytest.mark.parametrize("size", [(30_001, 1), (1, 30_001), (100_000, 1), (1, 100_000)])
+def test_pad_thin_image_matches_pillow(size):
+    small = random_image(*(min(v, 301) for v in size))  # the reference itself, on a real square
+    ref = np.asarray(expand2square_resize(small, FILLS[1], 64))
+    np.testing.assert_array_equal(thin_pad_reference(small, FILLS[1], 64), ref)
+    for s, fill in ((64, (122, 116, 104)), (336, (0, 255, 7))):
+        img = random_image(*size, seed=s)
+        got = np.asarray(resample.pad_resize(img, fill, s))
+        np.testing.assert_array_equal(got, thin_pad_reference(img, fill, s), err_msg=f"{size}, {s}")
+
+
+def peak_rss_growth_mb(fn):
+    """(MB of resident memory added at the peak while fn runs, its result); Linux only."""
+    def read(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) // 1024 for line in f if line.startswith(key))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs to measure peak memory")
+    before = read("VmRSS")
+    result = fn()
+    return read("VmHWM") - before, result
+
+
+THIN_CONFIGS = [
+    ImageConfig(mode="fixed", image_size=56, resize="pad"),
+    ImageConfig(mode="fixed", image_size=336, resize="pad"),
+    ImageConfig(mode="fixed", image_size=56, resize="crop"),
+    ImageConfig(mode="fixed", image_size=336, resize="crop"),
+    ImageConfig(mode="fixed", image_size=56, resize="resize"),
+    ImageConfig(mode="dynamic", max_patches=64),
+    ImageConfig(mode="tiles", image_size=56, max_tiles=4, overview=True),
+]
+
+
+@pytest.mark.parametrize("size", [(100_000, 1), (1, 100_000), (30_000, 1)])
+@pytest.mark.parametrize("cfg", THIN_CONFIGS, ids=lambda c: f"{c.mode}-{c.resize}-{c.image_size}")
+def test_thin_images_stay_small_in_every_mode(monkeypatch, cfg, size):
+    # The padded square of 100000 x 1 would be 10^10 pixels (40 GB): no intermediate image may pass
+    # the fixed-mode limit, and the peak memory stays far below any such canvas.
+    img = random_image(*size)
+
+    def guard(make):  # Image.new(mode, size, ...) and Image.resize(self, size, ...)
+        def checked(*args, **kwargs):
+            w, h = kwargs.get("size", args[1])
+            assert w * h <= image_mod._MAX_INTERMEDIATE_PIXELS, f"{make.__name__} to {w} x {h}"
+            return make(*args, **kwargs)
+        return checked
+
+    monkeypatch.setattr(Image, "new", guard(Image.new))
+    monkeypatch.setattr(Image.Image, "resize", guard(Image.Image.resize))
+    proc = ImageProcessor(cfg, patch_size=14)
+    grown, out = peak_rss_growth_mb(lambda: proc(img))
+    assert grown < 300, f"{grown} MB"
+    n_crops, (gh, gw), _ = proc.layout(*size)
+    assert out.pixel_values.shape == (n_crops, 3, gh * 14, gw * 14)
+    assert out.num_tokens == proc.num_tokens(*size) == n_crops * gh * gw
 
 
 def test_resize_mode_stretches_and_normalises():

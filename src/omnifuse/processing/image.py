@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from omnifuse.config import ConfigError, ImageConfig
+from omnifuse.processing.resample import pad_resize
 
 __all__ = [
     "ImageError",
@@ -43,8 +44,9 @@ ImageSource = Union[str, Path, bytes, bytearray, Image.Image]
 # Pillow >= 9.1 moved the filters into an enum; the old module constants still work on 10+.
 _BICUBIC = Image.Resampling.BICUBIC
 _BILINEAR = Image.Resampling.BILINEAR
-# CLIP-style crop of a thin image: above this many pixels the resized-then-cropped intermediate is
-# skipped (see ImageProcessor._fixed).
+# Fixed mode builds no intermediate image above this many pixels: a thin image takes a bounded path
+# instead (CLIP crop: resample only the box behind the crop; LLaVA pad: _pad_resize, which never
+# builds the padded square, also taken above max_pixels: processing/resample.py). See ImageProcessor._fixed.
 _MAX_INTERMEDIATE_PIXELS = 16_000_000
 
 
@@ -310,6 +312,9 @@ class ImageProcessor:
             if w != h:
                 fill = tuple(int(255 * m) for m in cfg.mean)  # LLaVA and HF truncate, not round
                 side = max(w, h)
+                if side * side > min(_MAX_INTERMEDIATE_PIXELS, cfg.max_pixels):
+                    # 100000 x 1 would need a 100000^2 square: same pixels, computed without it.
+                    return pad_resize(img, fill, s)
                 square = Image.new("RGB", (side, side), fill)
                 square.paste(img, ((side - w) // 2, (side - h) // 2))
                 img = square
@@ -322,12 +327,21 @@ class ImageProcessor:
         if new_w * new_h <= _MAX_INTERMEDIATE_PIXELS:
             return img.resize((new_w, new_h), _BICUBIC).crop((left, top, left + s, top + s))
         # A very thin image would need a huge intermediate (1 x 5000 at s=224 is 224 x 1.1M): resample
-        # only the source box behind the crop, one axis at a time as Pillow does internally (a
-        # two-axis box gives different pixels in Pillow). Equal to the path above up to float
-        # rounding of the box edges: at most 1/255 on a few pixels.
+        # only the source box behind the crop, one axis at a time in Pillow's order (a two-axis box
+        # gives different pixels in Pillow). Equal to the path above up to float rounding of the
+        # box edges: at most 1/255 on a few pixels.
         sx, sy = w / new_w, h / new_h
-        img = img.resize((s, h), _BICUBIC, box=(left * sx, 0, (left + s) * sx, h))  # width first
-        return img.resize((s, s), _BICUBIC, box=(0, top * sy, s, (top + s) * sy))
+        x0, x1, y0, y1 = left * sx, (left + s) * sx, top * sy, (top + s) * sy
+        # The first pass covers only the lines the second reads (bicubic windows reach
+        # 2 * max(scale, 1) past the box): all rows of a tall image make an s x h intermediate.
+        rx, ry = 2 * max(sx, 1.0) + 1, 2 * max(sy, 1.0) + 1
+        c0, c1 = max(0, int(x0 - rx)), min(w, math.ceil(x1 + rx))
+        r0, r1 = max(0, int(y0 - ry)), min(h, math.ceil(y1 + ry))
+        if 0 < h - new_h and 2 * (w - new_w) < h - new_h:  # ImagingResampleInner: vertical first
+            img = img.crop((c0, 0, c1, h)).resize((c1 - c0, s), _BICUBIC, box=(0, y0, c1 - c0, y1))
+            return img.resize((s, s), _BICUBIC, box=(x0 - c0, 0, x1 - c0, s))
+        img = img.crop((0, r0, w, r1)).resize((s, r1 - r0), _BICUBIC, box=(x0, 0, x1, r1 - r0))
+        return img.resize((s, s), _BICUBIC, box=(0, y0 - r0, s, y1 - r0))
 
     def _tiles(self, img: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
         cfg, s = self.config, self.config.image_size
