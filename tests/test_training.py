@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import scene
-from omnifuse.training.collate import ExampleBuilder, TruncationError, collate
+from omnifuse.training.collate import ExampleBuilder, TruncationError, collate, length_groups
 from omnifuse.training.config import TrainConfig, load_train_config
 from omnifuse.training.llava_data import DataFormatError
 from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
@@ -169,8 +169,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
     w1 = load_file(str(tmp_path / "one" / "checkpoints" / "step-000003" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-000003" / "model.safetensors"))
+    # Each process groups its own rows by length, so the float summation order differs; AdamW's
+    # first steps turn such noise in near-zero gradients into updates of up to ~1e-5. A real
+    # mistake (a gradient averaged wrongly, a row seen twice) moves weights by ~lr = 3e-3.
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3, msg=k)
 
 
 def test_train_on_llava_format_folder_reports_bad_records(tmp_path):
@@ -350,3 +353,72 @@ def test_fsdp_is_refused_with_or_without_torchrun(tmp_path):
 
     with pytest.raises(ConfigError, match="fsdp is not supported yet"):
         Trainer(TrainConfig(**{**TINY, "distributed": "fsdp", "out_dir": str(tmp_path)}), quiet=True)
+
+
+def test_length_groups_keep_every_row_and_cut_padding():
+    from omnifuse.training.collate import Example, length_groups
+
+    def row(n):
+        return Example(list(range(n)), [IGNORE] * n, [], {"n": n})
+
+    rows = [row(n) for n in (130, 186, 124, 140, 188, 131, 129, 135, 126, 138, 133, 186, 127, 136, 132, 139)]
+    groups = length_groups(rows)
+    assert sorted(e.meta["n"] for g in groups for e in g) == sorted(e.meta["n"] for e in rows)
+    padded = sum(len(g) * max(len(e.input_ids) for e in g) for g in groups)
+    assert padded < 0.85 * 16 * 188 and len(groups) == 2  # the two-image rows get their own pass
+    assert length_groups([row(10)] * 5) == [[row(10)] * 5]  # equal lengths: one pass
+    assert length_groups([]) == []
+
+
+def test_grouped_micro_batches_give_the_gradient_of_one_batch(tmp_path):
+    # The loss is summed over answer tokens and divided by the step's count: splitting a step's
+    # rows by length changes the padding, not the gradient.
+    trainer = Trainer(TrainConfig(**{**TINY, "skills": ("colour", "compare"), "max_length": 256, "out_dir": str(tmp_path)}),
+                      quiet=True)
+    examples = trainer._examples(trainer.train_source, list(range(16)))
+    assert len({len(e.input_ids) for e in examples}) > 1
+
+    def gradient(groups):
+        trainer.model.zero_grad()
+        tokens = sum(int((torch.tensor(e.labels[1:]) != IGNORE).sum()) for e in examples)
+        for g in groups:
+            b = collate(g, trainer.tokenizer.pad_token_id)
+            logits = trainer.model(b["input_ids"], b["attention_mask"], images=b["images"])
+            (next_token_loss(logits, b["labels"], reduction="sum") / tokens).backward()
+        return [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    whole, split = gradient([examples]), gradient(length_groups(examples))
+    assert len(length_groups(examples)) > 1
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_pooled_image_features_equal_one_image_at_a_time():
+    from omnifuse.model import build_model
+    from omnifuse.presets import get_preset
+    from omnifuse.training.contrastive import pooled_image_features
+
+    torch.manual_seed(0)
+    encoder = build_model(get_preset("tiny-cross")).vision_encoder.eval()
+    pixels = [torch.randn(n, 3, 32, 32) for n in (1, 2, 1, 4, 2)]  # images of 1, 2 and 4 crops
+    with torch.no_grad():
+        batched = pooled_image_features(encoder, pixels)
+        single = torch.stack([encoder(p).mean(dim=(0, 1)) for p in pixels])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_a_frozen_encoder_encodes_each_image_once_for_every_trainer(tmp_path):
+    cfg = TrainConfig(**{**TINY, "stage": "align", "out_dir": str(tmp_path)})  # the encoder is frozen
+    plain = Trainer(cfg, quiet=True)
+    plain_losses = [plain.train_step(s) for s in range(3)]
+    shared: dict = {}
+    first = Trainer(cfg, quiet=True, shared_features=shared)
+    assert [first.train_step(s) for s in range(3)] == plain_losses  # same batches: same features
+    assert len(shared) == 3 * TINY["batch_size"]  # one entry per training image seen
+    second = Trainer(cfg, quiet=True, shared_features=shared)
+    calls = []
+    second.model.vision_encoder.register_forward_hook(lambda *args: calls.append(1))
+    assert [second.train_step(s) for s in range(3)] == plain_losses and calls == []  # nothing encoded again
+    learning = Trainer(TrainConfig(**{**TINY, "train_encoder": True, "out_dir": str(tmp_path)}), quiet=True,
+                       shared_features={})
+    assert learning.shared_features is None  # features of an encoder that learns go stale

@@ -141,16 +141,31 @@ class MultimodalModel(nn.Module):
                 raise FeatureCountError(f"image produced {f.shape[0]} tokens but its processor predicted {img.num_tokens}")
         return out
 
-    def _encode_crops(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
-        crops = [img.pixel_values for img in images]
-        out: list[torch.Tensor | None] = [None] * len(crops)
+    def vision_features(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
+        """The crop encoder's output for each image, (N_crops, tokens, D_vision): reused where the
+        image already carries it (``vision_features``, from a frozen encoder), else computed, the
+        crops of one size in one batch. (The tiled Mllama encoder encodes whole images instead.)"""
+        device = self.embed_tokens.weight.device
+        out: list[torch.Tensor | None] = [img.vision_features for img in images]
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, c in enumerate(crops):
-            by_shape.setdefault(tuple(c.shape[1:]), []).append(i)
-        for idx in by_shape.values():  # crops of one size share a batch
-            batch = torch.cat([crops[i] for i in idx]).to(device)  # (N, 3, H, W)
-            feats = self.connector(self.vision_encoder(batch))  # (N, tokens_per_crop, D)
-            for i, f in zip(idx, feats.split([crops[i].shape[0] for i in idx])):
+        for i, img in enumerate(images):
+            if out[i] is None:
+                by_shape.setdefault(tuple(img.pixel_values.shape[1:]), []).append(i)
+        for idx in by_shape.values():
+            batch = torch.cat([images[i].pixel_values for i in idx]).to(device)  # (N, 3, H, W)
+            for i, f in zip(idx, self.vision_encoder(batch).split([images[i].pixel_values.shape[0] for i in idx])):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def _encode_crops(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
+        feats = self.vision_features(images)
+        out: list[torch.Tensor | None] = [None] * len(feats)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, f in enumerate(feats):
+            by_shape.setdefault(tuple(f.shape[1:]), []).append(i)
+        for idx in by_shape.values():  # crops of one size share the connector's batch
+            tokens = self.connector(torch.cat([feats[i].to(device) for i in idx]))  # (N, tokens_per_crop, D)
+            for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 out[i] = f.reshape(-1, f.shape[-1])
         return out  # type: ignore[return-value]
 

@@ -151,10 +151,13 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
     results = []
     t_start = time.perf_counter()
     encoder, pretrain_steps = _pretrain_encoder(config, plans, quick, console) if config.pretrain else (None, 0)
+    # Every strategy starts from the same pre-trained encoder; while it stays frozen its output for
+    # a training image is the same in every strategy, so each image is encoded once for all.
+    shared_features: dict | None = {} if encoder is not None else None
     for strategy, tc in plans:
         console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
                       f"{tc.batch_size * tc.grad_accum} samples")
-        trainer = Trainer(tc)
+        trainer = Trainer(tc, shared_features=shared_features)
         if encoder is not None:
             trainer.model.vision_encoder.load_state_dict(encoder)
         t0 = time.perf_counter()

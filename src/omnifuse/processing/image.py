@@ -204,6 +204,9 @@ class ProcessedImage:
     grid: tuple[int, int]  # (patch rows, patch cols) of each crop
     tiles: tuple[int, int]  # (rows, cols) of the tile canvas in "tiles" mode, else (1, 1)
     original_size: tuple[int, int]  # (width, height) after EXIF transpose
+    # The vision encoder's output for these crops, (N_crops, tokens, D_vision), when a frozen
+    # encoder already computed it (training reuses it instead of encoding the pixels again).
+    vision_features: torch.Tensor | None = None
 
 
 class ImageProcessor:

@@ -14,7 +14,22 @@ from torch import nn
 
 from omnifuse.training.losses import clip_loss, siglip_loss
 
-__all__ = ["ContrastiveHead"]
+__all__ = ["ContrastiveHead", "pooled_image_features"]
+
+
+def pooled_image_features(encoder: nn.Module, pixel_batches: list[torch.Tensor]) -> torch.Tensor:
+    """Each image's encoder features averaged over its crops and tokens: (N, Dv). Images whose
+    crops have one shape go through the encoder as one batch (one pass per shape, not per image)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pixel_batches):  # p: (crops, C, H, W)
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    pooled: list[torch.Tensor | None] = [None] * len(pixel_batches)
+    for idx in by_shape.values():
+        feats = encoder(torch.cat([pixel_batches[i] for i in idx]))  # (n * crops, tokens, Dv)
+        means = feats.reshape(len(idx), -1, feats.shape[-1]).mean(dim=1)  # (n, Dv)
+        for i, m in zip(idx, means):
+            pooled[i] = m
+    return torch.stack(pooled)  # type: ignore[arg-type]
 
 
 class ContrastiveHead(nn.Module):
@@ -28,7 +43,7 @@ class ContrastiveHead(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def forward(self, model, pixel_batches: list[torch.Tensor], caption_ids: list[list[int]]) -> torch.Tensor:
-        image = torch.stack([model.vision_encoder(p).mean(dim=(0, 1)) for p in pixel_batches])  # (N, Dv)
+        image = pooled_image_features(model.vision_encoder, pixel_batches)  # (N, Dv)
         with torch.no_grad():
             text = torch.stack([model.embed_tokens(torch.tensor(ids)).mean(dim=0) for ids in caption_ids])  # (N, Dt)
         img, txt = self.image_proj(image), self.text_proj(text)

@@ -20,6 +20,8 @@ class DiagnosticSource:
         self.set = DiagnosticSet(split, size, seed=cfg.seed, image_size=cfg.image_size, skills=cfg.skills,
                                  weights=weights)
         self.captions = captions
+        # What decides its samples: equal fingerprints mean equal samples at every index.
+        self.fingerprint = ("diagnostic", split, size, cfg.seed, cfg.image_size, self.set.cycle, captions)
 
     def __len__(self) -> int:
         return len(self.set)
