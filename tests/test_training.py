@@ -20,7 +20,6 @@ from omnifuse.training.config import TrainConfig, load_train_config
 from omnifuse.training.llava_data import DataFormatError
 from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
 from omnifuse.training.loop import Trainer
-from omnifuse.training.stages import set_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="tiny-early", train_size=200, val_size=12, batch_size=4, steps=6, warmup_steps=2, lr=3e-3,
