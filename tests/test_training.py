@@ -421,3 +421,46 @@ def test_a_frozen_encoder_encodes_each_image_once_for_every_trainer(tmp_path):
     learning = Trainer(TrainConfig(**{**TINY, "train_encoder": True, "out_dir": str(tmp_path)}), quiet=True,
                        shared_features={})
     assert learning.shared_features is None  # features of an encoder that learns go stale
+
+
+@pytest.mark.parametrize("fusion", ["early", "cross"])
+def test_answer_only_logits_give_the_full_pass_loss_and_gradient(fusion):
+    # The last layer computes just the positions the loss reads: same loss, same gradient.
+    from conftest import make_model, tiny_config
+    from omnifuse.training.losses import answer_positions, selected_token_loss
+
+    model = make_model(tiny_config(fusion, cross_layers=(1, 3)), gates=0.5).train()
+    b = _builder(cross=fusion == "cross")
+    turns = [[("user", "<image>what colour?"), ("assistant", "red")],
+             [("user", "how many?"), ("assistant", "three, i think"), ("user", "sure?"), ("assistant", "yes")]]
+    images = [[_image_of(model)], []]
+    batch = collate([b.build(t, i) for t, i in zip(turns, images)], 0)
+    args = (batch["input_ids"], batch["attention_mask"])
+
+    def run(selected: bool):
+        model.zero_grad()
+        if selected:
+            positions, targets = answer_positions(batch["labels"])
+            loss = selected_token_loss(model(*args, images=batch["images"], outputs=positions), targets)
+        else:
+            loss = next_token_loss(model(*args, images=batch["images"]), batch["labels"], reduction="sum")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (full, g_full), (part, g_part) = run(False), run(True)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    assert len(g_full) == len(g_part)
+    for a, c in zip(g_full, g_part):
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-4)
+
+
+def _image_of(model):
+    return model.image_processor(scene(40, 30, 1))
+
+
+def test_answer_positions_pad_short_rows_with_ignored_targets():
+    from omnifuse.training.losses import answer_positions
+
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 7, IGNORE, IGNORE, IGNORE]])
+    positions, targets = answer_positions(labels)
+    assert positions.tolist() == [[1, 2], [0, 0]] and targets.tolist() == [[5, 6], [7, IGNORE]]

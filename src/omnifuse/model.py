@@ -15,6 +15,7 @@ from omnifuse.fusion import (CrossAttentionLayer, FeatureCountError, build_memor
                              splice_features, visible_images)
 from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCache
 from omnifuse.nn import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU
+from omnifuse.nn.attention import select_rows
 from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
 
 __all__ = ["DecoderLayer", "MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder",
@@ -32,8 +33,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x, cos, sin, mask, cache=None, start: int = 0):  # (B, T, D) -> (B, T, D)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, start: int = 0, queries=None):
+        # (B, T, D) -> (B, T, D); with queries (B, K) positions: (B, K, D), those positions only
+        h = self.input_layernorm(x)
+        if queries is not None:
+            x = select_rows(x, queries)
+        x = x + self.self_attn(h, cos, sin, mask, cache, start, queries)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,7 +227,11 @@ class MultimodalModel(nn.Module):
         cache: InferenceCache | None = None,
         image_features: list[list[torch.Tensor]] | None = None,  # precomputed (n_i, D) per image
         last_only: bool = False,
-    ) -> torch.Tensor:  # (B, T, V), or (B, 1, V) with last_only
+        outputs: torch.Tensor | None = None,  # (B, K) long: the positions whose logits are wanted
+    ) -> torch.Tensor:  # (B, T, V), (B, 1, V) with last_only, (B, K, V) with outputs
+        """``outputs`` (training): the last layer computes only the positions whose logits a loss
+        reads (answer tokens are a few of a row's positions) while every position stays a key;
+        the result equals the full pass at those positions."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -245,13 +254,18 @@ class MultimodalModel(nn.Module):
         kv_cache = cache.self_attn if cache is not None else None
         pos = self._positions(attention_mask, kv_cache)
         cos, sin = self.rope(pos.position_ids, x.dtype)
+        last = len(self.layers) - 1
         for i in range(len(self.layers) + 1):
             if cross is not None and str(i) in self.cross_layers:
                 kv = cross[0][i] if cross[0] is not None else self.cross_layers[str(i)].cross_attn.memory_kv(cross[3])
-                x = self.cross_layers[str(i)](x, kv, cross[1], cross[2])
+                mask, row_visible = cross[1], cross[2]
+                if i > last and outputs is not None:  # after the last layer: the kept positions only
+                    mask = select_rows(mask.squeeze(1), outputs).unsqueeze(1)
+                    row_visible = select_rows(row_visible, outputs)
+                x = self.cross_layers[str(i)](x, kv, mask, row_visible)
             if i < len(self.layers):
                 x = self.layers[i](x, cos, sin, pos.mask, kv_cache.layer(i) if kv_cache is not None else None,
-                                   pos.start)
+                                   pos.start, outputs if i == last else None)
         if kv_cache is not None:
             kv_cache.length += t
         if last_only:

@@ -27,6 +27,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv)
 
 
+def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, ...), index: (B, K) long -> (B, K, ...): row b's positions index[b]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
 class SelfAttention(nn.Module):
     """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
 
@@ -46,12 +51,28 @@ class SelfAttention(nn.Module):
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal / full cache
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, Hkv, L, Dh) each, written in place
         start: int = 0,  # where this chunk begins in the cache
-    ) -> torch.Tensor:  # (B, T, D)
+        queries: torch.Tensor | None = None,  # (B, K) long: answer only these positions (no cache)
+    ) -> torch.Tensor:  # (B, T, D), or (B, K, D) with queries
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if queries is not None:
+            # Every position is a key, only the asked ones are queries: (B, K) rows of q, cos, sin, mask.
+            if cache is not None:
+                raise ValueError("queries select positions of a full forward pass; not with a cache")
+            tq = queries.shape[1]
+            q = self.q_proj(select_rows(x, queries)).view(b, tq, self.num_heads, self.head_dim).transpose(1, 2)
+            q = apply_rope(q, *(select_rows(c.squeeze(1), queries).unsqueeze(1) for c in (cos, sin)))
+            if mask is None:  # causal: a query sees the keys up to its own position
+                keys = torch.arange(t, device=x.device)
+                mask = (keys[None, None, :] <= queries[:, :, None])[:, None]  # (B, 1, K, T)
+            else:
+                mask = select_rows(mask.squeeze(1), queries).unsqueeze(1)  # (B, 1, K, S)
+            out = _sdpa(q, k, v, mask)  # (B, Hq, K, Dh)
+            return self.o_proj(out.transpose(1, 2).reshape(b, tq, -1))
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
+        q = apply_rope(q, cos, sin)
         causal = mask is None and start == 0 and t > 1
         if cache is not None:
             k_cache, v_cache = cache

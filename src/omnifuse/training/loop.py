@@ -28,7 +28,7 @@ from omnifuse.processing.image import ImageError
 from omnifuse.training.collate import ExampleBuilder, collate, length_groups
 from omnifuse.training.config import TrainConfig, config_dict
 from omnifuse.training.llava_data import DataFormatError
-from omnifuse.training.losses import IGNORE, next_token_loss
+from omnifuse.training.losses import IGNORE, answer_positions, next_token_loss, selected_token_loss
 from omnifuse.training.progress import StepProgress
 from omnifuse.training.sources import build_sources
 from omnifuse.training.stages import STAGES, set_trainable
@@ -230,8 +230,11 @@ class Trainer:
             sync = k == len(micro) - 1 or self.world == 1
             ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
             with ctx:
-                logits = self.wrapped(batch["input_ids"], batch["attention_mask"], images=batch["images"])
-                loss_sum = next_token_loss(logits, batch["labels"], reduction="sum")
+                # Only the answer positions' logits are computed (their share of the last layer too).
+                positions, targets = answer_positions(batch["labels"])
+                logits = self.wrapped(batch["input_ids"], batch["attention_mask"], images=batch["images"],
+                                      outputs=positions)
+                loss_sum = selected_token_loss(logits, targets)
                 # DDP averages gradients over processes; scale so the result is the global token mean.
                 (loss_sum / global_tokens * self.world).backward()
             total += loss_sum.detach()
