@@ -345,6 +345,8 @@ class Trainer:
         t0, loss = time.perf_counter(), float("nan")
         with StepProgress(f"train {cfg.stage}", cfg.steps, start, enabled=not self.quiet and self.main,
                           every=cfg.log_seconds) as progress:
+            # (Preparing the next step's rows in a thread during this step was tried: on 2 cores it
+            # competes with torch's own threads and made the arena's steps 40% slower.)
             for step in range(start, cfg.steps):
                 loss = self.train_step(step)
                 done = step + 1
