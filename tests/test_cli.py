@@ -204,12 +204,18 @@ def test_info_json(capsys, name):
     assert info["context_length"] == d.max_position
     size = cfg.image.image_size
     assert info["visual_tokens_per_image"] == build_image_processor(cfg).num_tokens(size, size)
+    cross_keys = {"cross_attention_layers", "cross_attention_kv_bytes_per_state", "cross_attention_states_prefill",
+                  "cross_attention_states_decode", "cross_attention_kv_bytes_prefill", "cross_attention_kv_bytes_decode"}
     if cfg.fusion.type == "cross":
-        assert info["cross_attention_cache_bytes_per_image"] > 0
+        assert set(info) >= cross_keys
+        assert info["cross_attention_kv_bytes_decode"] > 0
         assert info["cross_attention_layers"] == list(cfg.cross_layers)
+        assert info["visual_tokens_per_image"] == info["cross_attention_states_prefill"]
+        for when in ("prefill", "decode"):
+            assert info[f"cross_attention_kv_bytes_{when}"] == (info[f"cross_attention_states_{when}"]
+                                                                * info["cross_attention_kv_bytes_per_state"])
     else:
-        assert "cross_attention_cache_bytes_per_image" not in info
-        assert "cross_attention_layers" not in info
+        assert not cross_keys & set(info)
 
 
 def test_info_llava_1_5_7b_matches_the_published_model(capsys):
@@ -225,14 +231,27 @@ def test_info_llava_1_5_7b_matches_the_published_model(capsys):
 
 def test_info_llama_3_2_11b_vision_matches_the_published_model(capsys):
     info = run_json(capsys, "info", "--preset", "llama-3.2-11b-vision")
-    # Every image is padded to 4 tiles of 40 x 40 patches + CLS, and all 4 are encoded and cached.
+    # Every image is padded to 4 tiles of 40 x 40 patches + CLS, and all 4 are encoded and cached at
+    # prefill; decode attends to the real tile only (a 560 x 560 image fills one).
     assert info["visual_tokens_per_image"] == 4 * 1601
+    assert info["cross_attention_states_prefill"] == 4 * 1601
+    assert info["cross_attention_states_decode"] == 1601
+    assert info["crops"] == 4 and info["tile_canvas"] == {"rows": 1, "cols": 1}
     assert info["context_tokens_per_image"] == 1  # one <|image|> placeholder in the context
     assert info["kv_cache_bytes_per_token"] == 2 * 32 * 8 * 128 * 4  # GQA: 8 KV heads
     assert info["cross_attention_layers"] == [3, 7, 11, 15, 19, 23, 27, 31]
-    assert info["cross_attention_cache_bytes_per_image"] == 4 * 1601 * 2 * 8 * 8 * 128 * 4
+    assert info["cross_attention_kv_bytes_prefill"] == 4 * 1601 * 2 * 8 * 8 * 128 * 4
+    assert info["cross_attention_kv_bytes_decode"] == 1601 * 2 * 8 * 8 * 128 * 4
     assert info["parameters"]["decoder"] == 8_030_261_248 + 8 * 4096  # Llama 3.1 8B + 8 image-token rows
     assert info["parameters"]["total"] == 10_670_220_835  # transformers counts the same for the published config
+
+
+def test_info_image_size(capsys):
+    info = run_json(capsys, "info", "--preset", "llama-3.2-11b-vision", "--image", "1200x300")
+    assert info["image_size"] == [1200, 300] and info["tile_canvas"] == {"rows": 1, "cols": 3}
+    assert (info["cross_attention_states_prefill"], info["cross_attention_states_decode"]) == (4 * 1601, 3 * 1601)
+    rc, _, err = run(capsys, "info", "--preset", "tiny-early", "--image", "big")
+    assert rc == 1 and "--image expects WIDTHxHEIGHT" in err
 
 
 def test_info_list(capsys):
@@ -319,7 +338,7 @@ def test_console_script_error_is_one_line(images):
     cmd = [exe] if exe else [sys.executable, "-m", "omnifuse"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([*cmd, "generate", "--preset", "tiny-early", "--image", str(images["missing"]),
-                           "--prompt", PROMPT], capture_output=True, text=True, timeout=120, env=env)
+                           "--prompt", PROMPT], capture_output=True, text=True, timeout=120, env=env, check=False)
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert_one_line_error(proc.returncode, proc.stderr, "image file not found", "absent.png")

@@ -266,7 +266,7 @@ def test_preset_names():
 
 
 def test_llama_3_2_90b_vision_preset_has_the_published_shape():
-    from omnifuse.estimates import count_parameters
+    from omnifuse.planner.costs import count_parameters
 
     cfg = get_preset("llama-3.2-90b-vision")
     assert len(cfg.cross_layers) == 20 and cfg.decoder.num_layers == 80  # HF's 100-layer stack

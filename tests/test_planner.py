@@ -7,8 +7,8 @@ import json
 import pytest
 
 from omnifuse.cli import main
-from omnifuse.estimates import count_parameters, kv_bytes_per_token
 from omnifuse.planner.arch import from_model_config
+from omnifuse.planner.costs import count_parameters, kv_bytes_per_token
 from omnifuse.planner.measure import measure_request
 from omnifuse.planner.plan import Workload, plan, resolve_model
 from omnifuse.planner.published import PUBLISHED
@@ -77,7 +77,7 @@ def test_prediction_equals_measurement_for_tiny_presets(name, sizes):
     workload = Workload(images=tuple(sizes), text_tokens=12, output_tokens=5)
     predicted = plan(model, workload, dtype="fp32", kv_dtype="fp32")
     measured = measure_request(get_preset(name), sizes, 12, 5, repeats=1)
-    visual = [i["tokens"] if i["cross_attention_states"] == 0 else i["cross_attention_states"]
+    visual = [i["tokens"] if i["cross_attention_states_prefill"] == 0 else i["cross_attention_states_prefill"]
               for i in predicted["inputs"]]
     assert visual == measured["visual_tokens"]
     assert predicted["context_tokens"] == measured["context_tokens"]
@@ -132,8 +132,10 @@ def test_measure_refuses_full_size_presets(capsys):
 def test_cross_attention_keeps_visual_states_out_of_the_context():
     early = plan(resolve_model("tiny-early"), Workload(images=((64, 64),), text_tokens=10))
     cross = plan(resolve_model("tiny-cross"), Workload(images=((64, 64),), text_tokens=10))
-    assert early["context_tokens"] == 10 + 64 and early["cross_attention_states"] == 0
-    assert cross["context_tokens"] == 10 + 1 and cross["cross_attention_states"] == 4 * 17
+    assert early["context_tokens"] == 10 + 64 and early["cross_attention_states_prefill"] == 0
+    assert early["cross_attention_states_decode"] == 0
+    assert cross["context_tokens"] == 10 + 1 and cross["cross_attention_states_decode"] == 4 * 17
+    assert cross["cross_attention_states_prefill"] == 4 * 17  # tiny-cross pads no tiles
 
 
 def test_decode_cost_of_cross_attention_grows_with_states_not_context():
@@ -141,7 +143,8 @@ def test_decode_cost_of_cross_attention_grows_with_states_not_context():
     one = plan(model, Workload(images=((32, 32),), text_tokens=10))
     four = plan(model, Workload(images=((32, 32),) * 4, text_tokens=10))
     assert four["context_tokens"] == one["context_tokens"] + 3
-    assert four["cross_attention_states"] == 4 * one["cross_attention_states"]
+    assert four["cross_attention_states_decode"] == 4 * one["cross_attention_states_decode"]
+    assert four["decode_flops_per_token"] > one["decode_flops_per_token"]
 
 
 def test_serving_and_dollars():
@@ -298,11 +301,14 @@ def test_json_has_the_documented_fields(capsys):
     assert main(["plan", "--model", "llama-3.2-11b-vision", "--image", "1024x1024", "--text-tokens", "20",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("model", "inputs", "context_tokens", "cross_attention_states", "kv_cache_bytes", "prefill_flops",
-                "decode_flops_per_token"):
+    for key in ("model", "inputs", "context_tokens", "cross_attention_states_prefill", "cross_attention_states_decode",
+                "kv_cache_bytes", "kv_cache_bytes_by_kind", "prefill_flops", "decode_flops_per_token"):
         assert key in out
-    assert set(out["inputs"][0]) >= {"kind", "width", "height", "seconds", "tokens"}
-    assert out["context_tokens"] == 21 and out["cross_attention_states"] == 4 * 1601
+    assert set(out["inputs"][0]) >= {"kind", "width", "height", "seconds", "tokens", "cross_attention_states_prefill",
+                                     "cross_attention_states_decode"}
+    assert out["context_tokens"] == 21 and out["cross_attention_states_decode"] == 4 * 1601  # a 2x2 canvas
+    assert out["cross_attention_states_prefill"] == 4 * 1601
+    assert set(out["kv_cache_bytes_by_kind"]) == {"self_attention", "cross_attention_prefill", "cross_attention_decode"}
 
 
 def test_compare_and_plot(tmp_path, capsys):

@@ -252,9 +252,13 @@ def test_claude_patch28_alternative():
 @pytest.mark.parametrize("model", ["llama-3.2-11b-vision", "llama-3.2-90b-vision"])
 def test_mllama_tiles_are_cross_states(model):
     largest = image_tokens(model, 2000, 2000)
-    assert (largest.context_tokens, largest.cross_states, largest.crops) == (1, 6404, 4)  # max
-    assert image_tokens(model, 500, 500).cross_states == 1601  # fits one tile, no upscale beyond it
-    assert image_tokens(model, 1000, 300).cross_states == 2 * 1601  # 1x2: smallest upscale >= 1 (1.12)
+    assert (largest.context_tokens, largest.cross_states_decode, largest.crops) == (1, 6404, 4)  # max
+    assert image_tokens(model, 500, 500).cross_states_decode == 1601  # fits one tile, no upscale beyond it
+    assert image_tokens(model, 1000, 300).cross_states_decode == 2 * 1601  # 1x2: smallest upscale >= 1 (1.12)
+    # Every image is padded to 4 tiles, all encoded and cached at prefill.
+    for size in ((2000, 2000), (500, 500), (1000, 300)):
+        small = image_tokens(model, *size)
+        assert (small.cross_states_prefill, small.crops) == (6404, 4)
 
 
 # --- LLaVA -----------------------------------------------------------------------------------------
@@ -334,9 +338,9 @@ def test_gemma3_pan_and_scan():
 def test_fixed_count_resamplers():
     assert image_tokens("blip-2", 4000, 3000).context_tokens == 32
     image = image_tokens("flamingo-80b", 50, 50)
-    assert (image.context_tokens, image.cross_states) == (1, 64)
+    assert (image.context_tokens, image.cross_states_prefill, image.cross_states_decode) == (1, 64, 64)
     clip = video_tokens("flamingo-80b", 30, None, 640, 480)
-    assert (clip.context_tokens, clip.cross_states) == (1, 64)  # one resampled set per video
+    assert (clip.context_tokens, clip.cross_states_decode) == (1, 64)  # one resampled set per video
 
 
 # --- video through the image rule ------------------------------------------------------------------
@@ -346,7 +350,7 @@ def test_video_frames_counted_as_images():
     assert clip.context_tokens == 10 * 765 and "frames counted as images" in clip.note
     assert video_tokens("gpt-4o", 10.2, 1, 1024, 1024).context_tokens == 10 * 765
     cross = video_tokens("llama-3.2-11b-vision", None, None, 2000, 2000, frames=3)
-    assert (cross.context_tokens, cross.cross_states) == (3, 3 * 6404)
+    assert (cross.context_tokens, cross.cross_states_prefill, cross.cross_states_decode) == (3, 3 * 6404, 3 * 6404)
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -465,7 +469,7 @@ def hf_tiled_canvas():
 def test_mllama_matches_transformers_canvas(hf_tiled_canvas, width, height):
     canvas_h, canvas_w = hf_tiled_canvas(height, width, 4, 560)
     n = (canvas_h // 560) * (canvas_w // 560)
-    assert image_tokens("llama-3.2-11b-vision", width, height).cross_states == 1601 * n
+    assert image_tokens("llama-3.2-11b-vision", width, height).cross_states_decode == 1601 * n
 
 
 @pytest.mark.parametrize("width, height", SIZES)

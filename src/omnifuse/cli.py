@@ -54,9 +54,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "tokens": result.tokens,
             "prompt_tokens": result.prompt_tokens,
             "visual_tokens": result.visual_tokens,
+            "cross_attention_states_prefill": result.cross_attention_states_prefill,
+            "cross_attention_states_decode": result.cross_attention_states_decode,
             "completion_tokens": len(result.tokens),
             "finish_reason": result.finish_reason,
             "kv_cache_bytes": result.kv_cache_bytes,
+            "kv_cache_bytes_by_kind": result.kv_cache_bytes_by_kind,
             "images": result.images,
             "seconds": round(elapsed, 4),
         }
@@ -66,7 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(result.text)
         sys.stdout.write("\n")
         if pipe.model.is_cross:  # the visual states sit beside the sequence, not in it
-            media = f"{result.prompt_tokens} prompt tokens + {result.visual_tokens} cross-attention states"
+            media = f"{result.prompt_tokens} prompt tokens + {result.cross_attention_states_decode} cross-attention states"
+            if result.cross_attention_states_prefill != result.cross_attention_states_decode:
+                media += f" ({result.cross_attention_states_prefill} encoded at prefill)"
         else:
             media = f"{result.prompt_tokens} prompt tokens ({result.visual_tokens} of them visual)"
         print(f"[{len(result.tokens)} tokens, {media}, KV cache {result.kv_cache_bytes:,} bytes, "
@@ -74,8 +79,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    from omnifuse.config import ConfigError
+
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image expects WIDTHxHEIGHT like 500x500, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"--image {text}: width and height must be positive")
+    return w, h
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from omnifuse.estimates import model_info
+    from omnifuse.planner.costs import model_info
     from omnifuse.presets import get_preset, preset_names
 
     if args.list:
@@ -89,7 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config = read_any_config(args.checkpoint)
     else:
         raise ValueError("give --preset NAME, --checkpoint DIR or --list")
-    info = model_info(config)
+    info = model_info(config, image_size=_image_size(args.image) if args.image else None)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -98,9 +115,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     table = Table(title=f"omnifuse info: {info['name']}", show_header=False)
     for key, value in info.items():
-        if key == "parameters":
+        if isinstance(value, dict):  # parameters, tile_canvas
             for part, n in value.items():
-                table.add_row(f"parameters.{part}", f"{n:,}")
+                table.add_row(f"{key}.{part}", f"{n:,}")
         else:
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     Console().print(table)
@@ -172,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset")
     src.add_argument("--checkpoint")
     src.add_argument("--list", action="store_true", help="list the presets")
+    i.add_argument("--image", metavar="WxH", help="the image the per-image figures are for (default: the crop size)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 

@@ -9,12 +9,17 @@ from pathlib import Path
 import torch
 
 from omnifuse.checkpoint import load_checkpoint
-from omnifuse.estimates import request_cache_bytes
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
 from omnifuse.model import MultimodalModel, build_model, ensure_model_fits
 from omnifuse.nn.packed import pack_linears
+from omnifuse.planner.costs import (
+    RequestCost,
+    image_cost,
+    images_seen_at_decode,
+    request_cost,
+)
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.text import Tokenizer, expand_image_tokens, load_tokenizer
@@ -27,10 +32,16 @@ class GenerationResult:
     text: str
     tokens: list[int]  # every generated id, a final stop token included (text leaves it out)
     prompt_tokens: int  # context positions the prompt takes, visual tokens included for early fusion
-    visual_tokens: int  # tokens (early) or cross-attention states (cross) all images produce
+    visual_tokens: int  # all images: tokens in the context (early) or states encoded at prefill (cross)
     finish_reason: str  # "stop" or "length"
-    kv_cache_bytes: int  # self-attention cache for prompt + output, plus the cross-attention cache
+    # The cache held while decoding: self-attention K/V of prompt + output, plus the cross-attention
+    # K/V of the states attended at decode (planner/costs.py, as `omnifuse info` and `plan`).
+    kv_cache_bytes: int
     images: list[dict] = field(default_factory=list)  # per image: size, tokens, tiles
+    cross_attention_states_prefill: int = 0  # encoded and cached at prefill (Mllama: padding tiles too)
+    cross_attention_states_decode: int = 0  # attended at decode: all the decode cache keeps
+    # self_attention, cross_attention_prefill, cross_attention_decode
+    kv_cache_bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -118,10 +129,18 @@ class Pipeline:
     def process_images(self, sources: Sequence) -> list[ProcessedImage]:
         return [self.processor(s) for s in sources]
 
-    def cache_bytes(self, sequence_tokens: int, visual_tokens: int) -> int:
-        """Cache bytes one request holds (same rule as ``omnifuse info``)."""
-        return request_cache_bytes(self.model.config, sequence_tokens, visual_tokens,
-                                   self.model.embed_tokens.weight.element_size())
+    def cache_bytes(self, prompt_ids: Sequence[int], images: Sequence[ProcessedImage],
+                    output_tokens: int) -> RequestCost:
+        """Visual states and cache bytes of one request (planner/costs.py, as ``omnifuse info`` and
+        ``plan``): prompt and output positions, and the cross-attention states its images give at
+        prefill and its last prompt token attends to at decode."""
+        config = self.model.config
+        costs = [image_cost(config, *img.original_size, self.processor) for img in images]
+        seen = None
+        if self.model.is_cross:
+            seen = images_seen_at_decode(config, prompt_ids, self.tokenizer.image_token_id, len(images))
+        weight = next(p for p in self.model.parameters() if p.is_floating_point())  # the cache's dtype
+        return request_cost(config, len(prompt_ids) + output_tokens, costs, weight.element_size(), seen)
 
     # ------------------------------------------------------------------ generation
     def sampling(self, **kwargs) -> SamplingConfig:
@@ -155,19 +174,23 @@ class Pipeline:
                     continue
                 if on_token is not None:
                     on_token(r, tok)
-        return [
-            GenerationResult(
+        results = []
+        for toks, ids, imgs, d in zip(out, rows, processed, done):
+            cost = self.cache_bytes(ids, imgs, len(toks))
+            results.append(GenerationResult(
                 text=self.tokenizer.decode(toks[:-1] if d else toks),
                 tokens=toks,
                 prompt_tokens=len(ids),
-                visual_tokens=sum(img.num_tokens for img in imgs),
+                visual_tokens=cost.visual_tokens,
                 finish_reason="stop" if d else "length",
-                kv_cache_bytes=self.cache_bytes(len(ids) + len(toks), sum(img.num_tokens for img in imgs)),
+                kv_cache_bytes=cost.kv_cache_bytes.decode,
                 images=[{"width": img.original_size[0], "height": img.original_size[1], "tokens": img.num_tokens,
                          "crops": int(img.pixel_values.shape[0]), "tiles": list(img.tiles)} for img in imgs],
-            )
-            for toks, ids, imgs, d in zip(out, rows, processed, done)
-        ]
+                cross_attention_states_prefill=cost.cross_attention_states_prefill,
+                cross_attention_states_decode=cost.cross_attention_states_decode,
+                kv_cache_bytes_by_kind=cost.kv_cache_bytes.as_dict(),
+            ))
+        return results
 
     def generate(self, prompt: str, images: Sequence = (), sampling: SamplingConfig | None = None,
                  chat: bool = False, on_token: Callable[[int], None] | None = None) -> GenerationResult:

@@ -90,8 +90,8 @@ def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainC
 @torch.inference_mode()
 def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
     """Visual tokens, context, KV cache bytes, prefill latency and decode speed on test prompts."""
-    from omnifuse.estimates import request_cache_bytes
     from omnifuse.inference import SamplingConfig, generate_stream
+    from omnifuse.planner.costs import image_cost, request_cost
 
     model, cfg = trainer.model.eval(), trainer.model_config
     size = trainer.cfg.image_size
@@ -103,8 +103,8 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
         prompts.append(trainer.builder.prompt(turns[:-1], imgs))
         images.append(imgs)
         answers.append(len(trainer.tokenizer.encode(meta["answer"], add_bos=False)) + 1)  # + stop token
-    kv = [request_cache_bytes(cfg, len(p) + a, sum(i.num_tokens for i in imgs))
-          for p, a, imgs in zip(prompts, answers, images)]
+    kv = [request_cost(cfg, len(p) + a, [image_cost(cfg, *i.original_size, model.image_processor) for i in imgs])
+          .kv_cache_bytes.decode for p, a, imgs in zip(prompts, answers, images)]
     prefill = []
     for p, imgs in list(zip(prompts, images))[:arena.latency_prompts]:
         cache = model.new_cache(1, len(p) + 1)
@@ -130,15 +130,15 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
 
 
 def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
+    import sys
+
     from rich.console import Console
 
     from omnifuse.arena.report import print_summary, write_report
-    from omnifuse.estimates import count_parameters
+    from omnifuse.planner.costs import count_parameters
     from omnifuse.training.diagnostic import chance_level
     from omnifuse.training.loop import Trainer
     from omnifuse.training.sources import DiagnosticSource
-
-    import sys
 
     console = console or (Console() if sys.stdout.isatty() else Console(width=150))
     out = Path(config.out_dir)

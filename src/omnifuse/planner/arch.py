@@ -10,6 +10,10 @@ multiply-accumulate of every matmul and convolution, attention as two batched ma
 full query x key rectangle (4 * q * k * head_dim per head, causal masking not discounted);
 norms, activations, softmax and RoPE are not counted. Prefill computes logits for the last
 position only, as generation needs.
+
+Cross-attention states come in two counts (``MediaWork``): prefill computes K/V of, and attends
+over, every state the encoder produced (Llama 3.2 Vision: padding tiles too, masked); decode
+attends to, and the decode cache keeps, only the states the last prompt token attends to.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass
 
 from omnifuse.config import ModelConfig
 
-__all__ = ["Architecture", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork",
-           "from_model_config"]
+__all__ = ["Architecture", "CacheBytes", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork",
+           "cache_bytes", "from_model_config"]
 
 
 @dataclass(frozen=True)
@@ -198,17 +202,47 @@ class DecoderArch:
         return per_layer * self.attention_span(positions)
 
     def cross_kv_bytes(self, states: int, dtype_bytes: float) -> float:
+        """Cross-attention cache for ``states`` media states (K/V in every cross-attention layer)."""
         return 2 * self.cross_layers * self.kv_heads * self.head_dim * dtype_bytes * states
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """Cache bytes of one request, by kind."""
+
+    self_attention: int  # K/V of every context position, prompt and output
+    cross_attention_prefill: int  # K/V of every state encoded at prefill (padding tiles included)
+    cross_attention_decode: int  # K/V the decode cache keeps: the states attended at decode
+
+    @property
+    def decode(self) -> int:
+        """The cache a request holds while it decodes (what ``InferenceCache.nbytes`` allocates)."""
+        return self.self_attention + self.cross_attention_decode
+
+    def as_dict(self) -> dict[str, int]:
+        return {"self_attention": self.self_attention, "cross_attention_prefill": self.cross_attention_prefill,
+                "cross_attention_decode": self.cross_attention_decode}
+
+
+def cache_bytes(decoder: DecoderArch, positions: int, cross_states_prefill: int, cross_states_decode: int,
+                dtype_bytes: float) -> CacheBytes:
+    """The one cache formula (``plan``, ``info``, the pipeline, the arena): ``positions`` context
+    tokens of self-attention K/V, and the cross-attention K/V of each state count."""
+    return CacheBytes(int(decoder.kv_bytes(positions, dtype_bytes)),
+                      int(decoder.cross_kv_bytes(cross_states_prefill, dtype_bytes)),
+                      int(decoder.cross_kv_bytes(cross_states_decode, dtype_bytes)))
 
 
 @dataclass(frozen=True)
 class MediaWork:
     """What one media item costs the model: encoder crops (and patches per crop when dynamic),
-    tokens placed in the context, and states kept for cross-attention."""
+    tokens placed in the context, and cross-attention states encoded at prefill and attended at
+    decode."""
 
-    crops: int
+    crops: int  # crops the encoder runs, padding tiles included
     context_tokens: int
-    cross_states: int = 0
+    cross_states_prefill: int = 0
+    cross_states_decode: int = 0
     patches_per_crop: int | None = None
     encoder_positions: int = 0  # feature vectors the encoder hands the connector (0: crops x patches)
 
@@ -245,7 +279,7 @@ class Architecture:
         whole context, cross-attention over all media states, logits for the last position."""
         d = self.decoder
         s = context_tokens
-        states = sum(m.cross_states for m in media)
+        states = sum(m.cross_states_prefill for m in media)  # K/V and attention over every encoded state
         encoder = sum(self.encoder_flops(m) for m in media)
         span = s * d.attention_span(s)  # every query against the full key range (windowed layers: the window)
         decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span
@@ -258,20 +292,27 @@ class Architecture:
         return {"encoder": encoder, "decoder": decoder, "cross_attention": cross, "lm_head": head,
                 "total": encoder + decoder + cross + head}
 
-    def decode_flops(self, position: int, cross_states: int = 0) -> int:
-        """FLOPs of one generated token whose context (itself included) is ``position`` long."""
+    def decode_flops(self, position: int, cross_states_decode: int = 0) -> int:
+        """FLOPs of one generated token whose context (itself included) is ``position`` long and
+        whose cross-attention reads ``cross_states_decode`` states."""
         d = self.decoder
         flops = d.token_matmul_flops() + 4 * d.heads * d.head_dim * d.attention_span(position) + 2 * d.hidden * d.vocab
-        if d.cross_layers and cross_states:
+        if d.cross_layers and cross_states_decode:
             q = d.heads * d.head_dim
             flops += d.cross_layers * (2 * 2 * d.hidden * q + 2 * d.mlp_matrices * d.hidden * d.intermediate
-                                       + 4 * cross_states * q)
+                                       + 4 * cross_states_decode * q)
         return flops
 
 
 def from_model_config(config: ModelConfig) -> Architecture:
     """The planner's view of an omnifuse model config (presets, arena models, checkpoints)."""
     v, d = config.vision, config.decoder
+    decoder = DecoderArch(hidden=d.hidden_size, layers=d.num_layers, heads=d.num_heads, kv_heads=d.num_kv_heads,
+                          head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
+                          tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,
+                          cross_layers=len(config.cross_layers))
+    if v is None:  # a text-only model
+        return Architecture(name=config.name, decoder=decoder, source=f"omnifuse config {config.name}")
     if v.type == "mllama":
         encoder = EncoderArch(hidden=v.hidden_size, layers=v.num_layers, heads=v.num_heads,
                               intermediate=v.intermediate_size, patch=v.patch_size, image_size=v.image_size,
@@ -287,9 +328,5 @@ def from_model_config(config: ModelConfig) -> Architecture:
                               patch=v.patch_size, image_size=v.image_size, cls_tokens=int(v.use_cls), stem=stem,
                               channels=v.num_channels)
     connector = ConnectorArch(kind=config.connector.type, in_dim=v.feature_dim, out_dim=d.hidden_size)
-    decoder = DecoderArch(hidden=d.hidden_size, layers=d.num_layers, heads=d.num_heads, kv_heads=d.num_kv_heads,
-                          head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
-                          tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,
-                          cross_layers=len(config.cross_layers))
     return Architecture(name=config.name, decoder=decoder, encoder=encoder, connector=connector,
                         source=f"omnifuse config {config.name}")

@@ -197,8 +197,8 @@ def _measure(args, workload, options, given) -> int:
     """Predicted (planner) vs measured (the built preset) for one request on this machine."""
     from rich.console import Console
 
-    from omnifuse.estimates import count_parameters
     from omnifuse.planner import report
+    from omnifuse.planner.costs import count_parameters
     from omnifuse.planner.measure import MEASURE_MAX_PARAMETERS, measure_request
     from omnifuse.planner.plan import ignored_options, plan, resolve_model
     from omnifuse.planner.resources import local_cpu
@@ -236,8 +236,8 @@ def _compare(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, A
         err = abs(p - m) / max(1, m)
         return f"{err:.2%} off" + ("" if err <= tol else f" (over {tol:.0%})")
 
-    visual_pred = [i["tokens"] + i["cross_attention_states"] - (1 if i["cross_attention_states"] else 0)
-                   for i in predicted["inputs"]]
+    # visual tokens: those in the context (early), or the states encoded at prefill (cross)
+    visual_pred = [i["cross_attention_states_prefill"] or i["tokens"] for i in predicted["inputs"]]
     kv_pred = predicted["kv_cache_bytes"]
     lat = predicted["latency"]
     rows = [

@@ -77,8 +77,8 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     with flop_counter() as counter:
         decode(cache)
     decode_flops = counter.get_total_flops()
-    cache_bytes = {"self_attention": cache.self_attn.nbytes,
-                   "cross_attention": cache.cross.nbytes if cache.cross is not None else 0}
+    cache_bytes = {"self_attention": cache.self_attn.nbytes,  # the cache held while decoding
+                   "cross_attention_decode": cache.cross.nbytes if cache.cross is not None else 0}
 
     pack_linears(model)  # latency as `omnifuse generate` runs it
     prefill_s, decode_s = [], []
@@ -96,7 +96,7 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     return {
         "visual_tokens": visual,
         "context_tokens": len(ids),
-        "kv_cache_bytes": cache_bytes["self_attention"] + cache_bytes["cross_attention"],
+        "kv_cache_bytes": cache_bytes["self_attention"] + cache_bytes["cross_attention_decode"],
         "kv_cache_bytes_by_kind": cache_bytes,
         "prefill_flops": prefill_flops,
         "decode_flops_per_token": decode_flops,

@@ -1,9 +1,15 @@
 """One plan: a model and a workload -> tokens, memory, FLOPs, latency, GPUs and money.
 
 Token counts come from one place per model: a vendor's published rule (``tokens.py``) or, for
-omnifuse's own models, the image processor's ``num_tokens``. Architecture figures come from the
+omnifuse's own models, ``costs.image_cost`` (the image processor). Architecture figures come from the
 model's config (presets) or its published config (``published.py``); closed models get token
 counts and API cost only, unless an assumed architecture is given (then marked estimated).
+
+Cross-attention states are counted twice (see ``costs.py``): ``cross_attention_states_prefill``
+(encoded, turned into K/V and attended over at prefill) and ``cross_attention_states_decode``
+(attended at decode, all the decode cache keeps). A request's images are taken to sit together
+before its text (the pipeline's layout for a prompt without placeholders), so the last prompt
+token attends to all of them.
 """
 
 from __future__ import annotations
@@ -15,7 +21,12 @@ from typing import Any
 
 from omnifuse.config import ConfigError, ModelConfig
 from omnifuse.planner import tokens as rules
-from omnifuse.planner.arch import Architecture, MediaWork, from_model_config
+from omnifuse.planner.arch import (
+    Architecture,
+    MediaWork,
+    cache_bytes,
+    from_model_config,
+)
 from omnifuse.planner.resources import Accelerator, Prices
 
 __all__ = ["DTYPE_BYTES", "PlanError", "Workload", "ignored_options", "known_models", "plan", "resolve_model"]
@@ -144,18 +155,26 @@ def ignored_options(model: PlanModel, workload: Workload, given: dict[str, str])
     return notes
 
 
-def _own_image(config: ModelConfig, width: int, height: int) -> tuple[dict[str, Any], MediaWork]:
-    from omnifuse.model import build_image_processor
+def _input(kind: str, width: int | None, height: int | None, seconds: float | None, tokens: int, prefill: int,
+           decode: int, note: str) -> dict[str, Any]:
+    return {"kind": kind, "width": width, "height": height, "seconds": seconds, "tokens": tokens,
+            "cross_attention_states_prefill": prefill, "cross_attention_states_decode": decode, "note": note}
 
-    processor = build_image_processor(config)
-    crops, grid, _ = processor.layout(width, height)
-    n = processor.num_tokens(width, height)
-    cross = config.fusion.type == "cross"
-    work = MediaWork(crops=crops, context_tokens=1 if cross else n, cross_states=n if cross else 0,
-                     patches_per_crop=grid[0] * grid[1], encoder_positions=n)
-    return ({"kind": "image", "width": width, "height": height, "seconds": None, "tokens": work.context_tokens,
-             "cross_attention_states": work.cross_states,
-             "note": f"{crops} crop(s) of {grid[0]}x{grid[1]} patches (omnifuse {config.image.mode} mode)"}, work)
+
+def _own_image(config: ModelConfig, width: int, height: int) -> tuple[dict[str, Any], MediaWork]:
+    from omnifuse.planner.costs import image_cost
+    from omnifuse.processing.tiles import canvas_label
+
+    cost = image_cost(config, width, height)
+    (gh, gw), (rows, cols) = cost.patch_grid, cost.tile_canvas
+    work = MediaWork(crops=cost.crops, context_tokens=cost.context_tokens,
+                     cross_states_prefill=cost.cross_attention_states_prefill,
+                     cross_states_decode=cost.cross_attention_states_decode, patches_per_crop=gh * gw,
+                     encoder_positions=cost.visual_tokens)
+    canvas = f" on a {canvas_label(rows, cols)} tile canvas" if config.image.mode == "tiles" else ""
+    note = f"{cost.crops} crop(s) of {canvas_label(gh, gw)} patches{canvas} (omnifuse {config.image.mode} mode)"
+    return _input("image", width, height, None, work.context_tokens, work.cross_states_prefill,
+                  work.cross_states_decode, note), work
 
 
 def _media_work(model: PlanModel, count: rules.TokenCount) -> list[MediaWork]:
@@ -165,18 +184,19 @@ def _media_work(model: PlanModel, count: rules.TokenCount) -> list[MediaWork]:
     enc = model.arch.encoder
     frames = count.frames
     crops = max(1, count.crops // frames)
-    ctx, states = count.context_tokens // frames, count.cross_states // frames
+    ctx, prefill, decode = (n // frames for n in (count.context_tokens, count.cross_states_prefill,
+                                                  count.cross_states_decode))
     patches = None
     if enc is not None and enc.dynamic:  # Qwen: each temporal slice is one sequence of merged patches
         merge = model.arch.connector.merge if model.arch.connector else 1
         patches = (ctx - 2) * merge // crops  # minus <|vision_start|>, <|vision_end|>
-    positions = states  # cross-attention models hand every encoder state on
-    if enc is not None and not states:
+    positions = prefill  # cross-attention models hand every encoder state on
+    if enc is not None and not prefill:
         per_crop = patches if patches is not None else enc.patches_per_crop
         qformer = model.arch.connector is not None and model.arch.connector.kind == "qformer"
         positions = crops * (per_crop + (enc.cls_tokens if qformer else 0))  # others drop CLS
-    return [MediaWork(crops=crops, context_tokens=ctx, cross_states=states, patches_per_crop=patches,
-                      encoder_positions=positions)] * frames
+    return [MediaWork(crops=crops, context_tokens=ctx, cross_states_prefill=prefill, cross_states_decode=decode,
+                      patches_per_crop=patches, encoder_positions=positions)] * frames
 
 
 def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptions) -> tuple[list[dict], list[MediaWork]]:
@@ -189,29 +209,29 @@ def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptio
             work.append(item)
             continue
         c = rules.image_tokens(model.name, w, h, options)
-        inputs.append({"kind": "image", "width": w, "height": h, "seconds": None, "tokens": c.context_tokens,
-                       "cross_attention_states": c.cross_states, "note": c.note})
+        inputs.append(_input("image", w, h, None, c.context_tokens, c.cross_states_prefill, c.cross_states_decode,
+                             c.note))
         work += _media_work(model, c)
     if workload.audio_seconds:
         if model.rule is None:
             raise PlanError(f"{model.name} has no audio encoder")
         c = rules.audio_tokens(model.name, workload.audio_seconds, options)
-        inputs.append({"kind": "audio", "width": None, "height": None, "seconds": workload.audio_seconds,
-                       "tokens": c.context_tokens, "cross_attention_states": c.cross_states, "note": c.note})
+        inputs.append(_input("audio", None, None, workload.audio_seconds, c.context_tokens, c.cross_states_prefill,
+                             c.cross_states_decode, c.note))
     if workload.video_seconds:
         w, h = workload.video_size
         if model.rule is None:  # omnifuse models: frames as images
             frames = max(1, math.floor(workload.video_seconds * workload.fps + 0.5))  # as the vendor rules round
             entry, item = _own_image(model.config, w, h)
-            inputs.append({**entry, "kind": "video", "seconds": workload.video_seconds,
-                           "tokens": entry["tokens"] * frames,
-                           "cross_attention_states": entry["cross_attention_states"] * frames,
-                           "note": f"{frames} frames at {workload.fps:g} fps, each {entry['note']}"})
+            inputs.append(_input("video", w, h, workload.video_seconds, entry["tokens"] * frames,
+                                 entry["cross_attention_states_prefill"] * frames,
+                                 entry["cross_attention_states_decode"] * frames,
+                                 f"{frames} frames at {workload.fps:g} fps, each {entry['note']}"))
             work += [item] * frames
         else:
             c = rules.video_tokens(model.name, workload.video_seconds, workload.fps, w, h, options=options)
-            inputs.append({"kind": "video", "width": w, "height": h, "seconds": workload.video_seconds,
-                           "tokens": c.context_tokens, "cross_attention_states": c.cross_states, "note": c.note})
+            inputs.append(_input("video", w, h, workload.video_seconds, c.context_tokens, c.cross_states_prefill,
+                                 c.cross_states_decode, c.note))
             work += _media_work(model, c)
     return inputs, work
 
@@ -233,14 +253,15 @@ def _weights_read(arch: Architecture, total: int, dtype_bytes: float, batch: int
 
 def _latency(arch: Architecture, total: int, acc: Accelerator, dtype: str, kv_dtype_bytes: float, context: int,
              output: int, prefill_flops: int, states: int, batch: int, gpus: int) -> dict[str, float]:
-    """Roofline: each phase takes the longer of its compute time and its memory-traffic time."""
+    """Roofline: each phase takes the longer of its compute time and its memory-traffic time.
+    ``states``: cross-attention states attended at decode."""
     peak = acc.peak_flops(dtype) * gpus
     bandwidth = acc.bandwidth_gb_s * 1e9 * gpus
     w_bytes = total * DTYPE_BYTES[dtype]
     prefill = max(prefill_flops / peak, w_bytes / bandwidth)
     mid = context + max(1, output) // 2 + 1  # the average decode step's context length
     step_flops = arch.decode_flops(mid, states)
-    kv = arch.decoder.kv_bytes(mid, kv_dtype_bytes) + arch.decoder.cross_kv_bytes(states, kv_dtype_bytes)
+    kv = cache_bytes(arch.decoder, mid, 0, states, kv_dtype_bytes).decode
     step = max(batch * step_flops / peak, (_weights_read(arch, total, DTYPE_BYTES[dtype], batch) + batch * kv) / bandwidth)
     return {"prefill_s": prefill, "decode_s_per_token": step, "request_s": prefill + output * step,
             "decode_tokens_per_s": batch / step}
@@ -258,7 +279,8 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
     options = options or rules.TokenOptions()
     inputs, work = count_inputs(model, workload, options)
     media_tokens = sum(i["tokens"] for i in inputs)
-    states = sum(i["cross_attention_states"] for i in inputs)
+    prefill_states = sum(i["cross_attention_states_prefill"] for i in inputs)
+    states = sum(i["cross_attention_states_decode"] for i in inputs)
     context = workload.text_tokens + media_tokens
     window = model.rule.context_window if model.rule is not None else (
         model.config.decoder.max_position if model.config is not None else None)
@@ -269,12 +291,13 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
         "text_tokens": workload.text_tokens,
         "output_tokens": workload.output_tokens,
         "context_tokens": context,
-        "cross_attention_states": states,
+        "cross_attention_states_prefill": prefill_states,  # encoded and cached at prefill
+        "cross_attention_states_decode": states,  # attended at decode: all the decode cache keeps
         "context_window": window,
         "fits_context": None if window is None else context + workload.output_tokens <= window,
         "estimated": model.estimated,
         "sources": {"tokens": f"{model.rule.source} (read {model.rule.date})" if model.rule is not None
-                    else "omnifuse image processor num_tokens"},
+                    else "omnifuse image processor (planner/costs.py image_cost)"},
         "notes": list(model.notes),
         "parameters": None, "weight_bytes": None, "kv_cache_bytes": None, "kv_cache_bytes_by_kind": None,
         "prefill_flops": None, "prefill_flops_by_part": None, "decode_flops_per_token": None,
@@ -283,7 +306,7 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
     arch = model.arch
     if arch is not None:
         if model.config is not None:  # an omnifuse config: count the parameters of the built model
-            from omnifuse.estimates import count_parameters
+            from omnifuse.planner.costs import count_parameters
 
             total = count_parameters(model.config)["total"]
             params = {"total": total, "active": total}
@@ -293,12 +316,10 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
         out["notes"] += list(arch.notes)
         out["parameters"] = {"total": params["total"], "active": params["active"]}
         out["weight_bytes"] = {k: params["total"] * v for k, v in DTYPE_BYTES.items()}
-        positions = context + workload.output_tokens
-        kv = {"self_attention": arch.decoder.kv_bytes(positions, DTYPE_BYTES[kv_dtype]),
-              "cross_attention": arch.decoder.cross_kv_bytes(states, DTYPE_BYTES[kv_dtype])}
+        kv = cache_bytes(arch.decoder, context + workload.output_tokens, prefill_states, states, DTYPE_BYTES[kv_dtype])
         out["kv_dtype"] = kv_dtype
-        out["kv_cache_bytes_by_kind"] = {k: int(v) for k, v in kv.items()}
-        out["kv_cache_bytes"] = int(sum(kv.values()))
+        out["kv_cache_bytes_by_kind"] = kv.as_dict()
+        out["kv_cache_bytes"] = kv.decode  # the cache held while decoding: self-attention + cross at decode
         prefill = arch.prefill_flops(context, work)
         out["prefill_flops_by_part"] = {k: v for k, v in prefill.items() if k != "total"}
         out["prefill_flops"] = prefill["total"]
@@ -340,8 +361,8 @@ def _cost(model: PlanModel, out: dict, workload: Workload, prices: Prices | None
     api = prices.api_price(model.name)
     if api is not None:
         audio = sum(i["tokens"] for i in out["inputs"] if i["kind"] == "audio")
-        # Cross-attention models are billed for their encoder states (Together: 1601 per tile).
-        billed = out["context_tokens"] + out["cross_attention_states"] - audio
+        # Cross-attention models are billed for their encoder states (Together: 1601 per real tile).
+        billed = out["context_tokens"] + out["cross_attention_states_decode"] - audio
         per_request = (billed * api["input"] + audio * api.get("audio_input", api["input"])
                        + workload.output_tokens * api["output"]) / 1e6
         cost.update(api_usd_per_request=per_request, api_usd_per_day=per_request * workload.requests_per_day,

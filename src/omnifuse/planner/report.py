@@ -37,6 +37,12 @@ def _usd(x: float | None) -> str:
     return "–" if x is None else f"${x:,.2f}"
 
 
+def _states(x: dict) -> str:
+    """Cross-attention states attended at decode, and those encoded at prefill where they differ."""
+    decode, prefill = x["cross_attention_states_decode"], x["cross_attention_states_prefill"]
+    return f"{decode:,}" if decode == prefill else f"{decode:,} (prefill {prefill:,})"
+
+
 def _input_label(i: dict) -> str:
     if i["kind"] == "image":
         return f"image {i['width']}x{i['height']}"
@@ -58,8 +64,8 @@ def plan_table(p: dict[str, Any]):
     for i in p["inputs"]:
         detail = i.get("note", "")
         value = f"{i['tokens']:,} token{'s' if i['tokens'] != 1 else ''}"
-        if i["cross_attention_states"]:
-            value += f" + {i['cross_attention_states']:,} cross states"
+        if i["cross_attention_states_prefill"]:
+            value += f" + {_states(i)} cross states"
         t.add_row(_input_label(i), value, detail)
     if p["text_tokens"] or p["output_tokens"]:
         t.add_row("text / output", f"{p['text_tokens']:,} / {p['output_tokens']:,} tokens", "")
@@ -67,15 +73,22 @@ def plan_table(p: dict[str, Any]):
     fits = "" if p["fits_context"] is not False else "  EXCEEDS THE CONTEXT WINDOW"
     t.add_row("context tokens", f"{p['context_tokens']:,}", window + fits)
     if p["fusion"] == "cross":
-        t.add_row("cross-attention states", f"{p['cross_attention_states']:,}", "kept beside the context")
+        t.add_row("cross states (prefill)", f"{p['cross_attention_states_prefill']:,}",
+                  "cross-attention states encoded and cached at prefill, beside the context")
+        t.add_row("cross states (decode)", f"{p['cross_attention_states_decode']:,}",
+                  "cross-attention states attended at decode: all the decode cache keeps")
     if p["parameters"]:
         pr = p["parameters"]
         active = f" ({_si(pr['active'])} active)" if pr["active"] != pr["total"] else ""
         t.add_row("parameters", _si(pr["total"]) + active,
                   "  ".join(f"{k} {_bytes(v)}" for k, v in p["weight_bytes"].items()))
         kinds = p["kv_cache_bytes_by_kind"]
+        cross = ""
+        if p["fusion"] == "cross":
+            cross = (f", cross {_bytes(kinds['cross_attention_decode'])} at decode "
+                     f"({_bytes(kinds['cross_attention_prefill'])} at prefill)")
         t.add_row(f"KV cache / request ({p['kv_dtype']})", _bytes(p["kv_cache_bytes"]),
-                  f"self {_bytes(kinds['self_attention'])}, cross {_bytes(kinds['cross_attention'])}")
+                  f"held while decoding: self {_bytes(kinds['self_attention'])}{cross}")
         parts = p["prefill_flops_by_part"]
         t.add_row("prefill FLOPs", _si(p["prefill_flops"]), "  ".join(f"{k} {_si(v)}" for k, v in parts.items()))
         t.add_row("decode FLOPs / token", _si(p["decode_flops_per_token"]), "first generated token")
@@ -103,7 +116,8 @@ def compare_table(plans: list[dict[str, Any]]):
     from rich.table import Table
 
     t = Table(title="models side by side", header_style="bold")
-    for col, justify in (("model", "left"), ("fusion", "left"), ("media tokens", "right"), ("cross states", "right"),
+    for col, justify in (("model", "left"), ("fusion", "left"), ("media tokens", "right"),
+                         ("cross states decode / prefill", "right"),
                          ("context", "right"), ("params", "right"), ("KV cache", "right"), ("prefill FLOPs", "right"),
                          ("decode FLOPs/tok", "right"), ("API $/day", "right"), ("self-host $/day", "right")):
         t.add_column(col, justify=justify)
@@ -111,7 +125,8 @@ def compare_table(plans: list[dict[str, Any]]):
         cost = p.get("cost") or {}
         over = " (over)" if p["fits_context"] is False else ""
         t.add_row(p["model"] + (" *" if p["estimated"] else ""), p["fusion"],
-                  f"{sum(i['tokens'] for i in p['inputs']):,}", f"{p['cross_attention_states']:,}",
+                  f"{sum(i['tokens'] for i in p['inputs']):,}",
+                  f"{p['cross_attention_states_decode']:,} / {p['cross_attention_states_prefill']:,}",
                   f"{p['context_tokens']:,}{over}",
                   _si(p["parameters"]["total"]) if p["parameters"] else "–", _bytes(p["kv_cache_bytes"]),
                   _si(p["prefill_flops"]), _si(p["decode_flops_per_token"]),
@@ -132,7 +147,8 @@ def measure_table(rows: list[tuple[str, Any, Any, str]]):
 
 
 def plot_plans(plans: list[dict[str, Any]], path: str) -> None:
-    """Tokens per model (context tokens and cross-attention states) and, when priced, $/day."""
+    """Tokens per model (context tokens and cross-attention states attended at decode) and, when
+    priced, $/day."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,9 +162,9 @@ def plot_plans(plans: list[dict[str, Any]], path: str) -> None:
     ax = axes[0][0]
     y = list(range(len(plans)))
     context = [p["context_tokens"] for p in plans]
-    states = [p["cross_attention_states"] for p in plans]
+    states = [p["cross_attention_states_decode"] for p in plans]
     ax.barh(y, context, color="#4477aa", label="context tokens")
-    ax.barh(y, states, left=context, color="#ee6677", label="cross-attention states")
+    ax.barh(y, states, left=context, color="#ee6677", label="cross-attention states (decode)")
     for i, (c, s) in enumerate(zip(context, states)):
         ax.text(c + s, i, f" {c:,} + {s:,} states" if s else f" {c:,}", va="center", fontsize="small")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:g}k" if x else "0"))

@@ -3,7 +3,10 @@
 Pure Python (no torch). The authority is ``reference/token_rules.md`` (read 2025); every rule names
 the vendor page or processor source it follows. "Tokens" are positions in the language model's
 context. Cross-attention models (Llama 3.2 Vision, Flamingo) put one placeholder per image in the
-context and report the encoder states their cross-attention reads as ``cross_states``.
+context and report the encoder states their cross-attention reads apart from the context, as two
+counts: ``cross_states_prefill`` (encoded and turned into K/V at prefill; Llama 3.2 Vision pads every
+image to 4 tiles and encodes the padding too) and ``cross_states_decode`` (the states decode tokens
+attend to: the real tiles' states of every image, the images sitting together before the text).
 
 Markup convention: ``context_tokens`` counts the media positions the processor inserts (``<image>``
 or soft tokens, and LLaVA-NeXT's newline features). Fixed wrapper tokens are added only where the
@@ -52,6 +55,8 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
+
+from omnifuse.processing.tiles import best_canvas, canvas_label
 
 __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError", "audio_tokens", "image_tokens",
            "options_read", "video_tokens"]
@@ -110,9 +115,10 @@ class TokenOptions:
 @dataclass(frozen=True)
 class TokenCount:
     context_tokens: int  # positions in the language model's context
-    cross_states: int = 0  # encoder states read by cross-attention
+    cross_states_prefill: int = 0  # encoder states cross-attention turns into K/V at prefill
+    cross_states_decode: int = 0  # of those, the states decode tokens attend to
     note: str = ""  # short human explanation
-    crops: int = 1  # encoder passes (tiles, crops, global views), all frames together
+    crops: int = 1  # crops the encoder runs (tiles, padding tiles, global views), all frames together
     frames: int = 1  # images behind the count (video frames sent as images)
 
 
@@ -309,29 +315,21 @@ def _claude(width: int, height: int, options: TokenOptions) -> TokenCount:
     return TokenCount(tokens, note=f"{width}x{height}{resized} -> {tokens} ({rule})")
 
 
-# --- Tiled canvases: Mllama get_optimal_tiled_canvas, Llama 4 get_best_fit ------------------------
-
-def _best_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:
-    """(rows, cols) of the canvas: over grids with rows*cols <= max_tiles, scale = the limiting side's
-    canvas/image ratio; the smallest scale >= 1 wins, else the largest < 1; ties go to the least area."""
-    grids = [(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if r * c <= max_tiles]
-    scales = {g: min(g[0] * tile / height, g[1] * tile / width) for g in grids}
-    up = [s for s in scales.values() if s >= 1]
-    chosen = min(up) if up else max(scales.values())
-    return min((g for g in grids if scales[g] == chosen), key=lambda g: g[0] * g[1])
-
+# --- Tiled canvases: Mllama get_optimal_tiled_canvas, Llama 4 get_best_fit (processing/tiles.py) ---
 
 _MLLAMA_SOURCE = ("transformers models/mllama/{configuration,image_processing,processing}_mllama.py; "
                   f"vLLM model_executor/models/mllama.py; {_REFERENCE} §4")
 
 
 def _mllama(width: int, height: int, options: TokenOptions) -> TokenCount:
-    """Tiles of 560 px (max 4); (560/14)**2 + 1 CLS = 1601 cross-attention states per tile."""
-    rows, cols = _best_grid(width, height, 560, 4)
+    """Tiles of 560 px (max 4); (560/14)**2 + 1 CLS = 1601 cross-attention states per tile. The
+    processor pads every image to 4 tiles, which are all encoded and cached at prefill; the padding
+    is masked, so decode attends to the real tiles' states only."""
+    rows, cols = best_canvas(width, height, 560, 4)
     n = rows * cols
-    return TokenCount(1, cross_states=1601 * n, crops=n,
-                      note=f"{width}x{height} -> {cols}x{rows} tiles x 1601 states (HF pads to 4 tiles and "
-                           "masks the rest); 1 <|image|> token")
+    return TokenCount(1, cross_states_prefill=1601 * 4, cross_states_decode=1601 * n, crops=4,
+                      note=f"{width}x{height} -> {canvas_label(rows, cols)} tiles x 1601 states attended at decode; "
+                           "padded to 4 tiles, 6404 states encoded and cached at prefill; 1 <|image|> token")
 
 
 _LLAMA4_SOURCE = ("transformers models/llama4/image_processing_llama4.py (get_best_fit), processing_llama4.py; "
@@ -341,13 +339,13 @@ _LLAMA4_SOURCE = ("transformers models/llama4/image_processing_llama4.py (get_be
 def _llama4(width: int, height: int, options: TokenOptions) -> TokenCount:
     """Tiles of 336 px (max 16), 144 tokens each, a global tile when n > 1, n separators, +3.
     The canvas choice gives the tile count; images are padded rather than upscaled past 336."""
-    rows, cols = _best_grid(width, height, 336, 16)
+    rows, cols = best_canvas(width, height, 336, 16)
     n = rows * cols
     tiles = n + 1 if n > 1 else 1
     separators = n if n > 1 else 0
     tokens = 144 * tiles + separators + 3
     return TokenCount(tokens, crops=tiles,
-                      note=f"{width}x{height} -> {cols}x{rows} tiles{' + global' if n > 1 else ''} "
+                      note=f"{width}x{height} -> {canvas_label(rows, cols)} tiles{' + global' if n > 1 else ''} "
                            f"x 144 + {separators} separators + 3")
 
 
@@ -465,8 +463,9 @@ def _idefics3(longest_edge: int, tile: int, per_tile: int):
         rows, cols = _cdiv(h, tile), _cdiv(w, tile)
         n = rows * cols + 1
         wrappers = 2 * rows * cols + rows + 4
-        return TokenCount(n * per_tile, crops=n, note=f"{width}x{height} -> {w}x{h} -> {cols}x{rows} tiles + global x "
-                                             f"{per_tile} <image> (+ ~{wrappers} wrapper tokens not counted)")
+        return TokenCount(n * per_tile, crops=n,
+                          note=f"{width}x{height} -> {w}x{h} -> {canvas_label(rows, cols)} tiles + global x "
+                               f"{per_tile} <image> (+ ~{wrappers} wrapper tokens not counted)")
     return rule
 
 
@@ -506,11 +505,13 @@ def _blip2(width: int, height: int, options: TokenOptions) -> TokenCount:
 
 
 def _flamingo(width: int, height: int, options: TokenOptions) -> TokenCount:
-    return TokenCount(1, cross_states=64, note="64 Perceiver latents via cross-attention; 1 <image> marker")
+    return TokenCount(1, cross_states_prefill=64, cross_states_decode=64,
+                      note="64 Perceiver latents via cross-attention; 1 <image> marker")
 
 
 def _flamingo_video(seconds: float, fps: float, width: int, height: int, options: TokenOptions) -> TokenCount:
-    return TokenCount(1, cross_states=64, note="a whole video -> 64 Perceiver latents; 1 <image> marker")
+    return TokenCount(1, cross_states_prefill=64, cross_states_decode=64,
+                      note="a whole video -> 64 Perceiver latents; 1 <image> marker")
 
 
 # --- Registry --------------------------------------------------------------------------------------
@@ -639,5 +640,6 @@ def video_tokens(model: str, seconds: float | None, fps: float | None, width: in
         return rule.video(*_native_timing(model, seconds, fps, frames), width, height, options)
     n = _frame_count(model, seconds, fps, frames)
     frame = image_tokens(model, width, height, options)
-    return TokenCount(n * frame.context_tokens, cross_states=n * frame.cross_states, crops=n * frame.crops, frames=n,
+    return TokenCount(n * frame.context_tokens, cross_states_prefill=n * frame.cross_states_prefill,
+                      cross_states_decode=n * frame.cross_states_decode, crops=n * frame.crops, frames=n,
                       note=f"no native video rule: {n} frames counted as images, each {frame.note}")

@@ -22,7 +22,6 @@ import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -30,16 +29,17 @@ from PIL import Image, ImageOps
 
 from omnifuse.config import ConfigError, ImageConfig
 from omnifuse.processing.resample import pad_resize
+from omnifuse.processing.tiles import best_canvas, supported_aspect_ratios
 
 __all__ = [
     "ImageError",
-    "load_image",
-    "ProcessedImage",
     "ImageProcessor",
+    "ProcessedImage",
     "aspect_ratio_id",
+    "load_image",
 ]
 
-ImageSource = Union[str, Path, bytes, bytearray, Image.Image]
+ImageSource = str | Path | bytes | bytearray | Image.Image
 
 # Pillow >= 9.1 moved the filters into an enum; the old module constants still work on 10+.
 _BICUBIC = Image.Resampling.BICUBIC
@@ -152,33 +152,17 @@ def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image
 
 
 # ---------------------------------------------------------------------------------------------
-# Llama 3.2 tile canvas (Hugging Face MllamaImageProcessor; these must match it exactly)
-
-
-def _supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
-    """All (rows, cols) with rows * cols <= max_tiles, rows major: Mllama's id order."""
-    return [(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1) if r * c <= max_tiles]
+# Llama 3.2 tile canvas (Hugging Face MllamaImageProcessor; these must match it exactly). The
+# canvas list and choice live in processing/tiles.py, (rows, cols) everywhere.
 
 
 def aspect_ratio_id(rows: int, cols: int, max_tiles: int) -> int:
     """Mllama's aspect-ratio id: the 1-based index of (rows, cols) among the supported canvases
     (0 is kept for batch padding)."""
-    ratios = _supported_aspect_ratios(max_tiles)
+    ratios = supported_aspect_ratios(max_tiles)
     if (rows, cols) not in ratios:
-        raise ImageError(f"tile canvas {rows} x {cols} is not supported with max_tiles = {max_tiles}")
+        raise ImageError(f"tile canvas {rows} x {cols} (rows x cols) is not supported with max_tiles = {max_tiles}")
     return ratios.index((rows, cols)) + 1
-
-
-def _optimal_canvas(width: int, height: int, max_tiles: int, tile: int) -> tuple[int, int]:
-    """(rows, cols) of Mllama's get_optimal_tiled_canvas: the canvas needing the least upscaling,
-    else the least downscaling; ties go to the smallest area (first in id order)."""
-    ratios = _supported_aspect_ratios(max_tiles)
-    # Scale that fits the image inside each canvas; same float operations as the numpy original.
-    scales = [min(c * tile / width, r * tile / height) for r, c in ratios]
-    up = [s for s in scales if s >= 1]
-    chosen = min(up) if up else max(s for s in scales if s < 1)
-    candidates = [rc for rc, s in zip(ratios, scales) if s == chosen]
-    return min(candidates, key=lambda rc: rc[0] * rc[1])  # min() keeps the first of equal areas
 
 
 def _fit_to_canvas(width: int, height: int, canvas_w: int, canvas_h: int, tile: int) -> tuple[int, int]:
@@ -265,7 +249,7 @@ class ImageProcessor:
         self._check_size(width, height)
         if self.config.mode != "tiles":
             return (1, 1)
-        return _optimal_canvas(width, height, self.config.max_tiles, self.config.image_size)
+        return best_canvas(width, height, self.config.image_size, self.config.max_tiles)
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) the image content is resized to: the crop itself in "fixed" / "dynamic" mode,
@@ -296,6 +280,15 @@ class ImageProcessor:
         """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
         self._check_size(width, height)
         crops, (gh, gw), _ = self.layout(width, height)
+        return crops * (gh * gw + self.cls_tokens)
+
+    def num_attended_tokens(self, width: int, height: int) -> int:
+        """Visual tokens text may attend to: all of ``num_tokens`` but the padding tiles of
+        ``pad_tiles`` (Mllama), which are encoded and cached at prefill and never attended."""
+        self._check_size(width, height)
+        crops, (gh, gw), (rows, cols) = self.layout(width, height)
+        if self.config.mode == "tiles" and self.config.pad_tiles:
+            crops = rows * cols
         return crops * (gh * gw + self.cls_tokens)
 
     # --- pixels ------------------------------------------------------------------------------

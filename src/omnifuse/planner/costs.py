@@ -1,0 +1,157 @@
+"""Cost figures of an omnifuse model config. ``omnifuse info``, ``omnifuse plan`` (presets and
+config files), the pipeline's ``GenerationResult`` and the arena all take them from here.
+
+Parameters are counted on the model built on the meta device, so a 7B or 11B config costs no
+memory. Cache bytes follow one formula, ``arch.cache_bytes`` on the config's ``DecoderArch``: keys
+and values, ``num_kv_heads * head_dim`` each at the cache dtype, for every self-attention layer and
+context position, and for every cross-attention layer and media state.
+
+Cross-attention models have two state counts per image. They are named apart everywhere:
+
+- ``cross_attention_states_prefill``: the states the encoder produces. Every cross-attention layer
+  turns them into K/V at prefill. Llama 3.2 Vision pads every image to ``max_num_tiles`` tiles and
+  encodes and caches the padding too, so any image gives 4 x 1601 = 6404.
+- ``cross_attention_states_decode``: the states decode tokens attend to, which are the real tiles'
+  states of the images the last prompt token reads. The model keeps only these in its decode cache
+  (1601 for a one-tile image).
+
+Early fusion puts every visual token in the context, so both counts are 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from omnifuse.config import ModelConfig
+from omnifuse.planner.arch import CacheBytes, cache_bytes, from_model_config
+
+__all__ = ["CacheBytes", "ImageCost", "RequestCost", "count_parameters", "cross_kv_bytes_per_state", "image_cost",
+           "images_seen_at_decode", "kv_bytes_per_token", "model_info", "request_cost"]
+
+
+def _is_cross(config: ModelConfig) -> bool:
+    return config.fusion.type == "cross"
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Parameters per component (tied weights counted once), without allocating them."""
+    from omnifuse.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    parts = {"vision_encoder": model.vision_encoder, "connector": model.connector, "cross_attention": model.cross_layers}
+    counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["decoder"] = counts["total"] - sum(counts[k] for k in parts)
+    return counts
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: float = 4) -> int:
+    """Self-attention K/V of one context position, all layers."""
+    return cache_bytes(from_model_config(config).decoder, 1, 0, 0, dtype_bytes).self_attention
+
+
+def cross_kv_bytes_per_state(config: ModelConfig, dtype_bytes: float = 4) -> int:
+    """Cross-attention K/V of one media state, all cross-attention layers (0 for early fusion)."""
+    return cache_bytes(from_model_config(config).decoder, 0, 1, 0, dtype_bytes).cross_attention_prefill
+
+
+@dataclass(frozen=True)
+class ImageCost:
+    """What one ``width x height`` image costs a model (the size after EXIF transpose)."""
+
+    width: int
+    height: int
+    crops: int  # crops the encoder runs, padding tiles included
+    patch_grid: tuple[int, int]  # (rows, cols) of patches per crop
+    tile_canvas: tuple[int, int]  # (rows, cols) of tiles in "tiles" mode, else (1, 1)
+    visual_tokens: int  # states the encoder and connector produce (ImageProcessor.num_tokens)
+    context_tokens: int  # positions the image takes in the decoder's context
+    cross_attention_states_prefill: int
+    cross_attention_states_decode: int
+
+
+def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:
+    """``processor``: the config's image processor, if one is built already."""
+    if processor is None:
+        from omnifuse.model import build_image_processor
+
+        processor = build_image_processor(config)
+    crops, grid, canvas = processor.layout(width, height)
+    n = processor.num_tokens(width, height)
+    cross = _is_cross(config)
+    return ImageCost(width=width, height=height, crops=crops, patch_grid=grid, tile_canvas=canvas, visual_tokens=n,
+                     context_tokens=1 if cross else n,  # cross fusion keeps one placeholder in the context
+                     cross_attention_states_prefill=n if cross else 0,
+                     cross_attention_states_decode=processor.num_attended_tokens(width, height) if cross else 0)
+
+
+def images_seen_at_decode(config: ModelConfig, prompt_ids: Sequence[int], placeholder_id: int,
+                          num_images: int) -> list[bool]:
+    """Which of the prompt's images the last prompt token attends to. Decode tokens attend to the
+    same ones. The model's own rule is ``visible_images``: every image before it, or only the latest
+    placeholder group for Llama 3.2 Vision's ``latest`` span."""
+    if not num_images:
+        return []
+    from omnifuse.fusion import visible_images
+
+    placeholders = torch.tensor([list(prompt_ids)]) == placeholder_id  # (1, T)
+    seen = visible_images(placeholders, num_images, config.fusion.cross_attention_span)[0, -1]  # (N,)
+    return [bool(s) for s in seen]
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    visual_tokens: int  # all images: tokens in the context (early) or states encoded at prefill (cross)
+    cross_attention_states_prefill: int
+    cross_attention_states_decode: int
+    kv_cache_bytes: CacheBytes
+
+
+def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost] = (), dtype_bytes: float = 4,
+                 seen: Sequence[bool] | None = None) -> RequestCost:
+    """One request: ``sequence_tokens`` context positions (prompt and output, visual tokens
+    included for early fusion) and its images. ``seen``: the images the last prompt token attends
+    to (``images_seen_at_decode``). None means all of them, which holds when they sit together before
+    the text, as the pipeline places them in a prompt without placeholders."""
+    seen = [True] * len(images) if seen is None else list(seen)
+    if len(seen) != len(images):
+        raise ValueError(f"seen names {len(seen)} images but the request has {len(images)}")
+    prefill = sum(i.cross_attention_states_prefill for i in images)
+    decode = sum(i.cross_attention_states_decode for i, s in zip(images, seen) if s)
+    return RequestCost(visual_tokens=sum(i.visual_tokens for i in images), cross_attention_states_prefill=prefill,
+                       cross_attention_states_decode=decode,
+                       kv_cache_bytes=cache_bytes(from_model_config(config).decoder, sequence_tokens, prefill, decode,
+                                                  dtype_bytes))
+
+
+def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``omnifuse info``: parameters, and what one image costs. ``image_size`` is (width, height);
+    the default is the model's crop size, square."""
+    cross = _is_cross(config)
+    info: dict[str, Any] = {"name": config.name, "fusion": config.fusion.type, "parameters": count_parameters(config)}
+    if config.vision is not None:
+        w, h = image_size or (config.image.image_size, config.image.image_size)
+        cost = image_cost(config, w, h)
+        info.update(image_mode=config.image.mode, image_size=[w, h], crops=cost.crops)
+        if config.image.mode == "tiles":
+            info["tile_canvas"] = {"rows": cost.tile_canvas[0], "cols": cost.tile_canvas[1]}
+        info.update(visual_tokens_per_image=cost.visual_tokens, context_tokens_per_image=cost.context_tokens)
+    info.update(context_length=config.decoder.max_position, cache_dtype_bytes=dtype_bytes,
+                kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
+    if config.vision is None:
+        return info
+    if cross:
+        per_state = cross_kv_bytes_per_state(config, dtype_bytes)
+        info.update(cross_attention_layers=list(config.cross_layers), cross_attention_kv_bytes_per_state=per_state,
+                    cross_attention_states_prefill=cost.cross_attention_states_prefill,
+                    cross_attention_states_decode=cost.cross_attention_states_decode,
+                    cross_attention_kv_bytes_prefill=cost.cross_attention_states_prefill * per_state,
+                    cross_attention_kv_bytes_decode=cost.cross_attention_states_decode * per_state)
+    else:
+        info["kv_cache_bytes_per_image"] = cost.context_tokens * kv_bytes_per_token(config, dtype_bytes)
+    return info
