@@ -156,7 +156,7 @@ def test_round_trip_with_tied_embeddings(tmp_path):
     model = build_model(cfg).eval()
     save_checkpoint(model, tmp_path)
     loaded = load_checkpoint(tmp_path)
-    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert loaded.decoder.lm_head.weight is loaded.decoder.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(loaded(TEXT), model(TEXT))
 
@@ -166,7 +166,7 @@ def test_round_trip_with_tied_embeddings(tmp_path):
 
 def test_missing_tensor_is_named(saved, tmp_path):
     _, folder = saved["tiny-early"]
-    key = "layers.2.self_attn.o_proj.weight"
+    key = "decoder.layers.2.self_attn.o_proj.weight"
     assert key in load_file(str(folder / "model.safetensors"))
     rewrite_weights(folder, tmp_path, lambda t: t.pop(key))
     with pytest.raises(CheckpointError) as err:
@@ -178,7 +178,7 @@ def test_missing_tensor_is_named(saved, tmp_path):
 
 def test_unexpected_tensor_is_named(saved, tmp_path):
     _, folder = saved["tiny-cross"]
-    key = "cross_layers.2.attn_gate.gate"  # tiny-cross has cross layers 1 and 3 only
+    key = "decoder.cross_layers.2.attn_gate.gate"  # tiny-cross has cross layers 1 and 3 only
 
     def add(t):
         t[key] = torch.zeros(1)
@@ -193,7 +193,7 @@ def test_unexpected_tensor_is_named(saved, tmp_path):
 
 def test_mis_shaped_tensor_names_key_and_both_shapes(saved, tmp_path):
     _, folder = saved["tiny-early"]
-    key = "embed_tokens.weight"  # (260, 128) in the model
+    key = "decoder.embed_tokens.weight"  # (260, 128) in the model
 
     def shrink(t):
         t[key] = t[key][:200].clone()
@@ -359,3 +359,29 @@ def test_available_memory_is_read_from_the_machine():
 
     free = available_memory()
     assert free is None or free > 0
+
+
+def test_checkpoint_with_the_earlier_key_layout_loads(saved, tmp_path):
+    # Checkpoints written before the decoder was a module of its own name its tensors without the
+    # "decoder." prefix, and the ViT's attention output "out_proj"; they load to the same model.
+    import re
+
+    for name in TINY:
+        model, folder = saved[name]
+
+        def old_layout(t):
+            for k in list(t):
+                old = re.sub(r"^decoder\.", "", k)
+                old = re.sub(r"^(vision_encoder\.layers\.\d+\.self_attn\.)o_proj\.", r"\1out_proj.", old)
+                t[old] = t.pop(k)
+
+        dst = tmp_path / name
+        rewrite_weights(folder, dst, old_layout)
+        assert "embed_tokens.weight" in load_file(str(dst / "model.safetensors"))
+        loaded = load_checkpoint(dst)
+        image = build_image_processor(model.config)(IMG)
+        ids = torch.cat([TEXT[:, :3], torch.full((1, 1 if model.is_cross else image.num_tokens), IMAGE), TEXT[:, 3:]], 1)
+        for m in (model, loaded):
+            m.placeholder_id = IMAGE
+        with torch.no_grad():
+            assert torch.equal(loaded(ids, images=[[image]]), model(ids, images=[[image]]))

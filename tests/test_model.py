@@ -34,7 +34,7 @@ def test_cross_attention_model_with_zero_gates_equals_its_text_decoder():
     cross = make_model(tiny_config("cross"))
     text_only = make_model(tiny_config("early"), seed=1)
     # Copy the shared decoder (embeddings, self-attention layers, norm, head) into the text model.
-    shared = {k: v for k, v in cross.state_dict().items() if not k.startswith(("cross_layers", "vision", "connector"))}
+    shared = {k: v for k, v in cross.state_dict().items() if not k.startswith(("decoder.cross_layers", "vision", "connector"))}
     text_only.load_state_dict(shared, strict=False)
     ids = torch.cat([_text(5), torch.tensor([[PLACEHOLDER]]), _text(7, 1)], dim=1)
     images = [[cross.image_processor(scene(50, 30))]]
@@ -89,7 +89,7 @@ def test_early_fusion_splices_several_images_anywhere():
         logits = model(ids, images=[[a, b]])
         swapped = model(ids, images=[[b, a]])
         # Manual splice: the embeddings at placeholder slots are exactly the image features.
-        embeds = model.embed_tokens(ids).clone()
+        embeds = model.decoder.embed_tokens(ids).clone()
         embeds[0, 3:3 + n] = feats[0]
         embeds[0, 7 + n:7 + 2 * n] = feats[1]
     assert logits.shape == (1, ids.shape[1], 260)
@@ -97,7 +97,7 @@ def test_early_fusion_splices_several_images_anywhere():
     assert not torch.allclose(logits[:, 3:], swapped[:, 3:], atol=1e-4)
     from omnifuse.fusion import splice_features
 
-    spliced = splice_features(model.embed_tokens(ids), ids, [feats], PLACEHOLDER)
+    spliced = splice_features(model.decoder.embed_tokens(ids), ids, [feats], PLACEHOLDER)
     torch.testing.assert_close(spliced, embeds)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -83,9 +84,27 @@ def materialize(model: torch.nn.Module, device: str | torch.device, what: str) -
 
     ensure_fits(tensor_bytes(model), what, device)
     model = model.to_empty(device=device)
-    model.tie_weights()  # to_empty gave tied parameters their own storage
-    model.rope.reset_buffers()
+    from omnifuse.nn.rope import RotaryEmbedding
+
+    for m in model.modules():
+        if hasattr(m, "tie_weights"):
+            m.tie_weights()  # to_empty gave tied parameters their own storage
+        if isinstance(m, RotaryEmbedding):
+            m.reset_buffers()  # buffers are not in the file
     return model
+
+
+# Checkpoints written before the decoder became its own module (and before one attention module
+# served the vision encoder) name their tensors differently; their keys are renamed on load.
+_OLD_KEYS = ((re.compile(r"^(embed_tokens|layers|cross_layers|norm|lm_head)\."), r"decoder.\1."),
+             (re.compile(r"^(vision_encoder\.layers\.\d+\.self_attn\.)out_proj\."), r"\1o_proj."))
+
+
+def upgrade_key(key: str) -> str:
+    """A tensor name from an omnifuse checkpoint of any version, in today's layout."""
+    for pattern, repl in _OLD_KEYS:
+        key = pattern.sub(repl, key)
+    return key
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -134,13 +153,14 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{folder} has no model.safetensors")
     with torch.device("meta"):
         model = build_model(config)
-    check_shapes(model.state_dict(keep_vars=True), safetensors_shapes(weights), str(weights))
+    shapes = {upgrade_key(k): shape for k, shape in safetensors_shapes(weights).items()}
+    check_shapes(model.state_dict(keep_vars=True), shapes, str(weights))
     model = materialize(model, device, f"the model in {folder}")
     own = model.state_dict(keep_vars=True)
     try:
         with safe_open(str(weights), framework="pt", device=str(device)) as f, torch.no_grad():
             for k in f.keys():
-                own[k].data.copy_(f.get_tensor(k))
+                own[upgrade_key(k)].data.copy_(f.get_tensor(k))
     except Exception as e:  # a file cut short after a valid header
         raise CheckpointError(f"cannot read {weights}: {e}") from None
     return model.eval()

@@ -10,7 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "ConfigError",
@@ -20,6 +21,7 @@ __all__ = [
     "ConnectorConfig",
     "FusionConfig",
     "DecoderConfig",
+    "LayerSpec",
     "TextConfig",
     "ModelConfig",
     "config_from_dict",
@@ -234,6 +236,28 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer as data: which attention and feed-forward it has, whether it applies RoPE,
+    and whether a gated cross-attention block sits in front of it. The decoder's layers are its
+    ``layer_pattern`` tiled to ``num_layers``; ``cross_attention`` is then set from the fusion
+    config (``ModelConfig.layer_specs``). The kinds are names in the decoder builder's registries
+    (``omnifuse.decoder.builder``)."""
+
+    attention: str = "full"  # full: every earlier position
+    feed_forward: str = "dense"  # dense: SwiGLU
+    rope: bool = True  # False: a NoPE layer (no rotary positions)
+    cross_attention: bool = False
+
+    def __post_init__(self) -> None:
+        from omnifuse.decoder.builder import ATTENTION, FEED_FORWARD
+
+        _check(self.attention in ATTENTION,
+               f"decoder layer attention {self.attention!r} unknown; known: {sorted(ATTENTION)}")
+        _check(self.feed_forward in FEED_FORWARD,
+               f"decoder layer feed_forward {self.feed_forward!r} unknown; known: {sorted(FEED_FORWARD)}")
+
+
+@dataclass(frozen=True)
 class DecoderConfig:
     """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
 
@@ -256,6 +280,8 @@ class DecoderConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    # Layer kinds, repeated to num_layers (a pattern of 4 with a NoPE layer last: every 4th is NoPE).
+    layer_pattern: tuple[LayerSpec, ...] = (LayerSpec(),)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -277,6 +303,11 @@ class DecoderConfig:
         if self.rope_type == "llama3":
             _check(self.rope_factor > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor,
                    "decoder llama3 rope scaling needs rope_factor > 0 and high_freq_factor > low_freq_factor")
+        _set(self, "layer_pattern", tuple(self.layer_pattern))
+        _check(len(self.layer_pattern) > 0, "decoder.layer_pattern needs at least one layer spec")
+        _check(all(isinstance(s, LayerSpec) for s in self.layer_pattern), "decoder.layer_pattern holds layer specs")
+        _check(not any(s.cross_attention for s in self.layer_pattern),
+               "decoder.layer_pattern cannot place cross-attention: use fusion.cross_attention_layers")
 
 
 @dataclass(frozen=True)
@@ -299,8 +330,11 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A whole model. ``vision: null`` makes a text-only model (a Llama text checkpoint): no
+    encoder, no connector, no media."""
+
     name: str = "custom"
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -309,8 +343,13 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vision", "image", "connector", "fusion", "decoder", "text"):
+        for name in ("image", "connector", "fusion", "decoder", "text"):
             _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
+        _check(self.vision is None or dataclasses.is_dataclass(self.vision), "vision must be a config object or null")
+        if self.vision is None:
+            _check(self.fusion.type == "early" and not self.fusion.resolved_layers(self.decoder.num_layers),
+                   "a text-only model (vision: null) has no fusion layers; use fusion.type early")
+            return
         if self.image.mode == "fixed" or self.image.mode == "tiles":
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
@@ -325,8 +364,25 @@ class ModelConfig:
                    f"fusion.cross_attention_layers index {i} is outside 0..{self.decoder.num_layers}")
 
     @property
+    def has_media(self) -> bool:
+        return self.vision is not None
+
+    @property
     def cross_layers(self) -> tuple[int, ...]:
         return self.fusion.resolved_layers(self.decoder.num_layers)
+
+    @property
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """Every decoder layer's spec: the pattern tiled to ``num_layers``, cross-attention in front
+        of the layers the fusion config names. (A cross-attention block after the last layer,
+        index ``num_layers``, belongs to no layer: ``final_cross_attention``.)"""
+        pattern, cross = self.decoder.layer_pattern, set(self.cross_layers)
+        return tuple(dataclasses.replace(pattern[i % len(pattern)], cross_attention=i in cross)
+                     for i in range(self.decoder.num_layers))
+
+    @property
+    def final_cross_attention(self) -> bool:
+        return self.decoder.num_layers in self.cross_layers
 
     @property
     def tokens_per_crop(self) -> int:
@@ -353,6 +409,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return config_from_dict(tp, value, where)
     origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (Union, UnionType) and type(None) in args and any(dataclasses.is_dataclass(a) for a in args):
+        inner = next(a for a in args if dataclasses.is_dataclass(a))
+        return None if value is None else config_from_dict(inner, value, where)
+    if origin is tuple and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(v if isinstance(v, args[0]) else config_from_dict(args[0], v, f"{where}[{i}]")
+                     for i, v in enumerate(value))
     if origin is tuple or origin is Union:
         if origin is tuple and not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -2,55 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from omnifuse.config import ModelConfig
 from omnifuse.connectors import CONNECTORS
+from omnifuse.decoder import TextDecoder, build_decoder
 from omnifuse.encoders import VisionTransformer
 from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
-from omnifuse.fusion import (CrossAttentionLayer, FeatureCountError, build_memory, cross_attention_mask,
-                             splice_features, visible_images)
-from omnifuse.inference.cache import CrossAttentionCache, InferenceCache, KVCache
-from omnifuse.nn import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU
-from omnifuse.nn.attention import select_rows
+from omnifuse.fusion import FeatureCountError, build_memory, cross_attention_mask, splice_features, visible_images
+from omnifuse.fusion.cross import CrossAttentionInputs
+from omnifuse.inference.cache import CrossAttentionCache, InferenceCache
 from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
 
-__all__ = ["DecoderLayer", "MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder",
-           "ensure_model_fits"]
+__all__ = ["MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder", "ensure_model_fits"]
 
 
-class DecoderLayer(nn.Module):
-    """Llama block: x + attn(norm(x)); x + swiglu(norm(x))."""
-
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, eps: float,
-                 bias: bool = False) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(dim, eps)
-        self.self_attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim, bias=bias)
-        self.post_attention_layernorm = RMSNorm(dim, eps)
-        self.mlp = SwiGLU(dim, hidden)
-
-    def forward(self, x, cos, sin, mask, cache=None, start: int = 0, queries=None):
-        # (B, T, D) -> (B, T, D); with queries (B, K) positions: (B, K, D), those positions only
-        h = self.input_layernorm(x)
-        if queries is not None:
-            x = select_rows(x, queries)
-        x = x + self.self_attn(h, cos, sin, mask, cache, start, queries)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def build_image_processor(config: ModelConfig) -> ImageProcessor:
+def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
+    if config.vision is None:
+        return None
     return ImageProcessor(config.image, patch_size=config.vision.patch_size, cls_tokens=config.vision.cls_tokens)
-
-
-@dataclass
-class _Positions:
-    position_ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when plain causal attention suffices
-    start: int
 
 
 class MultimodalModel(nn.Module):
@@ -66,41 +38,18 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.config = config
         v, d = config.vision, config.decoder
-        self.vision_encoder = build_vision_encoder(config)
+        self.vision_encoder = build_vision_encoder(config) if v is not None else None
         self.connector = CONNECTORS[config.connector.type](
             v.feature_dim, d.hidden_size, bias=config.connector.bias,
-            positions=config.tokens_per_crop if config.connector.position_embedding else 0)
-        self.embed_tokens = nn.Embedding(d.vocab_size + d.extra_embeddings, d.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size, d.norm_eps,
-                         bias=d.attention_bias)
-            for _ in range(d.num_layers)
-        )
-        self.cross_layers = nn.ModuleDict({
-            str(i): CrossAttentionLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
-                                        d.intermediate_size, d.norm_eps,
-                                        zero_blind_attention=config.fusion.text_before_media == "skip")
-            for i in config.cross_layers
-        })
-        self.norm = RMSNorm(d.hidden_size, d.norm_eps)
-        self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
-        self.tie_weights()
-        scaling = None
-        if d.rope_type == "llama3":
-            scaling = {"factor": d.rope_factor, "low_freq_factor": d.rope_low_freq_factor,
-                       "high_freq_factor": d.rope_high_freq_factor, "original_max_position": d.rope_original_max_position}
-        self.rope = RotaryEmbedding(d.head_dim, d.rope_theta, scaling)
-        self.image_processor = build_image_processor(config)
+            positions=config.tokens_per_crop if config.connector.position_embedding else 0) if v is not None else None
+        # Registered after the encoder and connector: parameter order (which a saved optimizer
+        # state follows) is the same as before the decoder was a module of its own.
+        self.decoder: TextDecoder = build_decoder(config)
+        self.image_processor = build_image_processor(config) if v is not None else None
         self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
-    def tie_weights(self) -> None:
-        """Share the input embedding with the output head when the config says so (again after
-        ``to_empty``, which gives every parameter its own storage)."""
-        if self.config.decoder.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, m in self.named_modules():
@@ -115,7 +64,7 @@ class MultimodalModel(nn.Module):
         ve = self.vision_encoder
         if isinstance(ve, VisionTransformer):
             nn.init.normal_(ve.position_embedding, std=std)
-        if ve.class_embedding is not None:
+        if ve is not None and ve.class_embedding is not None:
             nn.init.normal_(ve.class_embedding, std=std)
         # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
 
@@ -123,20 +72,25 @@ class MultimodalModel(nn.Module):
     def is_cross(self) -> bool:
         return self.config.fusion.type == "cross"
 
+    @property
+    def cross_layers(self) -> nn.ModuleDict:
+        return self.decoder.cross_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
     def new_cache(self, batch_size: int, max_len: int) -> InferenceCache:
-        d = self.config.decoder
-        if max_len > d.max_position:
-            raise ValueError(f"cache length {max_len} exceeds the context length {d.max_position}")
-        p = self.embed_tokens.weight
-        return InferenceCache(KVCache(d.num_layers, batch_size, d.num_kv_heads, max_len, d.head_dim,
-                                      dtype=p.dtype, device=p.device))
+        return InferenceCache(self.decoder.new_cache(batch_size, max_len))
 
     # ------------------------------------------------------------------ media
     def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         """Vision encoder + connector for each image: a list of (num_tokens, D_decoder)."""
         if not images:
             return []
-        device = self.embed_tokens.weight.device
+        if self.vision_encoder is None:
+            raise FeatureCountError(f"{self.config.name} is a text-only model; it takes no images")
+        device = self.device
         if isinstance(self.vision_encoder, MllamaVisionEncoder):
             out = self._encode_mllama(images, device)
         else:
@@ -150,7 +104,7 @@ class MultimodalModel(nn.Module):
         """The crop encoder's output for each image, (N_crops, tokens, D_vision): reused where the
         image already carries it (``vision_features``, from a frozen encoder), else computed, the
         crops of one size in one batch. (The tiled Mllama encoder encodes whole images instead.)"""
-        device = self.embed_tokens.weight.device
+        device = self.device
         out: list[torch.Tensor | None] = [img.vision_features for img in images]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
@@ -196,36 +150,12 @@ class MultimodalModel(nn.Module):
         return real
 
     # ------------------------------------------------------------------ forward
-    def _positions(self, attention_mask: torch.Tensor, cache: KVCache | None) -> _Positions:
-        b, t = attention_mask.shape
-        start = cache.length if cache is not None else 0
-        offset = cache.next_position[:, None] if cache is not None else 0
-        position_ids = (offset + attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-        if cache is not None:
-            if start + t > cache.max_len:
-                raise ValueError(f"sequence of {start + t} tokens exceeds the cache length {cache.max_len}")
-            cache.key_mask[:, start:start + t] = attention_mask.bool()
-            cache.next_position += attention_mask.long().sum(1)
-            keys = cache.key_mask[:, :start + t]
-        else:
-            keys = attention_mask.bool()
-        if bool(keys.all()) and (start == 0 or t == 1):
-            return _Positions(position_ids, None, start)  # plain causal (prefill) / full (decode)
-        s = start + t
-        q_pos = torch.arange(start, s, device=keys.device)[:, None]  # (T, 1)
-        k_pos = torch.arange(s, device=keys.device)[None, :]  # (1, S)
-        causal = k_pos <= q_pos  # (T, S)
-        # A query at a padding position would see no key at all (NaN); let it see itself.
-        mask = (keys[:, None, :] & causal) | (k_pos == q_pos)  # (B, T, S)
-        return _Positions(position_ids, mask[:, None], start)
-
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = left padding
         images: list[list[ProcessedImage]] | None = None,
         cache: InferenceCache | None = None,
-        image_features: list[list[torch.Tensor]] | None = None,  # precomputed (n_i, D) per image
         last_only: bool = False,
         outputs: torch.Tensor | None = None,  # (B, K) long: the positions whose logits are wanted
     ) -> torch.Tensor:  # (B, T, V), (B, 1, V) with last_only, (B, K, V) with outputs
@@ -233,44 +163,23 @@ class MultimodalModel(nn.Module):
         reads (answer tokens are a few of a row's positions) while every position stays a key;
         the result equals the full pass at those positions."""
         b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attendable = None
-        if images is not None and image_features is None:
+        image_features = attendable = None
+        if images is not None:
             if len(images) != b:
                 raise FeatureCountError(f"got images for {len(images)} rows but the batch has {b}")
             flat = self.encode_images([img for row in images for img in row])
             it = iter(flat)
             image_features = [[next(it) for _ in row] for row in images]
             attendable = [[self.image_attendable(img) for img in row] for row in images]
-        x = self.embed_tokens(input_ids)  # (B, T, D)
+        x = self.decoder.embed_tokens(input_ids)  # (B, T, D)
         # Media enter at prefill. A placeholder id the model itself generates later is just a token.
         decoding = cache is not None and cache.self_attn.length > 0
         has_media = image_features is not None and any(len(r) for r in image_features)
         if not self.is_cross and not decoding and (has_media or self._count_placeholders(input_ids)):
             x = splice_features(x, input_ids, image_features or [[] for _ in range(b)], self._placeholder())
         cross = self._cross_inputs(input_ids, image_features, attendable, cache, decoding, x.dtype) if self.is_cross else None
-
-        kv_cache = cache.self_attn if cache is not None else None
-        pos = self._positions(attention_mask, kv_cache)
-        cos, sin = self.rope(pos.position_ids, x.dtype)
-        last = len(self.layers) - 1
-        for i in range(len(self.layers) + 1):
-            if cross is not None and str(i) in self.cross_layers:
-                kv = cross[0][i] if cross[0] is not None else self.cross_layers[str(i)].cross_attn.memory_kv(cross[3])
-                mask, row_visible = cross[1], cross[2]
-                if i > last and outputs is not None:  # after the last layer: the kept positions only
-                    mask = select_rows(mask.squeeze(1), outputs).unsqueeze(1)
-                    row_visible = select_rows(row_visible, outputs)
-                x = self.cross_layers[str(i)](x, kv, mask, row_visible)
-            if i < len(self.layers):
-                x = self.layers[i](x, cos, sin, pos.mask, kv_cache.layer(i) if kv_cache is not None else None,
-                                   pos.start, outputs if i == last else None)
-        if kv_cache is not None:
-            kv_cache.length += t
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.decoder(attention_mask=attention_mask, cache=cache.self_attn if cache is not None else None,
+                            inputs_embeds=x, cross=cross, last_only=last_only, outputs=outputs)
 
     def _placeholder(self) -> int:
         if self.placeholder_id is None:
@@ -288,7 +197,7 @@ class MultimodalModel(nn.Module):
             if cache.cross is None:
                 return None
             c = cache.cross
-            return c.kv, c.last_mask, c.last_row_visible.to(dtype), None
+            return CrossAttentionInputs(c.last_mask, c.last_row_visible.to(dtype), kv=c.kv)
         placeholders = (input_ids == self.placeholder_id) if self.placeholder_id is not None else \
             torch.zeros_like(input_ids, dtype=torch.bool)
         if image_features is None:
@@ -304,11 +213,11 @@ class MultimodalModel(nn.Module):
         visible = visible_images(placeholders, max(len(r) for r in image_features), fusion.cross_attention_span)
         mask, row_visible = cross_attention_mask(visible, mem.image_index, mem.real,
                                                  attend_all_when_blind=fusion.text_before_media == "attend_all")
-        kv = None
-        if cache is not None:
-            kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
-            cache.cross = _decode_cross_cache(kv, mask[:, 0, -1], row_visible[:, -1:])
-        return kv, mask, row_visible.to(dtype), mem.features
+        if cache is None:
+            return CrossAttentionInputs(mask, row_visible.to(dtype), memory=mem.features)
+        kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
+        cache.cross = _decode_cross_cache(kv, mask[:, 0, -1], row_visible[:, -1:])
+        return CrossAttentionInputs(mask, row_visible.to(dtype), kv=kv)
 
 
 def _decode_cross_cache(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor,

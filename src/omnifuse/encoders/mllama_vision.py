@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ACTIVATIONS, ViTMLP
 
 # MllamaVisionConfig defaults (the 11B / 90B checkpoints).
@@ -100,31 +101,12 @@ class GatedPositionEmbedding(nn.Module):
         return x + gate * self.tile_embedding(aspect_ratio_ids).view(x.shape)
 
 
-class MllamaVisionAttention(nn.Module):
-    """Bidirectional multi-head attention without biases (Mllama names: q/k/v/o_proj)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape  # (B, S, D); mask: (B, 1, S, S) additive
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, S, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
 class MllamaVisionLayer(nn.Module):
     """Pre-norm block; in the global transformer each residual branch is scaled by tanh(gate) (Mllama)."""
 
     def __init__(self, dim: int, num_heads: int, hidden: int, activation: str, eps: float, gated: bool) -> None:
         super().__init__()
-        self.self_attn = MllamaVisionAttention(dim, num_heads)
+        self.self_attn = Attention(dim, num_heads)  # bidirectional, no biases (Mllama)
         self.mlp = ViTMLP(dim, hidden, activation)
         self.input_layernorm = nn.LayerNorm(dim, eps=eps)
         self.post_attention_layernorm = nn.LayerNorm(dim, eps=eps)
@@ -133,7 +115,7 @@ class MllamaVisionLayer(nn.Module):
         self.gate_ffn = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, S, D) -> (B, S, D)
-        h = self.self_attn(self.input_layernorm(x), mask)
+        h = self.self_attn(self.input_layernorm(x), mask=mask)
         x = x + (h if self.gate_attn is None else self.gate_attn.tanh() * h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + (h if self.gate_ffn is None else self.gate_ffn.tanh() * h)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnifuse.nn.attention import ViTAttention
+from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ViTMLP
 
 
@@ -16,7 +16,7 @@ class ViTLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, hidden: int, activation: str, eps: float, qkv_bias: bool) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = ViTAttention(dim, num_heads, bias=qkv_bias)
+        self.self_attn = Attention(dim, num_heads, bias=qkv_bias)  # bidirectional
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = ViTMLP(dim, hidden, activation)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omnifuse.nn.attention import CrossAttention
+from omnifuse.nn.attention import Attention
+from omnifuse.nn.masks import select_rows
 from omnifuse.nn.mlp import SwiGLU
 from omnifuse.nn.norm import RMSNorm
 
@@ -37,6 +38,31 @@ class MediaMemory:
     real: torch.Tensor  # (B, M) bool: positions text may attend to (False for padded tiles and padding)
 
 
+@dataclass
+class CrossAttentionInputs:
+    """What the cross-attention blocks of one forward pass read.
+
+    ``kv`` holds each block's media keys/values when they were computed once (prefill with a
+    cache, and every decode step, from ``CrossAttentionCache``); without it (training) each block
+    projects ``memory`` itself.
+    """
+
+    mask: torch.Tensor  # (B, 1, T, M) bool
+    row_visible: torch.Tensor  # (B, T, 1), 0 where a token sees no media
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer index -> (B, Hkv, M, Dh) each
+    memory: torch.Tensor | None = None  # (B, M, D)
+
+    def for_layer(self, index: int, layer: CrossAttentionLayer, rows: torch.Tensor | None = None):
+        """(kv, mask, row_visible) for the block before layer ``index``; ``rows`` (B, K) keeps
+        only those query positions (the block after the last layer, when only some logits are wanted)."""
+        kv = self.kv[index] if self.kv is not None else layer.cross_attn.memory_kv(self.memory)
+        mask, row_visible = self.mask, self.row_visible
+        if rows is not None:
+            mask = select_rows(mask.squeeze(1), rows).unsqueeze(1)
+            row_visible = select_rows(row_visible, rows)
+        return kv, mask, row_visible
+
+
 def build_memory(features: list[list[torch.Tensor]], dim: int, dtype: torch.dtype, device: torch.device,
                  real: list[list[torch.Tensor | None]] | None = None) -> MediaMemory:
     """Concatenate each row's image features and pad rows to the longest (rows may have none).
@@ -58,53 +84,6 @@ def build_memory(features: list[list[torch.Tensor]], dim: int, dtype: torch.dtyp
     return MediaMemory(mem, index, attendable)
 
 
-def visible_images(placeholders: torch.Tensor, num_images: int, span: str = "preceding") -> torch.Tensor:
-    """Which images each token may read, from placeholder positions: (B, T) bool -> (B, T, N) bool.
-
-    ``preceding``: image i is visible from its placeholder on. ``latest``: only the most recent
-    placeholder group (consecutive placeholders form one group), as Llama 3.2 Vision's processor
-    builds its cross-attention mask.
-    """
-    b, t = placeholders.shape
-    seen = placeholders.long().cumsum(1)  # (B, T) images whose placeholder is at or before each token
-    image = torch.arange(num_images, device=placeholders.device)
-    visible = image[None, None, :] < seen[:, :, None]  # (B, T, N)
-    if span == "latest" and num_images:
-        # A group starts at a placeholder not preceded by one; tokens see images of their latest group.
-        starts = placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]
-        first_of_group = torch.zeros(b, t, dtype=torch.long, device=placeholders.device)
-        for row in range(b):
-            group_first = 0
-            for pos in range(t):
-                if bool(starts[row, pos]):
-                    group_first = int(seen[row, pos]) - 1
-                first_of_group[row, pos] = group_first
-        visible &= image[None, None, :] >= first_of_group[:, :, None]
-    return visible
-
-
-def cross_attention_mask(visible: torch.Tensor, memory_index: torch.Tensor, real: torch.Tensor,
-                         attend_all_when_blind: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """visible: (B, T, N) images each token may read; memory_index, real: (B, M).
-
-    Returns ``mask`` (B, 1, T, M) bool (may attend) and ``row_visible`` (B, T, 1) float, 0 where a
-    token sees no media at all. Such rows get a fallback mask so SDPA never sees an all-false row
-    (it would return NaN): every real-image position when ``attend_all_when_blind`` (the Mllama
-    reference attends to all of the row's media), otherwise everything (and the caller zeroes
-    the output).
-    """
-    idx = memory_index.clamp(min=0)[:, None, :].expand(-1, visible.shape[1], -1)  # (B, T, M)
-    if visible.shape[-1]:
-        mask = torch.gather(visible, 2, idx) & (real & (memory_index >= 0))[:, None, :]
-    else:
-        mask = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
-    row_visible = mask.any(dim=-1, keepdim=True)  # (B, T, 1)
-    fallback = (memory_index >= 0)[:, None, :] if attend_all_when_blind else torch.ones_like(mask[:, :1])
-    fallback = fallback | ~fallback.any(dim=-1, keepdim=True)  # a row without any media at all
-    mask = torch.where(row_visible, mask, fallback)
-    return mask[:, None], row_visible.to(torch.get_default_dtype())
-
-
 class CrossAttentionLayer(nn.Module):
     """Gated cross-attention block with its own gated SwiGLU (Llama 3.2 Vision layout).
 
@@ -118,7 +97,7 @@ class CrossAttentionLayer(nn.Module):
         # False reproduces Llama 3.2 Vision: tokens that see no image still add their attention output.
         self.zero_blind_attention = zero_blind_attention
         self.input_layernorm = RMSNorm(dim, eps)
-        self.cross_attn = CrossAttention(dim, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm, norm_eps=eps)
+        self.cross_attn = Attention(dim, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm, norm_eps=eps)
         self.attn_gate = TanhGate()
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
@@ -127,6 +106,6 @@ class CrossAttentionLayer(nn.Module):
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 row_visible: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D); kv: (B, Hkv, M, Dh); mask: (B, 1, T, M); row_visible: (B, T, 1)
-        attn = self.cross_attn(self.input_layernorm(x), kv, mask)
+        attn = self.cross_attn(self.input_layernorm(x), kv=kv, mask=mask)
         x = x + self.attn_gate(attn * row_visible if self.zero_blind_attention else attn)
         return x + self.mlp_gate(self.mlp(self.post_attention_layernorm(x)) * row_visible)

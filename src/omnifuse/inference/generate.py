@@ -54,7 +54,7 @@ def generate_stream(model, prompts: list[list[int]], images=None, cfg: SamplingC
     steps = min(cfg.max_new_tokens, context - longest)
     if steps <= 0:
         return
-    device = model.embed_tokens.weight.device
+    device = model.device
     input_ids, attention_mask = (x.to(device) for x in left_pad(prompts, pad_id))
     b = len(prompts)
     cache = model.new_cache(b, longest + steps)

@@ -47,13 +47,15 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace the decoder's, cross-attention layers', connector's and output head's
     ``nn.Linear`` layers with ``Int8Linear``, in place; returns the model."""
-    if model.embed_tokens.weight.device.type != "cpu":
+    dec = model.decoder
+    if dec.embed_tokens.weight.device.type != "cpu":
         raise ValueError("int8 quantization runs on the CPU only")
-    if model.lm_head.weight is model.embed_tokens.weight:
-        model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
-        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())  # untie: only the head is int8
+    if dec.lm_head.weight is dec.embed_tokens.weight:
+        dec.lm_head = nn.Linear(dec.lm_head.in_features, dec.lm_head.out_features, bias=False)
+        dec.lm_head.weight = nn.Parameter(dec.embed_tokens.weight.detach().clone())  # untie: only the head is int8
+        dec.tie_embeddings = False
     targets = [name for name, m in model.named_modules()
-               if type(m) is nn.Linear and name.split(".")[0] in ("layers", "cross_layers", "connector", "lm_head")]
+               if type(m) is nn.Linear and name.startswith(("decoder.", "connector."))]
     for name in targets:  # by name, so each float32 weight is freed as soon as it is replaced
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)

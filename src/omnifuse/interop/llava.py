@@ -123,15 +123,17 @@ def llava_key_map(layers_used: int) -> KeyMap:
         (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_encoder.position_embedding"),
         (r"vision_tower\.embeddings\.position_ids", None),
         (r"vision_tower\.pre_layrnorm\.(weight|bias)", r"vision_encoder.pre_layernorm.\1"),
+        (rf"vision_tower\.encoder\.layers\.({used})\.self_attn\.out_proj\.(weight|bias)",
+         r"vision_encoder.layers.\1.self_attn.o_proj.\2"),
         (rf"vision_tower\.encoder\.layers\.({used})\.(.+)", r"vision_encoder.layers.\1.\2"),
         # Layers after the deepest feature layer, and the pooled-output norm, never reach LLaVA's features.
         (r"vision_tower\.encoder\.layers\.\d+\..+", None),
         (r"vision_tower\.post_layernorm\.(weight|bias)", None),
         (r"multi_modal_projector\.(linear_[12]\.(?:weight|bias))", r"connector.\1"),
-        (r"language_model\.embed_tokens\.weight", "embed_tokens.weight"),
-        (r"language_model\.layers\.(\d+)\.(.+)", r"layers.\1.\2"),
-        (r"language_model\.norm\.weight", "norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
+        (r"language_model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
+        (r"language_model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+        (r"language_model\.norm\.weight", "decoder.norm.weight"),
+        (r"lm_head\.weight", "decoder.lm_head.weight"),
         (r".*rotary_emb\.inv_freq", None),
     ]
 

@@ -119,9 +119,9 @@ def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
     rules: KeyMap = [
         (r"vision_model\.(.+)", r"vision_encoder.\1"),
         (r"multi_modal_projector\.(weight|bias)", r"connector.linear.\1"),
-        (r"language_model\.embed_tokens\.weight", "embed_tokens.weight"),
-        (r"language_model\.norm\.weight", "norm.weight"),
-        (r"lm_head\.weight", "lm_head.weight"),
+        (r"language_model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
+        (r"language_model\.norm\.weight", "decoder.norm.weight"),
+        (r"lm_head\.weight", "decoder.lm_head.weight"),
         (r".*rotary_emb\.inv_freq", None),
     ]
     cross = set(cross_stack)
@@ -131,12 +131,12 @@ def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
             k = s - before
             p = rf"language_model\.layers\.{s}\."
             rules += [
-                (p + r"cross_attn_attn_gate", f"cross_layers.{k}.attn_gate.gate"),
-                (p + r"cross_attn_mlp_gate", f"cross_layers.{k}.mlp_gate.gate"),
-                (p + r"(.+)", rf"cross_layers.{k}.\1"),
+                (p + r"cross_attn_attn_gate", f"decoder.cross_layers.{k}.attn_gate.gate"),
+                (p + r"cross_attn_mlp_gate", f"decoder.cross_layers.{k}.mlp_gate.gate"),
+                (p + r"(.+)", rf"decoder.cross_layers.{k}.\1"),
             ]
         else:
-            rules.append((rf"language_model\.layers\.{s}\.(.+)", rf"layers.{s - before}.\1"))
+            rules.append((rf"language_model\.layers\.{s}\.(.+)", rf"decoder.layers.{s - before}.\1"))
     return rules
 
 

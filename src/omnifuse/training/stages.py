@@ -17,8 +17,8 @@ __all__ = ["STAGES", "Stage", "parameter_group", "set_trainable"]
 _GROUP_PREFIXES = {
     "encoder": ("vision_encoder.",),
     "connector": ("connector.",),
-    "fusion": ("cross_layers.",),
-    "decoder": ("embed_tokens.", "layers.", "norm.", "lm_head."),
+    "fusion": ("decoder.cross_layers.",),
+    "decoder": ("decoder.embed_tokens.", "decoder.layers.", "decoder.norm.", "decoder.lm_head."),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnifuse.checkpoint import CheckpointError, load_state_dict_checked, save_checkpoint
+from omnifuse.checkpoint import CheckpointError, load_state_dict_checked, save_checkpoint, upgrade_key
 
 __all__ = ["latest_checkpoint", "load_training_state", "save_training_state"]
 
@@ -82,7 +82,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything ``save_training_state`` wrote; returns trainer.json's contents."""
     trainer = json.loads((path / "trainer.json").read_text())
-    load_state_dict_checked(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+    tensors = {upgrade_key(k): t for k, t in load_file(str(path / "model.safetensors")).items()}
+    load_state_dict_checked(model, tensors, str(path / "model.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"]))
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])

@@ -1,0 +1,58 @@
+"""Builders wire the decoder from its config: each ``LayerSpec`` names an attention and a
+feed-forward kind, looked up here. Adding a layer kind is one entry in a registry and its module
+(see ARCHITECTURE.md, "Adding a layer kind")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from omnifuse.nn.attention import Attention
+from omnifuse.nn.mlp import SwiGLU
+
+if TYPE_CHECKING:
+    from omnifuse.config import DecoderConfig, LayerSpec, ModelConfig
+    from omnifuse.decoder.decoder import TextDecoder
+    from omnifuse.decoder.layer import DecoderLayer
+
+__all__ = ["ATTENTION", "FEED_FORWARD", "build_decoder", "build_layer"]
+
+
+def _full_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    return Attention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, bias=d.attention_bias)
+
+
+def _dense(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    return SwiGLU(d.hidden_size, d.intermediate_size)
+
+
+# kind -> builder(decoder config, layer spec) -> module
+ATTENTION: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"full": _full_attention}
+FEED_FORWARD: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"dense": _dense}
+
+
+def build_layer(d: DecoderConfig, spec: LayerSpec) -> DecoderLayer:
+    from omnifuse.decoder.layer import DecoderLayer
+
+    return DecoderLayer(ATTENTION[spec.attention](d, spec), FEED_FORWARD[spec.feed_forward](d, spec),
+                        d.hidden_size, d.norm_eps, rope=spec.rope)
+
+
+def build_decoder(config: ModelConfig) -> TextDecoder:
+    """The decoder of ``config``: its layer specs, and a gated cross-attention block (from the
+    fusion config) in front of every layer whose spec asks for one, and after the last when the
+    fusion config says so."""
+    from omnifuse.decoder.decoder import TextDecoder
+    from omnifuse.fusion.cross import CrossAttentionLayer
+
+    d = config.decoder
+    specs = config.layer_specs
+    cross_at = [i for i, s in enumerate(specs) if s.cross_attention]
+    if config.final_cross_attention:
+        cross_at.append(d.num_layers)
+    cross = {i: CrossAttentionLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size,
+                                    d.norm_eps, zero_blind_attention=config.fusion.text_before_media == "skip")
+             for i in cross_at}
+    return TextDecoder(d, [build_layer(d, s) for s in specs], cross)

@@ -1,0 +1,110 @@
+"""Every attention mask in one place. Boolean masks mean "may attend".
+
+Self-attention: causal over a left-padded batch whose cache may already hold earlier tokens; a
+query at a padding position sees itself (SDPA returns NaN for a row that sees nothing).
+Cross-attention: which media each text token may read, from the placeholder positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SelfAttentionMask", "cross_attention_mask", "query_rows_mask", "select_rows", "self_attention_mask",
+           "visible_images"]
+
+
+def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, ...), index: (B, K) long -> (B, K, ...): row b's positions index[b]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+@dataclass
+class SelfAttentionMask:
+    position_ids: torch.Tensor  # (B, T) RoPE positions
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when plain causal attention suffices
+    start: int  # where the chunk begins in the cache
+
+
+def self_attention_mask(attention_mask: torch.Tensor, cache=None) -> SelfAttentionMask:
+    """Positions and mask for a chunk of ``attention_mask`` (B, T) (1 = token, 0 = left padding).
+
+    With a ``KVCache`` the chunk follows what the cache holds: its padding is recorded in the
+    cache's key mask and each row's next RoPE position advances by its real tokens."""
+    b, t = attention_mask.shape
+    start = cache.length if cache is not None else 0
+    offset = cache.next_position[:, None] if cache is not None else 0
+    position_ids = (offset + attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+    if cache is not None:
+        if start + t > cache.max_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the cache length {cache.max_len}")
+        cache.key_mask[:, start:start + t] = attention_mask.bool()
+        cache.next_position += attention_mask.long().sum(1)
+        keys = cache.key_mask[:, :start + t]
+    else:
+        keys = attention_mask.bool()
+    if bool(keys.all()) and (start == 0 or t == 1):
+        return SelfAttentionMask(position_ids, None, start)  # plain causal (prefill) / full (decode)
+    s = start + t
+    q_pos = torch.arange(start, s, device=keys.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=keys.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = (keys[:, None, :] & causal) | (k_pos == q_pos)  # (B, T, S); padding queries see themselves
+    return SelfAttentionMask(position_ids, mask[:, None], start)
+
+
+def query_rows_mask(mask: torch.Tensor | None, queries: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The rows of a (B, 1, T, S) mask for query positions ``queries`` (B, K): (B, 1, K, S). A
+    ``None`` mask is causal: a query sees the keys up to its own position."""
+    if mask is None:
+        keys = torch.arange(num_keys, device=queries.device)
+        return (keys[None, None, :] <= queries[:, :, None])[:, None]
+    return select_rows(mask.squeeze(1), queries).unsqueeze(1)
+
+
+def visible_images(placeholders: torch.Tensor, num_images: int, span: str = "preceding") -> torch.Tensor:
+    """Which images each token may read, from placeholder positions: (B, T) bool -> (B, T, N) bool.
+
+    ``preceding``: image i is visible from its placeholder on. ``latest``: only the most recent
+    placeholder group (consecutive placeholders form one group), as Llama 3.2 Vision's processor
+    builds its cross-attention mask.
+    """
+    b, t = placeholders.shape
+    seen = placeholders.long().cumsum(1)  # (B, T) images whose placeholder is at or before each token
+    image = torch.arange(num_images, device=placeholders.device)
+    visible = image[None, None, :] < seen[:, :, None]  # (B, T, N)
+    if span == "latest" and num_images:
+        # A group starts at a placeholder not preceded by one; tokens see images of their latest group.
+        starts = placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]
+        first_of_group = torch.zeros(b, t, dtype=torch.long, device=placeholders.device)
+        for row in range(b):
+            group_first = 0
+            for pos in range(t):
+                if bool(starts[row, pos]):
+                    group_first = int(seen[row, pos]) - 1
+                first_of_group[row, pos] = group_first
+        visible &= image[None, None, :] >= first_of_group[:, :, None]
+    return visible
+
+
+def cross_attention_mask(visible: torch.Tensor, memory_index: torch.Tensor, real: torch.Tensor,
+                         attend_all_when_blind: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """visible: (B, T, N) images each token may read; memory_index, real: (B, M).
+
+    Returns ``mask`` (B, 1, T, M) bool (may attend) and ``row_visible`` (B, T, 1) float, 0 where a
+    token sees no media at all. Such rows get a fallback mask so SDPA never sees an all-false row
+    (it would return NaN): every real-image position when ``attend_all_when_blind`` (the Mllama
+    reference attends to all of the row's media), otherwise everything (and the caller zeroes
+    the output).
+    """
+    idx = memory_index.clamp(min=0)[:, None, :].expand(-1, visible.shape[1], -1)  # (B, T, M)
+    if visible.shape[-1]:
+        mask = torch.gather(visible, 2, idx) & (real & (memory_index >= 0))[:, None, :]
+    else:
+        mask = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    row_visible = mask.any(dim=-1, keepdim=True)  # (B, T, 1)
+    fallback = (memory_index >= 0)[:, None, :] if attend_all_when_blind else torch.ones_like(mask[:, :1])
+    fallback = fallback | ~fallback.any(dim=-1, keepdim=True)  # a row without any media at all
+    mask = torch.where(row_visible, mask, fallback)
+    return mask[:, None], row_visible.to(torch.get_default_dtype())
