@@ -134,3 +134,24 @@ def save_mllama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 
     elif layout == "v4":
         image_processor.save_pretrained(folder)
     return folder
+
+
+def save_llama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, layers: int = 2, vocab: int = 320,
+               tie: bool = False, head_dim: int | None = None, rope_scaling: bool = False, bias: bool = False) -> Path:
+    """A tiny random ``LlamaForCausalLM`` with a word-level tokenizer, saved by ``save_pretrained``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if rope_scaling else None
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie, rms_norm_eps=1e-5, head_dim=head_dim,
+                      attention_bias=bias, **({"rope_parameters": rope} if rope else {}))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2},
+                         chat_template="{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
+                                       "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    return folder

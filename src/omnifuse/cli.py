@@ -72,8 +72,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             media = f"{result.prompt_tokens} prompt tokens + {result.cross_attention_states_decode} cross-attention states"
             if result.cross_attention_states_prefill != result.cross_attention_states_decode:
                 media += f" ({result.cross_attention_states_prefill} encoded at prefill)"
-        else:
+        elif pipe.model.config.has_media:
             media = f"{result.prompt_tokens} prompt tokens ({result.visual_tokens} of them visual)"
+        else:
+            media = f"{result.prompt_tokens} prompt tokens"
         print(f"[{len(result.tokens)} tokens, {media}, KV cache {result.kv_cache_bytes:,} bytes, "
               f"{elapsed:.2f} s, finish: {result.finish_reason}]", file=sys.stderr)
     return 0

@@ -60,10 +60,11 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.processor = model.image_processor
         self.image_token = model.config.text.image_token
-        if model.placeholder_id is not None and model.placeholder_id != tokenizer.image_token_id:
-            raise ValueError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
-                             f"id {tokenizer.image_token_id} for {self.image_token!r}")
-        model.placeholder_id = tokenizer.image_token_id
+        if model.config.has_media:
+            if model.placeholder_id is not None and model.placeholder_id != tokenizer.image_token_id:
+                raise ValueError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
+                                 f"id {tokenizer.image_token_id} for {self.image_token!r}")
+            model.placeholder_id = tokenizer.image_token_id
         # A checkpoint's generation_config.json decides when the reference stops; else the tokenizer's eos.
         self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else tuple(tokenizer.eos_token_ids)
         rows = model.config.decoder.vocab_size + model.config.decoder.extra_embeddings
@@ -98,6 +99,13 @@ class Pipeline:
         each placeholder to its image's token count.
         """
         text_cfg = self.model.config.text
+        if not self.model.config.has_media:  # a text model: "<image>" in a prompt is plain text
+            if images:
+                raise FeatureCountError(f"{self.model.config.name} is a text-only model; it takes no images "
+                                        f"({len(images)} given)")
+            if chat:
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
         n_marks = prompt.count(self.image_token)
         if n_marks == 0 and images:
             sep = "" if text_cfg.bos_after_leading_images else "\n"  # Mllama: "<|image|>text"; LLaVA: "<image>\ntext"
@@ -127,6 +135,9 @@ class Pipeline:
         return ids
 
     def process_images(self, sources: Sequence) -> list[ProcessedImage]:
+        if sources and self.processor is None:
+            raise FeatureCountError(f"{self.model.config.name} is a text-only model; it takes no images "
+                                    f"({len(sources)} given)")
         return [self.processor(s) for s in sources]
 
     def cache_bytes(self, prompt_ids: Sequence[int], images: Sequence[ProcessedImage],

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
+from omnifuse.interop.llama import llama_config, load_llama
 from omnifuse.interop.llava import llava_config, load_llava
 from omnifuse.interop.mllama import load_mllama, mllama_config
 
 __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model", "read_any_config"]
 
-ARCHITECTURES = {"llava": load_llava, "mllama": load_mllama}
+ARCHITECTURES = {"llama": load_llama, "llava": load_llava, "mllama": load_mllama}
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:
@@ -21,7 +22,7 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
         return False
 
 
-CONFIG_READERS = {"llava": llava_config, "mllama": mllama_config}
+CONFIG_READERS = {"llama": llama_config, "llava": llava_config, "mllama": mllama_config}
 
 
 def _check_supported(folder: Path, hf: dict) -> str:

@@ -1,0 +1,43 @@
+"""Llama text checkpoints in Hugging Face layout (``LlamaForCausalLM``): a text-only model whose
+decoder is the same module LLaVA and Mllama use, with the same key names after ``model.``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnifuse.checkpoint import CheckpointError
+from omnifuse.config import DecoderConfig, ModelConfig, TextConfig
+from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped
+
+__all__ = ["llama_config", "llama_key_map", "load_llama"]
+
+
+def llama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, None]:
+    """(omnifuse config, no image token) from a Llama ``config.json``."""
+    if hf.get("sliding_window"):
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: sliding_window is not supported for llama")
+    config = ModelConfig(name=Path(folder).name, vision=None, decoder=DecoderConfig(**llama_decoder_kwargs(hf)),
+                         text=TextConfig(tokenizer="file"))
+    return config, None
+
+
+def llama_key_map() -> KeyMap:
+    return [
+        (r"model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
+        (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+        (r"model\.norm\.weight", "decoder.norm.weight"),
+        (r"lm_head\.weight", "decoder.lm_head.weight"),
+        (r".*rotary_emb\.inv_freq", None),
+    ]
+
+
+def load_llama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
+    from omnifuse.model import build_model
+
+    config, _ = llama_config(hf, folder)
+    with torch.device("meta"):
+        model = build_model(config)
+    return load_mapped(model, folder, llama_key_map(), device=device).eval()
