@@ -216,25 +216,8 @@ class MultimodalModel(nn.Module):
         if cache is None:
             return CrossAttentionInputs(mask, row_visible.to(dtype), memory=mem.features)
         kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
-        cache.cross = _decode_cross_cache(kv, mask[:, 0, -1], row_visible[:, -1:])
+        cache.cross = CrossAttentionCache.from_prefill(kv, mask[:, 0, -1], row_visible[:, -1:])
         return CrossAttentionInputs(mask, row_visible.to(dtype), kv=kv)
-
-
-def _decode_cross_cache(kv: dict[int, tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor,
-                        last_row_visible: torch.Tensor) -> CrossAttentionCache:
-    """Keep, for decoding, only the media states the last prompt token attends to (decode tokens
-    attend exactly those): padded tiles and images outside its span cost nothing per step.
-    kv: (B, Hkv, M, Dh) per layer; last: (B, M) bool."""
-    counts = last.sum(dim=1)  # (B,)
-    keep = int(counts.max())
-    order = torch.argsort((~last).to(torch.int8), dim=1, stable=True)[:, :keep]  # attended positions first
-    compact = {}
-    for i, (k, v) in kv.items():
-        idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # (B, Hkv, keep, Dh)
-        compact[i] = (k.gather(2, idx), v.gather(2, idx))
-    valid = torch.arange(keep, device=last.device)[None, :] < counts[:, None]  # (B, keep)
-    mask = None if bool(valid.all()) else valid[:, None, None, :]
-    return CrossAttentionCache(compact, mask, last_row_visible.clone())
 
 
 def build_vision_encoder(config: ModelConfig) -> nn.Module:

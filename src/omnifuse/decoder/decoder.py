@@ -67,16 +67,18 @@ class TextDecoder(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,  # (B, T, D), in place of input_ids
         cross: CrossAttentionInputs | None = None,
+        position_ids: torch.Tensor | None = None,  # (B, T); default: each row counts its real tokens on
         last_only: bool = False,
         outputs: torch.Tensor | None = None,  # (B, K) long: the positions whose logits are wanted
     ) -> torch.Tensor:  # (B, T, V), (B, 1, V) with last_only, (B, K, V) with outputs
         """``outputs`` (training): the last layer computes only the positions whose logits a loss
-        reads, while every position stays a key; the result equals the full pass there."""
+        reads, while every position stays a key; the result equals the full pass there. With a
+        cache, every row continues from its own length (rows of a batch are independent)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         b, t = x.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(b, t, dtype=torch.long, device=x.device)
-        pos = self_attention_mask(attention_mask, cache)
+        pos = self_attention_mask(attention_mask, cache, position_ids)
         rope = self.rope(pos.position_ids, x.dtype)
         last = len(self.layers) - 1
         for i in range(len(self.layers) + 1):
@@ -85,10 +87,10 @@ class TextDecoder(nn.Module):
                 layer = self.cross_layers[key]
                 x = layer(x, *cross.for_layer(i, layer, outputs if i > last else None))
             if i <= last:
-                x = self.layers[i](x, rope, pos.mask, cache.layer(i) if cache is not None else None, pos.start,
+                x = self.layers[i](x, rope, pos.mask, cache.layer(i) if cache is not None else None, pos,
                                    outputs if i == last else None)
         if cache is not None:
-            cache.length += t
+            cache.advance(attention_mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

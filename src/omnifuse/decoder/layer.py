@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnifuse.nn.masks import select_rows
+from omnifuse.nn.masks import SelfAttentionMask, select_rows
 from omnifuse.nn.norm import RMSNorm
 
 
@@ -29,13 +29,13 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, 1, T, Dh)
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal / full cache
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        cache=None,  # this layer's LayerKVCache
+        slots: SelfAttentionMask | None = None,  # where the chunk goes in the cache
         queries: torch.Tensor | None = None,  # (B, K) long: compute only these positions
     ) -> torch.Tensor:  # (B, T, D), or (B, K, D) with queries
         h = self.input_layernorm(x)
         if queries is not None:
             x = select_rows(x, queries)
         x = x + self.self_attn(h, rope=rope if self.use_rope else None, mask=mask, causal=True, cache=cache,
-                               start=start, queries=queries)
+                               slots=slots, queries=queries)
         return x + self.mlp(self.post_attention_layernorm(x))

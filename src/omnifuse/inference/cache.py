@@ -1,4 +1,10 @@
-"""Inference caches: a preallocated self-attention KV cache and a separate cross-attention cache."""
+"""Inference caches: per-layer self-attention KV caches with per-row lengths, and a separate
+cross-attention cache computed once from the media at prefill.
+
+Every row of a batch is its own request: it has its own length (slots used, left padding
+included), its own next RoPE position and its own key mask, so a request prefilled alone can be
+inserted into a free row of a running batch (``insert``) and decode on with the others.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +12,168 @@ from dataclasses import dataclass, field
 
 import torch
 
+__all__ = ["CrossAttentionCache", "InferenceCache", "KVCache", "LayerKVCache"]
 
-class KVCache:
-    """Preallocated keys/values for every self-attention layer (torchtune / nanochat style).
 
-    ``key_mask`` marks real (non-padding) positions; rows of a batch share ``length`` because
-    batches are left-padded. ``next_position`` is each row's next RoPE position.
-    """
+class LayerKVCache:
+    """One self-attention layer's keys and values, (B, Hkv, capacity, Dh) each, preallocated and
+    written in place (torchtune / nanochat style). Layers own their caches so that a layer kind
+    with a bounded window can hold fewer slots."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0
-        self.max_len = max_len
+    def __init__(self, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]  # (B, Hkv, L, Dh) views, written in place
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int | None, index: torch.Tensor | None,
+               end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a chunk's k, v (B, Hkv, T, Dh) at slots ``start:start+T`` of every row, or at
+        ``index`` (B, T) when rows are at different lengths; return slots ``:end`` of every row."""
+        if start is not None:
+            self.k[:, :, start:start + k.shape[2]] = k
+            self.v[:, :, start:start + k.shape[2]] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            self.k[rows, :, index] = k.transpose(1, 2)  # indexed view: (B, T, Hkv, Dh)
+            self.v[rows, :, index] = v.transpose(1, 2)
+        return self.k[:, :, :end], self.v[:, :, :end]
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
-@dataclass
-class CrossAttentionCache:
-    """Cross-attention K/V per fusion layer, computed once from the media at prefill."""
+class KVCache:
+    """The self-attention caches of every decoder layer plus each row's sequence state.
 
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # decoder layer index -> (B, Hkv, M, Dh) each
-    # Decode tokens attend to what the last prompt token attended to; ``kv`` holds only those
-    # states (compacted at prefill), ``last_mask`` marks padding when rows keep different counts.
-    last_mask: torch.Tensor | None  # (B, 1, 1, M') bool, or None when every kept state is valid
-    last_row_visible: torch.Tensor  # (B, 1, 1): 0 where that token sees no media
+    ``lengths[b]``: slots row b has used (its left padding included); ``key_mask[b, s]``: slot s
+    holds a real token; ``next_position[b]``: row b's next RoPE position.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.layers = [LayerKVCache(batch_size, num_kv_heads, max_len, head_dim, dtype, device)
+                       for _ in range(num_layers)]
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (0 for an empty cache)."""
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    def layer(self, i: int) -> LayerKVCache:
+        return self.layers[i]
+
+    def advance(self, attention_mask: torch.Tensor) -> None:
+        """Record a chunk (B, T) after its keys were written: a row with any real token in it
+        moves on by T slots; a row without one (an idle row at decode) stays where it is."""
+        self.lengths += attention_mask.shape[1] * attention_mask.bool().any(dim=1)
+
+    def insert(self, row: int, other: KVCache, other_row: int = 0) -> None:
+        """Copy request ``other_row`` of ``other`` (e.g. a prefill run alone) into ``row``."""
+        n = int(other.lengths[other_row])
+        if n > self.max_len:
+            raise ValueError(f"a request of {n} cached tokens does not fit a cache of {self.max_len}")
+        self.release(row)
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.k[row, :, :n] = theirs.k[other_row, :, :n]
+            mine.v[row, :, :n] = theirs.v[other_row, :, :n]
+        self.key_mask[row, :n] = other.key_mask[other_row, :n]
+        self.next_position[row] = other.next_position[other_row]
+        self.lengths[row] = n
+
+    def release(self, row: int) -> None:
+        """Free ``row`` for another request."""
+        self.key_mask[row] = False
+        self.next_position[row] = 0
+        self.lengths[row] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+class CrossAttentionCache:
+    """Cross-attention K/V per fusion layer, computed once from the media at prefill.
+
+    Decode tokens attend to what the last prompt token attended to, so ``kv`` keeps only those
+    states (``from_prefill`` compacts them, real states first): padded tiles and images outside
+    the last token's span cost nothing per step. ``valid`` marks the real kept states of each row;
+    a row with none (no media) has zero K/V, so its attention output is exactly zero.
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor,
+                 last_row_visible: torch.Tensor) -> None:
+        self.kv = kv  # decoder layer index -> (B, Hkv, M', Dh) each
+        self.valid = valid  # (B, M') bool
+        self.last_row_visible = last_row_visible  # (B, 1, 1): 0 where the row's last token sees no media
+        self._update_mask()
+
+    def _update_mask(self) -> None:
+        v = self.valid
+        # A row without any real state attends its zero K/V (SDPA would return NaN for a row that sees nothing).
+        self.last_mask = None if bool(v.all()) else (v | ~v.any(dim=1, keepdim=True))[:, None, None, :]
+
+    @classmethod
+    def from_prefill(cls, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor,
+                     last_row_visible: torch.Tensor) -> CrossAttentionCache:
+        """kv: (B, Hkv, M, Dh) per layer; last: (B, M) bool, the states the last prompt token reads;
+        last_row_visible: (B, 1, 1)."""
+        counts = last.sum(dim=1)  # (B,)
+        keep = int(counts.max())
+        order = torch.argsort((~last).to(torch.int8), dim=1, stable=True)[:, :keep]  # attended positions first
+        compact = {}
+        for i, (k, v) in kv.items():
+            idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # (B, Hkv, keep, Dh)
+            compact[i] = (k.gather(2, idx), v.gather(2, idx))
+        valid = torch.arange(keep, device=last.device)[None, :] < counts[:, None]  # (B, keep)
+        return cls(compact, valid, last_row_visible.clone())
+
+    @classmethod
+    def empty(cls, like: CrossAttentionCache, batch_size: int) -> CrossAttentionCache:
+        """A cache of ``batch_size`` rows without media, shaped like ``like``'s layers."""
+        kv = {i: (k.new_zeros(batch_size, *k.shape[1:]), v.new_zeros(batch_size, *v.shape[1:]))
+              for i, (k, v) in like.kv.items()}
+        valid = torch.zeros(batch_size, like.valid.shape[1], dtype=torch.bool, device=like.valid.device)
+        return cls(kv, valid, like.last_row_visible.new_zeros(batch_size, 1, 1))
+
+    def insert(self, row: int, other: CrossAttentionCache, other_row: int = 0) -> None:
+        """Copy request ``other_row`` of ``other`` into ``row``, widening the kept states when it
+        keeps more than this cache holds."""
+        n = int(other.valid[other_row].sum())
+        grow = n - self.valid.shape[1]
+        if grow > 0:  # pad every layer's states (and ``valid``) on the right
+            pad = torch.nn.functional.pad
+            self.kv = {i: (pad(k, (0, 0, 0, grow)), pad(v, (0, 0, 0, grow))) for i, (k, v) in self.kv.items()}
+            self.valid = pad(self.valid, (0, grow))
+        for i, (k, v) in self.kv.items():
+            ok, ov = other.kv[i]
+            k[row], v[row] = 0, 0
+            k[row, :, :n] = ok[other_row, :, :n]
+            v[row, :, :n] = ov[other_row, :, :n]
+        self.valid[row] = False
+        self.valid[row, :n] = True
+        self.last_row_visible[row] = other.last_row_visible[other_row]
+        self._update_mask()
+
+    def release(self, row: int) -> None:
+        """Free ``row``: no media (zero K/V, nothing visible)."""
+        for k, v in self.kv.values():
+            k[row], v[row] = 0, 0
+        self.valid[row] = False
+        self.last_row_visible[row] = 0
+        self._update_mask()
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +184,21 @@ class CrossAttentionCache:
 class InferenceCache:
     self_attn: KVCache
     cross: CrossAttentionCache | None = field(default=None)
+
+    def insert(self, row: int, other: InferenceCache, other_row: int = 0) -> None:
+        """Move a request prefilled in ``other`` into ``row`` of this (running) batch."""
+        self.self_attn.insert(row, other.self_attn, other_row)
+        if other.cross is not None:
+            if self.cross is None:
+                self.cross = CrossAttentionCache.empty(other.cross, self.self_attn.batch_size)
+            self.cross.insert(row, other.cross, other_row)
+        elif self.cross is not None:
+            self.cross.release(row)
+
+    def release(self, row: int) -> None:
+        self.self_attn.release(row)
+        if self.cross is not None:
+            self.cross.release(row)
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnifuse.nn.masks import query_rows_mask, select_rows
+from omnifuse.nn.masks import SelfAttentionMask, query_rows_mask, select_rows
 from omnifuse.nn.norm import RMSNorm
 from omnifuse.nn.rope import apply_rope
 
@@ -32,7 +32,7 @@ class Attention(nn.Module):
     """Multi-head attention: q/k/v/o projections, grouped K/V heads, optional per-head q/k RMSNorm,
     optional rotary positions. One module serves every use:
 
-    - decoder self-attention: ``forward(x, rope=(cos, sin), mask=..., cache=..., start=...)``,
+    - decoder self-attention: ``forward(x, rope=(cos, sin), mask=..., cache=..., slots=...)``,
       causal, keys and values written into a preallocated cache;
     - cross-attention (Flamingo, Llama 3.2 Vision): ``memory_kv(memory)`` projects the media once
       (the caller caches it), ``forward(x, kv=..., mask=...)`` projects only the text queries;
@@ -72,8 +72,8 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (B, 1, T, Dh)
         mask: torch.Tensor | None = None,  # (B, 1, T, S) bool (or additive); None: causal / full
         causal: bool = False,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, Hkv, L, Dh) each, written in place
-        start: int = 0,  # where this chunk begins in the cache
+        cache=None,  # a LayerKVCache, written in place at ``slots``
+        slots: SelfAttentionMask | None = None,  # where the chunk goes in the cache
         queries: torch.Tensor | None = None,  # (B, K) long: answer only these positions (no cache)
     ) -> torch.Tensor:  # (B, T, D), or (B, K, D) with queries
         b, t, _ = x.shape
@@ -96,13 +96,11 @@ class Attention(nn.Module):
         q = self._queries(x)  # (B, Hq, T, Dh)
         if rope is not None:
             q = apply_rope(q, *rope)
+        start = slots.start if slots is not None else 0
         is_causal = causal and mask is None and start == 0 and t > 1
         if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, start:start + t] = k
-            v_cache[:, :, start:start + t] = v
-            k, v = k_cache[:, :, :start + t], v_cache[:, :, :start + t]  # (B, Hkv, S, Dh)
-        if causal and mask is None and start > 0 and t > 1:
+            k, v = cache.update(k, v, slots.start, slots.index, slots.end)  # (B, Hkv, S, Dh)
+        if causal and mask is None and start != 0 and t > 1:
             raise ValueError("a multi-token chunk after the cache start needs an explicit mask")
         out = _sdpa(q, k, v, mask, is_causal=is_causal)  # (B, Hq, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SelfAttentionMask", "cross_attention_mask", "query_rows_mask", "select_rows", "self_attention_mask",
+__all__ = ["SelfAttentionMask", "chunk_positions", "cross_attention_mask", "query_rows_mask", "select_rows", "self_attention_mask",
            "visible_images"]
 
 
@@ -22,36 +22,57 @@ def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SelfAttentionMask:
+    """Where a chunk goes in the cache and what each of its queries may see."""
+
     position_ids: torch.Tensor  # (B, T) RoPE positions
     mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when plain causal attention suffices
-    start: int  # where the chunk begins in the cache
+    start: int | None  # the slot every row's chunk starts at, or None when rows differ ...
+    index: torch.Tensor | None  # ... and then (B, T) each row's slots
+    end: int  # keys are slots :end of every row
 
 
-def self_attention_mask(attention_mask: torch.Tensor, cache=None) -> SelfAttentionMask:
-    """Positions and mask for a chunk of ``attention_mask`` (B, T) (1 = token, 0 = left padding).
-
-    With a ``KVCache`` the chunk follows what the cache holds: its padding is recorded in the
-    cache's key mask and each row's next RoPE position advances by its real tokens."""
-    b, t = attention_mask.shape
-    start = cache.length if cache is not None else 0
+def chunk_positions(attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
+    """RoPE positions (B, T) of a chunk: each row counts its real tokens on from where it stands."""
     offset = cache.next_position[:, None] if cache is not None else 0
-    position_ids = (offset + attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-    if cache is not None:
-        if start + t > cache.max_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the cache length {cache.max_len}")
-        cache.key_mask[:, start:start + t] = attention_mask.bool()
-        cache.next_position += attention_mask.long().sum(1)
-        keys = cache.key_mask[:, :start + t]
-    else:
+    return (offset + attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def self_attention_mask(attention_mask: torch.Tensor, cache=None,
+                        position_ids: torch.Tensor | None = None) -> SelfAttentionMask:
+    """Slots, positions and mask for a chunk ``attention_mask`` (B, T) (1 = token, 0 = left padding
+    or an idle row). ``position_ids`` default to ``chunk_positions``.
+
+    With a ``KVCache`` each row's chunk follows what that row holds (rows may be at different
+    lengths: a request joined a running batch); the chunk's padding is recorded in the key mask
+    and each row's next RoPE position advances by its real tokens."""
+    b, t = attention_mask.shape
+    if position_ids is None:
+        position_ids = chunk_positions(attention_mask, cache)
+    if cache is None:
         keys = attention_mask.bool()
-    if bool(keys.all()) and (start == 0 or t == 1):
-        return SelfAttentionMask(position_ids, None, start)  # plain causal (prefill) / full (decode)
-    s = start + t
-    q_pos = torch.arange(start, s, device=keys.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(s, device=keys.device)[None, :]  # (1, S)
-    causal = k_pos <= q_pos  # (T, S)
-    mask = (keys[:, None, :] & causal) | (k_pos == q_pos)  # (B, T, S); padding queries see themselves
-    return SelfAttentionMask(position_ids, mask[:, None], start)
+        if bool(keys.all()):
+            return SelfAttentionMask(position_ids, None, 0, None, t)
+        starts = torch.zeros(b, dtype=torch.long, device=keys.device)
+        start, index, end = 0, None, t
+    else:
+        starts = cache.lengths  # (B,)
+        lo, hi = int(starts.min()), int(starts.max())
+        end = hi + t
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+        slots = starts[:, None] + torch.arange(t, device=starts.device)  # (B, T)
+        start, index = (lo, None) if lo == hi else (None, slots)
+        rows = torch.arange(b, device=starts.device)[:, None]
+        cache.key_mask[rows, slots] = attention_mask.bool()
+        cache.next_position += attention_mask.long().sum(1)
+        keys = cache.key_mask[:, :end]
+        if start is not None and bool(keys.all()) and (start == 0 or t == 1):
+            return SelfAttentionMask(position_ids, None, start, None, end)  # plain causal / full
+    q_slot = starts[:, None] + torch.arange(t, device=keys.device)  # (B, T)
+    k_slot = torch.arange(end, device=keys.device)  # (S,)
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]  # (B, T, S)
+    mask = (keys[:, None, :] & causal) | (k_slot[None, None, :] == q_slot[:, :, None])  # padding sees itself
+    return SelfAttentionMask(position_ids, mask[:, None], start, index, end)
 
 
 def query_rows_mask(mask: torch.Tensor | None, queries: torch.Tensor, num_keys: int) -> torch.Tensor:
