@@ -212,14 +212,16 @@ class FusionConfig:
     text_before_media: str = "skip"
 
     def __post_init__(self) -> None:
-        _check(self.type in ("early", "cross"), f"fusion.type must be early or cross, got {self.type!r}")
+        from omnifuse.fusion.strategy import FUSIONS
+
+        _check(self.type in FUSIONS, f"fusion.type must be one of {', '.join(FUSIONS)}, got {self.type!r}")
         _check(self.cross_attention_span in ("preceding", "latest"),
                f"fusion.cross_attention_span must be preceding or latest, got {self.cross_attention_span!r}")
         _check(self.text_before_media in ("skip", "attend_all"),
                f"fusion.text_before_media must be skip or attend_all, got {self.text_before_media!r}")
         _set(self, "cross_attention_layers", tuple(int(i) for i in self.cross_attention_layers))
         _check(self.cross_attention_every >= 0, "fusion.cross_attention_every must be >= 0")
-        if self.type == "cross":
+        if not FUSIONS[self.type].in_sequence:
             _check(bool(self.cross_attention_layers) != bool(self.cross_attention_every),
                    "cross fusion needs exactly one of cross_attention_layers or cross_attention_every")
         _check(len(set(self.cross_attention_layers)) == len(self.cross_attention_layers),
@@ -227,7 +229,9 @@ class FusionConfig:
 
     def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layer indices that get a cross-attention block in front of them."""
-        if self.type != "cross":
+        from omnifuse.fusion.strategy import FUSIONS
+
+        if FUSIONS[self.type].in_sequence:
             return ()
         if self.cross_attention_every:
             n = self.cross_attention_every
@@ -347,7 +351,7 @@ class ModelConfig:
             _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
         _check(self.vision is None or dataclasses.is_dataclass(self.vision), "vision must be a config object or null")
         if self.vision is None:
-            _check(self.fusion.type == "early" and not self.fusion.resolved_layers(self.decoder.num_layers),
+            _check(not self.fusion.resolved_layers(self.decoder.num_layers),
                    "a text-only model (vision: null) has no fusion layers; use fusion.type early")
             return
         if self.image.mode == "fixed" or self.image.mode == "tiles":

@@ -11,9 +11,9 @@ from omnifuse.connectors import CONNECTORS
 from omnifuse.decoder import TextDecoder, build_decoder
 from omnifuse.encoders import VisionTransformer
 from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
-from omnifuse.fusion import FeatureCountError, build_memory, cross_attention_mask, splice_features, visible_images
-from omnifuse.fusion.cross import CrossAttentionInputs
-from omnifuse.inference.cache import CrossAttentionCache, InferenceCache
+from omnifuse.fusion import FeatureCountError
+from omnifuse.fusion.strategy import fusion_strategy
+from omnifuse.inference.cache import InferenceCache
 from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
 
 __all__ = ["MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder", "ensure_model_fits"]
@@ -46,6 +46,7 @@ class MultimodalModel(nn.Module):
         # state follows) is the same as before the decoder was a module of its own.
         self.decoder: TextDecoder = build_decoder(config)
         self.image_processor = build_image_processor(config) if v is not None else None
+        self.fusion = fusion_strategy(config.fusion)
         self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
         self.reset_parameters()
 
@@ -70,7 +71,8 @@ class MultimodalModel(nn.Module):
 
     @property
     def is_cross(self) -> bool:
-        return self.config.fusion.type == "cross"
+        """Media kept beside the sequence (``not fusion.in_sequence``)."""
+        return not self.fusion.in_sequence
 
     @property
     def cross_layers(self) -> nn.ModuleDict:
@@ -172,52 +174,10 @@ class MultimodalModel(nn.Module):
             image_features = [[next(it) for _ in row] for row in images]
             attendable = [[self.image_attendable(img) for img in row] for row in images]
         x = self.decoder.embed_tokens(input_ids)  # (B, T, D)
-        # Media enter at prefill. A placeholder id the model itself generates later is just a token.
         decoding = cache is not None and cache.self_attn.length > 0
-        has_media = image_features is not None and any(len(r) for r in image_features)
-        if not self.is_cross and not decoding and (has_media or self._count_placeholders(input_ids)):
-            x = splice_features(x, input_ids, image_features or [[] for _ in range(b)], self._placeholder())
-        cross = self._cross_inputs(input_ids, image_features, attendable, cache, decoding, x.dtype) if self.is_cross else None
+        x, cross = self.fusion.enter(self, x, input_ids, image_features, attendable, cache, decoding)
         return self.decoder(attention_mask=attention_mask, cache=cache.self_attn if cache is not None else None,
                             inputs_embeds=x, cross=cross, last_only=last_only, outputs=outputs)
-
-    def _placeholder(self) -> int:
-        if self.placeholder_id is None:
-            raise FeatureCountError("the model has no image placeholder id; set model.placeholder_id")
-        return self.placeholder_id
-
-    def _count_placeholders(self, input_ids: torch.Tensor) -> int:
-        return 0 if self.placeholder_id is None else int((input_ids == self.placeholder_id).sum())
-
-    def _cross_inputs(self, input_ids, image_features, attendable, cache, decoding, dtype):
-        """(kv per layer or None, mask, row_visible, memory) for the cross-attention layers, or None
-        when the batch has no media. At decode every new token reads what the last prompt token read
-        (Llama 3.2 Vision repeats the last row of its mask the same way)."""
-        if decoding:
-            if cache.cross is None:
-                return None
-            c = cache.cross
-            return CrossAttentionInputs(c.last_mask, c.last_row_visible.to(dtype), kv=c.kv)
-        placeholders = (input_ids == self.placeholder_id) if self.placeholder_id is not None else \
-            torch.zeros_like(input_ids, dtype=torch.bool)
-        if image_features is None:
-            if int(placeholders.sum()):
-                raise FeatureCountError(f"the prompt has {int(placeholders.sum())} image placeholder tokens but no images were given")
-            return None  # no media anywhere in the batch: every cross-attention layer is identity
-        for row, feats in enumerate(image_features):
-            n = int(placeholders[row].sum())
-            if n != len(feats):
-                raise FeatureCountError(f"row {row}: the prompt has {n} image placeholder tokens but {len(feats)} images were given")
-        fusion = self.config.fusion
-        mem = build_memory(image_features, self.config.decoder.hidden_size, dtype, input_ids.device, attendable)
-        visible = visible_images(placeholders, max(len(r) for r in image_features), fusion.cross_attention_span)
-        mask, row_visible = cross_attention_mask(visible, mem.image_index, mem.real,
-                                                 attend_all_when_blind=fusion.text_before_media == "attend_all")
-        if cache is None:
-            return CrossAttentionInputs(mask, row_visible.to(dtype), memory=mem.features)
-        kv = {int(i): layer.cross_attn.memory_kv(mem.features) for i, layer in self.cross_layers.items()}
-        cache.cross = CrossAttentionCache.from_prefill(kv, mask[:, 0, -1], row_visible[:, -1:])
-        return CrossAttentionInputs(mask, row_visible.to(dtype), kv=kv)
 
 
 def build_vision_encoder(config: ModelConfig) -> nn.Module:

@@ -33,8 +33,10 @@ __all__ = ["CacheBytes", "ImageCost", "RequestCost", "count_parameters", "cross_
            "images_seen_at_decode", "kv_bytes_per_token", "model_info", "request_cost"]
 
 
-def _is_cross(config: ModelConfig) -> bool:
-    return config.fusion.type == "cross"
+def _fusion(config: ModelConfig):
+    from omnifuse.fusion.strategy import fusion_strategy
+
+    return fusion_strategy(config.fusion)
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
@@ -83,11 +85,10 @@ def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> 
         processor = build_image_processor(config)
     crops, grid, canvas = processor.layout(width, height)
     n = processor.num_tokens(width, height)
-    cross = _is_cross(config)
+    fusion = _fusion(config)
     return ImageCost(width=width, height=height, crops=crops, patch_grid=grid, tile_canvas=canvas, visual_tokens=n,
-                     context_tokens=1 if cross else n,  # cross fusion keeps one placeholder in the context
-                     cross_attention_states_prefill=n if cross else 0,
-                     cross_attention_states_decode=processor.num_attended_tokens(width, height) if cross else 0)
+                     context_tokens=fusion.context_tokens(n), cross_attention_states_prefill=fusion.cross_states(n),
+                     cross_attention_states_decode=fusion.cross_states(processor.num_attended_tokens(width, height)))
 
 
 def images_seen_at_decode(config: ModelConfig, prompt_ids: Sequence[int], placeholder_id: int,
@@ -132,7 +133,6 @@ def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[Ima
 def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """``omnifuse info``: parameters, and what one image costs. ``image_size`` is (width, height);
     the default is the model's crop size, square."""
-    cross = _is_cross(config)
     info: dict[str, Any] = {"name": config.name, "fusion": config.fusion.type, "parameters": count_parameters(config)}
     if config.vision is not None:
         w, h = image_size or (config.image.image_size, config.image.image_size)
@@ -145,7 +145,7 @@ def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int,
                 kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
     if config.vision is None:
         return info
-    if cross:
+    if not _fusion(config).in_sequence:
         per_state = cross_kv_bytes_per_state(config, dtype_bytes)
         info.update(cross_attention_layers=list(config.cross_layers), cross_attention_kv_bytes_per_state=per_state,
                     cross_attention_states_prefill=cost.cross_attention_states_prefill,
