@@ -214,7 +214,7 @@ def test_weights_of_another_preset_do_not_load(saved, tmp_path):
         load_checkpoint(tmp_path)
     msg = str(err.value)
     assert "unexpected" in msg and "cross_layers.1." in msg
-    assert "missing" in msg and "connector." in msg
+    assert "missing" in msg and "connectors.image." in msg
 
 
 # --- broken folders --------------------------------------------------------------------------
@@ -372,6 +372,8 @@ def test_checkpoint_with_the_earlier_key_layout_loads(saved, tmp_path):
         def old_layout(t):
             for k in list(t):
                 old = re.sub(r"^decoder\.", "", k)
+                old = re.sub(r"^encoders\.image\.", "vision_encoder.", old)
+                old = re.sub(r"^connectors\.image\.", "connector.", old)
                 old = re.sub(r"^(vision_encoder\.layers\.\d+\.self_attn\.)o_proj\.", r"\1out_proj.", old)
                 t[old] = t.pop(k)
 

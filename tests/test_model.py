@@ -34,7 +34,7 @@ def test_cross_attention_model_with_zero_gates_equals_its_text_decoder():
     cross = make_model(tiny_config("cross"))
     text_only = make_model(tiny_config("early"), seed=1)
     # Copy the shared decoder (embeddings, self-attention layers, norm, head) into the text model.
-    shared = {k: v for k, v in cross.state_dict().items() if not k.startswith(("decoder.cross_layers", "vision", "connector"))}
+    shared = {k: v for k, v in cross.state_dict().items() if not k.startswith(("decoder.cross_layers", "encoders", "connectors"))}
     text_only.load_state_dict(shared, strict=False)
     ids = torch.cat([_text(5), torch.tensor([[PLACEHOLDER]]), _text(7, 1)], dim=1)
     images = [[cross.image_processor(scene(50, 30))]]

@@ -93,11 +93,11 @@ def test_align_stage_trains_only_connector_and_fusion(tmp_path):
     trainer.train_step(0)
     for n, p in trainer.model.named_parameters():
         changed = not torch.equal(before[n], p)
-        if n.startswith(("connector.", "decoder.cross_layers.")):
+        if n.startswith(("connectors.", "decoder.cross_layers.")):
             assert p.requires_grad, n
         else:
             assert not p.requires_grad and not changed, f"{n} is frozen in the align stage but changed"
-    for prefix in ("connector.", "decoder.cross_layers."):  # both trainable groups actually moved
+    for prefix in ("connectors.", "decoder.cross_layers."):  # both trainable groups actually moved
         assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith(prefix))
 
 

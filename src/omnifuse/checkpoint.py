@@ -94,10 +94,12 @@ def materialize(model: torch.nn.Module, device: str | torch.device, what: str) -
     return model
 
 
-# Checkpoints written before the decoder became its own module (and before one attention module
-# served the vision encoder) name their tensors differently; their keys are renamed on load.
+# Checkpoints written before the decoder became its own module, before one attention module served
+# the vision encoder and before encoders were keyed by modality name their tensors differently;
+# their keys are renamed on load.
 _OLD_KEYS = ((re.compile(r"^(embed_tokens|layers|cross_layers|norm|lm_head)\."), r"decoder.\1."),
-             (re.compile(r"^(vision_encoder\.layers\.\d+\.self_attn\.)out_proj\."), r"\1o_proj."))
+             (re.compile(r"^(vision_encoder\.layers\.\d+\.self_attn\.)out_proj\."), r"\1o_proj."),
+             (re.compile(r"^vision_encoder\."), "encoders.image."), (re.compile(r"^connector\."), "connectors.image."))
 
 
 def upgrade_key(key: str) -> str:

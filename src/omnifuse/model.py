@@ -1,7 +1,6 @@
-"""The multimodal model: vision encoder -> connector -> fusion (early or cross) -> decoder."""
+"""The multimodal model: media encoders and connectors keyed by modality -> fusion strategy -> text decoder."""
 
 from __future__ import annotations
-
 
 import torch
 from torch import nn
@@ -14,7 +13,7 @@ from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
 from omnifuse.fusion import FeatureCountError
 from omnifuse.fusion.strategy import fusion_strategy
 from omnifuse.inference.cache import InferenceCache
-from omnifuse.processing.image import ImageProcessor, ProcessedImage, aspect_ratio_id
+from omnifuse.processing.image import ImageProcessor, ProcessedImage
 
 __all__ = ["MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder", "ensure_model_fits"]
 
@@ -22,30 +21,35 @@ __all__ = ["MultimodalModel", "build_image_processor", "build_model", "build_vis
 def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
     if config.vision is None:
         return None
-    return ImageProcessor(config.image, patch_size=config.vision.patch_size, cls_tokens=config.vision.cls_tokens)
+    return ImageProcessor(config.image, patch_size=config.vision.patch_size, cls_tokens=config.vision.cls_tokens,
+                          tiled_encoder=config.vision.type == "mllama")
 
 
 class MultimodalModel(nn.Module):
-    """A vision-language model with early or cross-attention fusion.
+    """Media encoders and connectors keyed by modality, a fusion strategy, and a text decoder.
 
     ``forward(input_ids, attention_mask, images, cache)`` returns logits. ``images`` is one list per
-    row of processed images, in prompt order. Early fusion needs each image's placeholder token
-    repeated ``num_tokens`` times in ``input_ids``; cross fusion needs one placeholder per image,
-    placed where the text that may look at the image begins.
+    row of media items (``processing.media.MediaItem``), in prompt order; each item's placeholder
+    token takes ``fusion.placeholder_tokens(item.num_tokens)`` positions in ``input_ids``. Early
+    fusion: one per media token; cross fusion: one per item, where the text that may read it begins.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         v, d = config.vision, config.decoder
-        self.vision_encoder = build_vision_encoder(config) if v is not None else None
-        self.connector = CONNECTORS[config.connector.type](
-            v.feature_dim, d.hidden_size, bias=config.connector.bias,
-            positions=config.tokens_per_crop if config.connector.position_embedding else 0) if v is not None else None
-        # Registered after the encoder and connector: parameter order (which a saved optimizer
+        self.encoders = nn.ModuleDict()
+        self.connectors = nn.ModuleDict()
+        self.processors: dict = {}
+        if v is not None:
+            self.encoders["image"] = build_vision_encoder(config)
+            self.connectors["image"] = CONNECTORS[config.connector.type](
+                v.feature_dim, d.hidden_size, bias=config.connector.bias,
+                positions=config.tokens_per_crop if config.connector.position_embedding else 0)
+            self.processors["image"] = build_image_processor(config)
+        # Registered after the encoders and connectors: parameter order (which a saved optimizer
         # state follows) is the same as before the decoder was a module of its own.
         self.decoder: TextDecoder = build_decoder(config)
-        self.image_processor = build_image_processor(config) if v is not None else None
         self.fusion = fusion_strategy(config.fusion)
         self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
         self.reset_parameters()
@@ -54,7 +58,7 @@ class MultimodalModel(nn.Module):
     def reset_parameters(self) -> None:
         std = self.config.init_std
         for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d) and name.startswith("vision_encoder.patch_embedding."):
+            if isinstance(m, nn.Conv2d) and name.startswith("encoders.image.patch_embedding."):
                 m.reset_parameters()  # conv stem: PyTorch's fan-in init; std 0.02 would vanish over 3 layers
             elif isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std)
@@ -68,6 +72,18 @@ class MultimodalModel(nn.Module):
         if ve is not None and ve.class_embedding is not None:
             nn.init.normal_(ve.class_embedding, std=std)
         # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
+
+    @property
+    def vision_encoder(self) -> nn.Module | None:
+        return self.encoders["image"] if "image" in self.encoders else None
+
+    @property
+    def connector(self) -> nn.Module | None:
+        return self.connectors["image"] if "image" in self.connectors else None
+
+    @property
+    def image_processor(self) -> ImageProcessor | None:
+        return self.processors.get("image")
 
     @property
     def is_cross(self) -> bool:
@@ -86,70 +102,52 @@ class MultimodalModel(nn.Module):
         return InferenceCache(self.decoder.new_cache(batch_size, max_len))
 
     # ------------------------------------------------------------------ media
-    def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
-        """Vision encoder + connector for each image: a list of (num_tokens, D_decoder)."""
-        if not images:
-            return []
-        if self.vision_encoder is None:
-            raise FeatureCountError(f"{self.config.name} is a text-only model; it takes no images")
-        device = self.device
-        if isinstance(self.vision_encoder, MllamaVisionEncoder):
-            out = self._encode_mllama(images, device)
-        else:
-            out = self._encode_crops(images, device)
-        for img, f in zip(images, out):
-            if f.shape[0] != img.num_tokens:  # contract 1: num_tokens equals what the model produces
-                raise FeatureCountError(f"image produced {f.shape[0]} tokens but its processor predicted {img.num_tokens}")
-        return out
+    def _encoder(self, modality: str) -> nn.Module:
+        if modality not in self.encoders:
+            raise FeatureCountError(f"{self.config.name} takes no {modality} input"
+                                    + ("; it is a text-only model" if not len(self.encoders) else
+                                       f" (it takes {', '.join(self.encoders)})"))
+        return self.encoders[modality]
 
-    def vision_features(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
-        """The crop encoder's output for each image, (N_crops, tokens, D_vision): reused where the
-        image already carries it (``vision_features``, from a frozen encoder), else computed, the
-        crops of one size in one batch. (The tiled Mllama encoder encodes whole images instead.)"""
-        device = self.device
-        out: list[torch.Tensor | None] = [img.vision_features for img in images]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, img in enumerate(images):
+    def media_features(self, items: list) -> list[torch.Tensor]:
+        """Each item's encoder output (its inputs' leading axis first): reused where the item
+        already carries it (``features``, from a frozen encoder), else computed, items of one
+        modality and input shape in one batch."""
+        out: list[torch.Tensor | None] = [item.features for item in items]
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
             if out[i] is None:
-                by_shape.setdefault(tuple(img.pixel_values.shape[1:]), []).append(i)
-        for idx in by_shape.values():
-            batch = torch.cat([images[i].pixel_values for i in idx]).to(device)  # (N, 3, H, W)
-            for i, f in zip(idx, self.vision_encoder(batch).split([images[i].pixel_values.shape[0] for i in idx])):
+                shapes = tuple((k, tuple(v.shape[1:])) for k, v in sorted(item.inputs.items()))
+                groups.setdefault((item.modality, shapes), []).append(i)
+        for (modality, _), idx in groups.items():
+            encoder = self._encoder(modality)
+            names = items[idx[0]].inputs
+            batch = {k: torch.cat([items[i].inputs[k] for i in idx]).to(self.device) for k in names}
+            sizes = [next(iter(items[i].inputs.values())).shape[0] for i in idx]
+            for i, f in zip(idx, encoder(**batch).split(sizes)):
                 out[i] = f
         return out  # type: ignore[return-value]
 
-    def _encode_crops(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
-        feats = self.vision_features(images)
-        out: list[torch.Tensor | None] = [None] * len(feats)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, f in enumerate(feats):
-            by_shape.setdefault(tuple(f.shape[1:]), []).append(i)
-        for idx in by_shape.values():  # crops of one size share the connector's batch
-            tokens = self.connector(torch.cat([feats[i].to(device) for i in idx]))  # (N, tokens_per_crop, D)
+    def encode_media(self, items: list) -> list[torch.Tensor]:
+        """Encoder + connector for each media item: a list of (num_tokens, D_decoder)."""
+        if not items:
+            return []
+        feats = self.media_features(items)
+        out: list[torch.Tensor | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (item, f) in enumerate(zip(items, feats)):
+            groups.setdefault((item.modality, tuple(f.shape[1:])), []).append(i)
+        for (modality, _), idx in groups.items():  # outputs of one shape share the connector's batch
+            tokens = self.connectors[modality](torch.cat([feats[i].to(self.device) for i in idx]))  # (N, ..., D)
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 out[i] = f.reshape(-1, f.shape[-1])
+        for item, f in zip(items, out):
+            if f.shape[0] != item.num_tokens:  # contract 1: num_tokens equals what the model produces
+                raise FeatureCountError(f"a {item.modality} item produced {f.shape[0]} tokens but its processor "
+                                        f"predicted {item.num_tokens}")
         return out  # type: ignore[return-value]
 
-    def _encode_mllama(self, images: list[ProcessedImage], device) -> list[torch.Tensor]:
-        # All tiles of an image (padded to max_num_tiles) go through the encoder together.
-        n_max = self.vision_encoder.max_num_tiles
-        pixels = torch.stack([img.pixel_values for img in images]).to(device)  # (N, max_tiles, 3, S, S)
-        ids = torch.tensor([aspect_ratio_id(*img.tiles, n_max) for img in images], device=device)
-        mask = torch.zeros(len(images), n_max, dtype=torch.long, device=device)
-        for i, img in enumerate(images):
-            mask[i, :img.tiles[0] * img.tiles[1]] = 1
-        feats = self.connector(self.vision_encoder(pixels, ids, mask))  # (N, max_tiles, tokens, D)
-        return list(feats.flatten(1, 2))
-
-    def image_attendable(self, image: ProcessedImage) -> torch.Tensor | None:
-        """(num_tokens,) bool: which of an image's tokens text may attend to (None: all). Padded
-        tiles are encoded and cached (as the reference does) but never attended."""
-        if not self.config.image.pad_tiles:
-            return None
-        per_tile = image.num_tokens // image.pixel_values.shape[0]
-        real = torch.zeros(image.num_tokens, dtype=torch.bool)
-        real[:image.tiles[0] * image.tiles[1] * per_tile] = True
-        return real
+    encode_images = encode_media  # the image-only name
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -169,10 +167,10 @@ class MultimodalModel(nn.Module):
         if images is not None:
             if len(images) != b:
                 raise FeatureCountError(f"got images for {len(images)} rows but the batch has {b}")
-            flat = self.encode_images([img for row in images for img in row])
+            flat = self.encode_media([item for row in images for item in row])
             it = iter(flat)
             image_features = [[next(it) for _ in row] for row in images]
-            attendable = [[self.image_attendable(img) for img in row] for row in images]
+            attendable = [[item.attendable for item in row] for row in images]
         x = self.decoder.embed_tokens(input_ids)  # (B, T, D)
         decoding = cache is not None and cache.self_attn.length > 0
         x, cross = self.fusion.enter(self, x, input_ids, image_features, attendable, cache, decoding)

@@ -55,7 +55,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         dec.lm_head.weight = nn.Parameter(dec.embed_tokens.weight.detach().clone())  # untie: only the head is int8
         dec.tie_embeddings = False
     targets = [name for name, m in model.named_modules()
-               if type(m) is nn.Linear and name.startswith(("decoder.", "connector."))]
+               if type(m) is nn.Linear and name.startswith(("decoder.", "connectors."))]
     for name in targets:  # by name, so each float32 weight is freed as soon as it is replaced
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)

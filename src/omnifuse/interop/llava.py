@@ -118,18 +118,18 @@ def normalise_llava_key(key: str) -> str:
 def llava_key_map(layers_used: int) -> KeyMap:
     used = "|".join(str(i) for i in range(layers_used)) or "-"
     return [
-        (r"vision_tower\.embeddings\.class_embedding", "vision_encoder.class_embedding"),
-        (r"vision_tower\.embeddings\.patch_embedding\.weight", "vision_encoder.patch_embedding.weight"),
-        (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_encoder.position_embedding"),
+        (r"vision_tower\.embeddings\.class_embedding", "encoders.image.class_embedding"),
+        (r"vision_tower\.embeddings\.patch_embedding\.weight", "encoders.image.patch_embedding.weight"),
+        (r"vision_tower\.embeddings\.position_embedding\.weight", "encoders.image.position_embedding"),
         (r"vision_tower\.embeddings\.position_ids", None),
-        (r"vision_tower\.pre_layrnorm\.(weight|bias)", r"vision_encoder.pre_layernorm.\1"),
+        (r"vision_tower\.pre_layrnorm\.(weight|bias)", r"encoders.image.pre_layernorm.\1"),
         (rf"vision_tower\.encoder\.layers\.({used})\.self_attn\.out_proj\.(weight|bias)",
-         r"vision_encoder.layers.\1.self_attn.o_proj.\2"),
-        (rf"vision_tower\.encoder\.layers\.({used})\.(.+)", r"vision_encoder.layers.\1.\2"),
+         r"encoders.image.layers.\1.self_attn.o_proj.\2"),
+        (rf"vision_tower\.encoder\.layers\.({used})\.(.+)", r"encoders.image.layers.\1.\2"),
         # Layers after the deepest feature layer, and the pooled-output norm, never reach LLaVA's features.
         (r"vision_tower\.encoder\.layers\.\d+\..+", None),
         (r"vision_tower\.post_layernorm\.(weight|bias)", None),
-        (r"multi_modal_projector\.(linear_[12]\.(?:weight|bias))", r"connector.\1"),
+        (r"multi_modal_projector\.(linear_[12]\.(?:weight|bias))", r"connectors.image.\1"),
         (r"language_model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
         (r"language_model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
         (r"language_model\.norm\.weight", "decoder.norm.weight"),

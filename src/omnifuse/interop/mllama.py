@@ -117,8 +117,8 @@ def normalise_mllama_key(key: str) -> str:
 
 def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
     rules: KeyMap = [
-        (r"vision_model\.(.+)", r"vision_encoder.\1"),
-        (r"multi_modal_projector\.(weight|bias)", r"connector.linear.\1"),
+        (r"vision_model\.(.+)", r"encoders.image.\1"),
+        (r"multi_modal_projector\.(weight|bias)", r"connectors.image.linear.\1"),
         (r"language_model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
         (r"language_model\.norm\.weight", "decoder.norm.weight"),
         (r"lm_head\.weight", "decoder.lm_head.weight"),

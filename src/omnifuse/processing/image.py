@@ -183,14 +183,24 @@ def _fit_to_canvas(width: int, height: int, canvas_w: int, canvas_h: int, tile: 
 
 @dataclass(frozen=True)
 class ProcessedImage:
+    """An image as a media item (``omnifuse.processing.media.MediaItem``)."""
+
     pixel_values: torch.Tensor  # (N_crops, 3, H, W) float32, normalised
     num_tokens: int  # visual tokens the model produces for this image: crops * tokens per crop
     grid: tuple[int, int]  # (patch rows, patch cols) of each crop
     tiles: tuple[int, int]  # (rows, cols) of the tile canvas in "tiles" mode, else (1, 1)
     original_size: tuple[int, int]  # (width, height) after EXIF transpose
-    # The vision encoder's output for these crops, (N_crops, tokens, D_vision), when a frozen
-    # encoder already computed it (training reuses it instead of encoding the pixels again).
-    vision_features: torch.Tensor | None = None
+    # The encoder's keyword arguments; default {"pixel_values": pixel_values} (a per-crop ViT).
+    inputs: dict[str, torch.Tensor] | None = None
+    attendable: torch.Tensor | None = None  # (num_tokens,) bool; None: every token
+    # The vision encoder's output for these crops when a frozen encoder already computed it
+    # (training reuses it instead of encoding the pixels again).
+    features: torch.Tensor | None = None
+    modality: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            object.__setattr__(self, "inputs", {"pixel_values": self.pixel_values})
 
 
 class ImageProcessor:
@@ -200,7 +210,9 @@ class ImageProcessor:
     is kept, ``VisionConfig.cls_tokens``).
     """
 
-    def __init__(self, config: ImageConfig, patch_size: int, cls_tokens: int = 0):
+    def __init__(self, config: ImageConfig, patch_size: int, cls_tokens: int = 0, tiled_encoder: bool = False):
+        """``tiled_encoder``: the encoder takes whole tiled images (Mllama: all ``max_tiles`` tiles,
+        an aspect-ratio id and a tile mask per image) rather than a batch of crops."""
         if patch_size <= 0:
             raise ConfigError(f"patch_size must be positive, got {patch_size}")
         if cls_tokens < 0:
@@ -208,9 +220,12 @@ class ImageProcessor:
         if config.mode in ("fixed", "tiles") and config.image_size % patch_size:
             raise ConfigError(f"image.image_size {config.image_size} is not a multiple of "
                               f"patch_size {patch_size}")
+        if tiled_encoder and not (config.mode == "tiles" and config.pad_tiles):
+            raise ConfigError("a tiled encoder (vision.type mllama) needs image.mode tiles with pad_tiles")
         self.config = config
         self.patch_size = patch_size
         self.cls_tokens = cls_tokens
+        self.tiled_encoder = tiled_encoder
         # device="cpu" explicitly: a model built under `with torch.device("meta")` builds this too.
         self._mean = torch.tensor(config.mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32, device="cpu").view(3, 1, 1)
@@ -374,13 +389,21 @@ class ImageProcessor:
         if tuple(pixel_values.shape) != expected:  # the token count would silently be wrong
             raise AssertionError(f"pixel_values {tuple(pixel_values.shape)} != layout {expected} "
                                  f"for a {width} x {height} image in {mode!r} mode")
-        return ProcessedImage(
-            pixel_values=pixel_values,
-            num_tokens=self.num_tokens(width, height),
-            grid=grid,
-            tiles=tiles,
-            original_size=(width, height),
-        )
+        num_tokens = self.num_tokens(width, height)
+        inputs, attendable = {"pixel_values": pixel_values}, None
+        if mode == "tiles" and self.config.pad_tiles:
+            # Padded tiles are encoded and cached (as Llama 3.2 Vision does) but never attended.
+            real = tiles[0] * tiles[1]
+            attendable = torch.zeros(num_tokens, dtype=torch.bool)
+            attendable[:real * (num_tokens // n_crops)] = True
+            if self.tiled_encoder:
+                mask = torch.zeros(1, n_crops, dtype=torch.long)
+                mask[0, :real] = 1
+                inputs = {"pixel_values": pixel_values[None],  # (1, max_tiles, 3, S, S)
+                          "aspect_ratio_ids": torch.tensor([aspect_ratio_id(*tiles, self.config.max_tiles)]),
+                          "aspect_ratio_mask": mask}
+        return ProcessedImage(pixel_values=pixel_values, num_tokens=num_tokens, grid=grid, tiles=tiles,
+                              original_size=(width, height), inputs=inputs, attendable=attendable)
 
     def preprocess(self, images: list) -> list[ProcessedImage]:
         """Process several images; each keeps its own crop count and grid."""

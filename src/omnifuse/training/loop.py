@@ -99,7 +99,7 @@ class Trainer:
         groups = []
         for is_encoder in (False, True):  # a fine-tuned pre-trained encoder usually wants a smaller step
             lr = cfg.lr * (cfg.encoder_lr_scale if is_encoder and cfg.stage != "contrastive" else 1.0)
-            part = [p for n, p in named if n.startswith("vision_encoder.") == is_encoder]
+            part = [p for n, p in named if n.startswith("encoders.") == is_encoder]
             groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
                        {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]  # norms, biases, gates
         # fused: one kernel for every parameter (about 4x faster than the per-tensor loop on a CPU)
@@ -189,10 +189,10 @@ class Trainer:
         new = [((fingerprint, i, j), img) for i, ex in zip(rows, examples) for j, img in enumerate(ex.images)
                if (fingerprint, i, j) not in cache]
         if new:
-            for (key, _), feats in zip(new, self.model.vision_features([img for _, img in new])):
+            for (key, _), feats in zip(new, self.model.media_features([img for _, img in new])):
                 cache[key] = feats
         for i, ex in zip(rows, examples):
-            ex.images = [dataclasses.replace(img, vision_features=cache[(fingerprint, i, j)])
+            ex.images = [dataclasses.replace(img, features=cache[(fingerprint, i, j)])
                          for j, img in enumerate(ex.images)]
 
     # ------------------------------------------------------------------ steps

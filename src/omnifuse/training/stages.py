@@ -15,8 +15,8 @@ from torch import nn
 __all__ = ["STAGES", "Stage", "parameter_group", "set_trainable"]
 
 _GROUP_PREFIXES = {
-    "encoder": ("vision_encoder.",),
-    "connector": ("connector.",),
+    "encoder": ("encoders.",),
+    "connector": ("connectors.",),
     "fusion": ("decoder.cross_layers.",),
     "decoder": ("decoder.embed_tokens.", "decoder.layers.", "decoder.norm.", "decoder.lm_head."),
 }
