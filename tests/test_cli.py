@@ -325,7 +325,7 @@ def test_missing_checkpoint_folder(capsys, tmp_path, command):
 def test_image_count_differs_from_placeholders(capsys, images, name):
     rc, _, err = run(capsys, "generate", "--preset", name, "--image", images["square"],
                      "--prompt", "<image> and <image>: " + PROMPT)
-    assert_one_line_error(rc, err, "2 image placeholders", "1 images")
+    assert_one_line_error(rc, err, "2 image placeholders (<image>)", "1 image was given")
 
 
 def test_info_needs_a_model(capsys):

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from omnifuse.processing.image import ImageError
-from omnifuse.training.llava_data import Conversation, DataFormatError, read_caption_pairs, read_llava_json
+from omnifuse.processing.prompt import FeatureCountError
+from omnifuse.training.llava_data import (
+    Conversation,
+    DataFormatError,
+    read_caption_pairs,
+    read_llava_json,
+)
 
 
 @pytest.fixture
@@ -59,14 +65,33 @@ def test_good_records_parse(tmp_path, folder):
     assert [img.size for img in multi.load_images()] == [(12, 10), (12, 10)]
 
 
-def test_missing_placeholder_is_prepended(tmp_path, folder):
+def test_missing_placeholder_is_left_to_the_prompt_layout(tmp_path, folder):
     records = [{"image": "a.png", "conversations": turns(("human", "Describe it."), ("gpt", "A red box."))},
                {"image": ["a.png", "b.png"],
                 "conversations": turns(("system", "S"), ("human", "Same?"), ("gpt", "Yes."))}]
     (one, two), warnings = read_llava_json(write(tmp_path, records), folder)
     assert warnings == []
-    assert one.turns[0] == ("user", "<image>\nDescribe it.")
-    assert two.turns[1] == ("user", "<image>\n<image>\nSame?") and two.turns[0] == ("system", "S")
+    assert one.turns[0] == ("user", "Describe it.")  # as in the file: the layout places the images
+    assert two.turns[:2] == (("system", "S"), ("user", "Same?"))
+    # ... in front of the first human turn, as `omnifuse generate` does: LLaVA's "<image>\n".
+    from omnifuse.config import ModelConfig
+    from omnifuse.processing.prompt import PromptLayout
+    from omnifuse.processing.text import ByteTokenizer
+
+    layout = PromptLayout.for_model(ModelConfig(), ByteTokenizer())
+    messages = [{"role": r, "content": t} for r, t in two.turns]
+    assert layout.place_media_in_messages(messages, len(two.images))[1]["content"] == "<image><image>\nSame?"
+    assert layout.place_media("Same?", 2) == "<image><image>\nSame?"
+
+
+def test_placeholder_count_mismatch_is_a_feature_count_error_with_both_counts(tmp_path, folder):
+    record = {"image": "a.png", "conversations": turns(("human", "<image> vs <image>"), ("gpt", "b"))}
+    path = write(tmp_path, [GOOD[0], record])
+    _, warnings = read_llava_json(path, folder, on_error="skip")
+    assert warnings == ["record 1: the conversation has 2 image placeholders (<image>) but 1 image was given"]
+    with pytest.raises(FeatureCountError) as err:
+        read_llava_json(path, folder, on_error="raise")
+    assert str(err.value) == f"{path}: {warnings[0]}"
 
 
 BAD = {
@@ -79,8 +104,9 @@ BAD = {
     "ends with human": ({"conversations": turns(("human", "a"), ("gpt", "b"), ("human", "c"))}, "end with a gpt"),
     "unknown role": ({"conversations": turns(("bot", "a"), ("gpt", "b"))}, "'bot'"),
     "placeholder count": ({"image": "a.png", "conversations": turns(("human", "<image><image>"), ("gpt", "b"))},
-                          "2 '<image>' placeholders but the record names 1 image"),
-    "placeholder without image": ({"conversations": turns(("human", "<image>\nx"), ("gpt", "b"))}, "names 0 image"),
+                          "2 image placeholders (<image>) but 1 image was given"),
+    "placeholder without image": ({"conversations": turns(("human", "<image>\nx"), ("gpt", "b"))},
+                                  "1 image placeholder (<image>) but 0 images were given"),
     "placeholder in answer": ({"image": "a.png", "conversations": turns(("human", "<image>"), ("gpt", "<image>"))},
                               "gpt turn contains"),
     "missing image file": ({"image": "nope.png", "conversations": turns(("human", "<image>"), ("gpt", "b"))},
@@ -102,7 +128,8 @@ def test_bad_record_is_reported_by_index(tmp_path, folder, case):
     convs, warnings = read_llava_json(path, folder, on_error="skip")
     assert [c.index for c in convs] == [0, 1, 3]
     assert len(warnings) == 1 and warnings[0].startswith("record 2: ") and problem in warnings[0]
-    with pytest.raises(DataFormatError, match="record 2: ") as err:
+    count_case = case in ("placeholder count", "placeholder without image")
+    with pytest.raises(FeatureCountError if count_case else DataFormatError, match="record 2: ") as err:
         read_llava_json(path, folder, on_error="raise")
     assert problem in str(err.value) and str(path) in str(err.value)
 

@@ -1,4 +1,4 @@
-"""Tokenizers, chat templates and image-placeholder expansion (omnifuse.processing.text).
+"""Tokenizers and chat templates (omnifuse.processing.text).
 
 Hugging Face tokenizers are built here with the `tokenizers` library; nothing is downloaded.
 """
@@ -12,7 +12,6 @@ from omnifuse.processing.text import (
     ByteTokenizer,
     HFTokenizer,
     TokenizerError,
-    expand_image_tokens,
     load_tokenizer,
 )
 
@@ -295,20 +294,3 @@ def test_load_tokenizer(tmp_path):
         load_tokenizer(TextConfig(tokenizer="file"))
     folder = make_hf_folder(tmp_path, bos_post_processor=True)
     assert isinstance(load_tokenizer(TextConfig(tokenizer="file"), folder), HFTokenizer)
-
-
-# --- early fusion ---------------------------------------------------------------------------
-
-
-def test_expand_image_tokens():
-    assert expand_image_tokens([1, IMAGE, 2, IMAGE, 3], IMAGE, [3, 1]) == [1, IMAGE, IMAGE, IMAGE, 2, IMAGE, 3]
-    assert expand_image_tokens([1, 2], IMAGE, []) == [1, 2]
-
-
-def test_expand_image_tokens_mismatch_names_both_numbers():
-    with pytest.raises(TokenizerError, match="prompt has 2 image placeholders but 3 images were given"):
-        expand_image_tokens([IMAGE, 5, IMAGE], IMAGE, [4, 4, 4])
-    with pytest.raises(TokenizerError, match="prompt has 0 image placeholders but 1 image was given"):
-        expand_image_tokens([5], IMAGE, [4])
-    with pytest.raises(TokenizerError, match="at least one token"):
-        expand_image_tokens([IMAGE], IMAGE, [0])

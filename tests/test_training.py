@@ -27,9 +27,12 @@ TINY = dict(model="tiny-early", train_size=200, val_size=12, batch_size=4, steps
 
 
 def _builder(cross=False, max_length=512, truncation="drop"):
+    from omnifuse.presets import get_preset
+    from omnifuse.processing.prompt import PromptLayout
     from omnifuse.processing.text import ByteTokenizer
 
-    return ExampleBuilder(ByteTokenizer(), "<image>", is_cross=cross, max_length=max_length, truncation=truncation)
+    layout = PromptLayout.for_model(get_preset("tiny-cross" if cross else "tiny-early"), ByteTokenizer())
+    return ExampleBuilder(layout, max_length=max_length, truncation=truncation)
 
 
 def _image(n_tokens=16):

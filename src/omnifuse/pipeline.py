@@ -22,7 +22,8 @@ from omnifuse.planner.costs import (
 )
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
-from omnifuse.processing.text import Tokenizer, expand_image_tokens, load_tokenizer
+from omnifuse.processing.prompt import PromptLayout
+from omnifuse.processing.text import Tokenizer, load_tokenizer
 
 __all__ = ["GenerationResult", "Pipeline"]
 
@@ -58,6 +59,7 @@ class Pipeline:
         if pack:
             pack_linears(model)
         self.tokenizer = tokenizer
+        self.layout = PromptLayout.for_model(model.config, tokenizer)
         self.processor = model.image_processor
         self.image_token = model.config.text.image_token
         if model.config.has_media:
@@ -92,47 +94,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str, images: Sequence[ProcessedImage] = (), chat: bool = False) -> list[int]:
-        """Token ids for ``prompt`` with one placeholder per image.
+        """Token ids for ``prompt`` with one placeholder per image (processing/prompt.py).
 
         A prompt without placeholders gets them in front (LLaVA's ``<image>\\n`` convention);
         otherwise the prompt's placeholders must equal the number of images. Early fusion expands
         each placeholder to its image's token count.
         """
-        text_cfg = self.model.config.text
-        if not self.model.config.has_media:  # a text model: "<image>" in a prompt is plain text
-            if images:
-                raise FeatureCountError(f"{self.model.config.name} is a text-only model; it takes no images "
-                                        f"({len(images)} given)")
-            if chat:
-                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt)
-        n_marks = prompt.count(self.image_token)
-        if n_marks == 0 and images:
-            sep = "" if text_cfg.bos_after_leading_images else "\n"  # Mllama: "<|image|>text"; LLaVA: "<image>\ntext"
-            prompt = (self.image_token * len(images)) + sep + prompt
-        elif n_marks != len(images):
-            raise FeatureCountError(f"the prompt has {n_marks} image placeholders ({self.image_token}) "
-                                    f"but {len(images)} images were given")
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            ids = self.tokenizer.encode(prompt)
-        elif text_cfg.bos_after_leading_images:
-            # Mllama's processor (build_string_from_input): leading image tokens, then bos, then text.
-            if text_cfg.bos_token not in prompt:
-                rest, n_lead = prompt, 0
-                while rest.startswith(self.image_token):
-                    rest, n_lead = rest[len(self.image_token):], n_lead + 1
-                prompt = self.image_token * n_lead + text_cfg.bos_token + rest
-            # The reference then tokenizes with special tokens, so the tokenizer's bos comes first
-            # as well: "<bos><|image|><bos>text". Reproduced, since the model was run that way.
-            ids = self.tokenizer.encode(prompt, add_bos=False)
-            if self.tokenizer.adds_bos:
-                ids.insert(0, self.tokenizer.bos_token_id)
-        else:
-            ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
-        if not self.model.is_cross:
-            ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
-        return ids
+        return self.layout.encode(prompt, [img.num_tokens for img in images], chat)
 
     def process_images(self, sources: Sequence) -> list[ProcessedImage]:
         if sources and self.processor is None:

@@ -48,19 +48,23 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     and the median prefill and decode latency."""
     from omnifuse.model import build_model
     from omnifuse.nn.packed import pack_linears
+    from omnifuse.processing.prompt import PromptLayout
     from omnifuse.processing.text import load_tokenizer
 
     torch.manual_seed(0)
     model = build_model(config).eval()
-    model.placeholder_id = load_tokenizer(config.text).image_token_id
+    layout = PromptLayout.for_model(config, load_tokenizer(config.text))
+    model.placeholder_id = layout.image_token_id
     processor = model.image_processor
     images = [processor(_noise_image(w, h, i)) for i, (w, h) in enumerate(image_sizes)]
     features = model.encode_images(images)
     visual = [int(f.shape[0]) for f in features]
-    placeholder = model.placeholder_id
+    placeholder = layout.image_token_id
     text = torch.randint(1, config.decoder.vocab_size, (text_tokens,)).tolist()
     text = [t if t != placeholder else t + 1 for t in text]
-    ids = text[:1] + [placeholder] * (len(images) if model.is_cross else sum(visual)) + text[1:]
+    # Images in front of a prompt without placeholders (PromptLayout.place_media), after the first
+    # id, which stands for bos; the span is one position per visual token (early) or per image (cross).
+    ids = text[:1] + layout.media_span(visual) + text[1:]
     prompt = torch.tensor([ids])
     total = len(ids) + output_tokens
 

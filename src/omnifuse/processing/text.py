@@ -1,4 +1,4 @@
-"""Text side of the model: tokenizers, chat templates, and image-placeholder expansion.
+"""Text side of the model: tokenizers and chat templates (prompt layout: processing/prompt.py).
 
 Two tokenizers share one interface. ``ByteTokenizer`` is UTF-8 bytes plus four special tokens, for
 tiny presets and tests; nothing to download. ``HFTokenizer`` wraps a Hugging Face ``tokenizer.json``
@@ -28,7 +28,6 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "load_tokenizer",
-    "expand_image_tokens",
 ]
 
 
@@ -366,24 +365,3 @@ def load_tokenizer(config: TextConfig, folder: str | Path | None = None) -> Toke
     if folder is None:
         raise TokenizerError("text.tokenizer is 'file' but no checkpoint folder was given")
     return HFTokenizer.from_folder(folder, config)
-
-
-def expand_image_tokens(ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
-    """Early fusion: repeat the i-th image placeholder ``counts[i]`` times, one slot per visual token.
-
-    The model later writes image i's features over those slots, so the counts must match the
-    connector's output lengths.
-    """
-    ids = [int(i) for i in ids]
-    num_placeholders = ids.count(image_token_id)
-    if num_placeholders != len(counts):
-        raise TokenizerError(
-            f"prompt has {num_placeholders} image placeholder{'s' if num_placeholders != 1 else ''} "
-            f"but {len(counts)} image{'s were' if len(counts) != 1 else ' was'} given")
-    if any(c < 1 for c in counts):
-        raise TokenizerError(f"every image needs at least one token, got counts {list(counts)}")
-    out: list[int] = []
-    images = iter(counts)
-    for i in ids:
-        out.extend([i] * next(images) if i == image_token_id else [i])
-    return out

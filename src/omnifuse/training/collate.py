@@ -2,7 +2,8 @@
 
 Only assistant tokens carry a loss. Each assistant turn's tokens are found by rendering the chat
 template up to the turn (with the generation prompt) and through it: the difference is the
-answer. Early fusion expands each image placeholder to the image's token count (no loss there).
+answer. Media placeholders follow the prompt layout of processing/prompt.py, the pipeline's own
+(early fusion: each expanded to the image's token count, no loss there).
 A row longer than ``max_length`` is cut at the end, unless the cut would split or drop a media
 span or leave no answer: then the row is dropped (counted) or rejected, as configured.
 """
@@ -13,8 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnifuse.config import FusionConfig, TextConfig
+from omnifuse.fusion.strategy import fusion_strategy
 from omnifuse.processing.image import ProcessedImage
-from omnifuse.processing.text import Tokenizer, expand_image_tokens
+from omnifuse.processing.prompt import PromptLayout
+from omnifuse.processing.text import Tokenizer
 from omnifuse.training.losses import IGNORE
 
 __all__ = ["Example", "ExampleBuilder", "TruncationError", "collate", "length_groups"]
@@ -33,24 +37,22 @@ class Example:
 
 
 class ExampleBuilder:
-    def __init__(self, tokenizer: Tokenizer, image_token: str, is_cross: bool, max_length: int,
-                 truncation: str = "drop") -> None:
+    """Training rows from conversations, laid out by ``layout`` (processing/prompt.py) exactly as the
+    pipeline lays out a chat prompt: a user turn gives the ids ``Pipeline.prompt_ids(..., chat=True)``
+    gives for the same text and images."""
+
+    def __init__(self, layout: PromptLayout, max_length: int, truncation: str = "drop", *positional) -> None:
+        if isinstance(layout, Tokenizer):
+            layout, max_length, truncation = _first_signature(layout, max_length, truncation, *positional)
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be drop or error, got {truncation!r}")
-        self.tokenizer, self.image_token, self.is_cross = tokenizer, image_token, is_cross
+        self.layout, self.tokenizer = layout, layout.tokenizer
         self.max_length, self.truncation = max_length, truncation
         self.dropped = 0  # rows dropped by truncation
         self.last_drop = ""  # why the latest one was
 
     def _messages(self, turns, n_images: int) -> list[dict]:
-        messages = [{"role": role, "content": text} for role, text in turns]
-        marks = sum(m["content"].count(self.image_token) for m in messages if m["role"] == "user")
-        if marks == 0 and n_images:  # images go in front of the first user turn (LLaVA's convention)
-            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first] = {**messages[first], "content": self.image_token * n_images + messages[first]["content"]}
-        elif marks != n_images:
-            raise ValueError(f"the conversation has {marks} image placeholders but {n_images} images")
-        return messages
+        return self.layout.place_media_in_messages([{"role": role, "content": text} for role, text in turns], n_images)
 
     def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """(text, is_answer) pieces whose concatenation is the rendered conversation."""
@@ -72,18 +74,14 @@ class ExampleBuilder:
         ids: list[int] = []
         labels: list[int] = []
         for text, is_answer in self._segments(self._messages(turns, len(images))):
-            piece = self.tokenizer.encode(text, add_bos=not ids)
+            piece = self.layout.tokenize(text, first=not ids)
             ids += piece
             labels += piece if is_answer else [IGNORE] * len(piece)
-        placeholder = self.tokenizer.image_token_id
-        if not self.is_cross:
-            counts = [img.num_tokens for img in images]
-            expanded = expand_image_tokens(ids, placeholder, counts)
-            it = iter(counts)
-            labels = [lab for tok, lab in zip(ids, labels) for _ in range(next(it) if tok == placeholder else 1)]
-            ids = expanded
+        repeats = self.layout.context_positions(ids, [img.num_tokens for img in images])
+        ids = [tok for tok, r in zip(ids, repeats) for _ in range(r)]
+        labels = [lab for lab, r in zip(labels, repeats) for _ in range(r)]  # media positions carry no loss
         if len(ids) > self.max_length:
-            cut_media = placeholder in ids[self.max_length:]
+            cut_media = bool(images) and self.layout.image_token_id in ids[self.max_length:]
             no_answer = all(lab == IGNORE for lab in labels[:self.max_length])
             if cut_media or no_answer:
                 why = "would cut an image's tokens" if cut_media else "would remove every answer token"
@@ -98,11 +96,18 @@ class ExampleBuilder:
 
     def prompt(self, turns, images: list[ProcessedImage]) -> list[int]:
         """Ids for generation: the conversation so far plus the assistant prompt (eval uses this)."""
-        messages = self._messages(turns, len(images))
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        if not self.is_cross:
-            ids = expand_image_tokens(ids, self.tokenizer.image_token_id, [img.num_tokens for img in images])
-        return ids
+        messages = [{"role": role, "content": text} for role, text in turns]
+        return self.layout.encode_conversation(messages, [img.num_tokens for img in images])
+
+
+def _first_signature(tokenizer: Tokenizer, image_token: str, is_cross: bool, max_length: int,
+                     truncation: str = "drop") -> tuple[PromptLayout, int, str]:
+    # ExampleBuilder(tokenizer, image_token, is_cross, max_length[, truncation]), the form
+    # training/loop.py still calls. It names no text settings, so prompts follow TextConfig's
+    # defaults (LLaVA's "<image>\n", no Mllama bos rule): give a PromptLayout.for_model instead.
+    fusion = FusionConfig(type="cross", cross_attention_every=1) if is_cross else FusionConfig()
+    layout = PromptLayout(tokenizer, TextConfig(image_token=image_token), fusion_strategy(fusion))
+    return layout, max_length, truncation
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:

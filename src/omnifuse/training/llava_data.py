@@ -14,8 +14,12 @@ are read as pairs too.
 Every record is checked when the file is read, not when a batch first meets it hours into a run. A
 bad record is never dropped silently: with ``on_error="skip"`` it is left out and a message
 ``"record 17: <problem>"`` goes into the returned warnings; with ``on_error="raise"`` that message
-is a ``DataFormatError``. A file in which every record is bad raises either way: that is a wrong
-``image_folder`` or a wrong file far more often than bad data.
+is a ``DataFormatError``, or the ``FeatureCountError`` every prompt builder raises when placeholders
+and images disagree (processing/prompt.py). A file in which every record is bad raises either way:
+that is a wrong ``image_folder`` or a wrong file far more often than bad data.
+
+A record with images but no ``<image>`` in its text is kept as it is: the prompt layout puts the
+images in front of the first human turn when the row is built, as it does for ``omnifuse generate``.
 """
 
 from __future__ import annotations
@@ -23,26 +27,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from PIL import Image
 
 from omnifuse.processing.image import load_image
+from omnifuse.processing.prompt import FeatureCountError, media_count_error
 
 __all__ = [
     "IMAGE_TOKEN",
-    "DataFormatError",
     "Conversation",
-    "read_llava_json",
+    "DataFormatError",
     "read_caption_pairs",
+    "read_llava_json",
 ]
 
-IMAGE_TOKEN = "<image>"  # LLaVA's placeholder; the prompt builder expands it to visual tokens
+IMAGE_TOKEN = "<image>"  # LLaVA's placeholder; the prompt layout expands it to visual tokens
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _LABELS = {role: label for label, role in _ROLES.items()}  # messages use the file's own words
 _ON_ERROR = ("skip", "raise")
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class DataFormatError(ValueError):
@@ -53,9 +58,10 @@ class DataFormatError(ValueError):
 class Conversation:
     images: tuple[str, ...]  # image paths resolved against the image folder; empty if text-only
     turns: tuple[tuple[str, str], ...]  # (role, text): an optional "system" first, then
-    # alternating "user" / "assistant", ending with "assistant"; "<image>" stays in user text
+    # alternating "user" / "assistant", ending with "assistant"; "<image>" stays where the file has
+    # it (none: the prompt layout puts the images in front of the first user turn)
     index: int  # record index in the file (0-based)
-    id: Optional[str] = None  # the record's "id", if it had one
+    id: str | None = None  # the record's "id", if it had one
 
     def load_images(self, max_pixels: int = 64_000_000) -> list[Image.Image]:
         """Decode the images as upright RGB; an unreadable one raises ``ImageError``."""
@@ -63,14 +69,19 @@ class Conversation:
 
 
 class _BadRecord(Exception):
-    """One record's problem; becomes a warning or a DataFormatError with the record index."""
+    """One record's problem; becomes a warning or an ``error`` (DataFormatError unless the problem
+    has its own type) with the record index."""
+
+    def __init__(self, message: str, error: type[ValueError] = DataFormatError) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 
 
-def _load_records(path: PathLike) -> list[tuple[Any, Optional[str]]]:
+def _load_records(path: PathLike) -> list[tuple[Any, str | None]]:
     """(record, problem) pairs: a JSON list, or JSON Lines when the suffix is .jsonl, where a line
     that is not JSON is one bad record rather than a bad file."""
     path = Path(path)
@@ -81,7 +92,7 @@ def _load_records(path: PathLike) -> list[tuple[Any, Optional[str]]]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataFormatError(f"cannot read data file {path}: {e}") from None
     if path.suffix.lower() == ".jsonl":
-        records: list[tuple[Any, Optional[str]]] = []
+        records: list[tuple[Any, str | None]] = []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -99,7 +110,7 @@ def _load_records(path: PathLike) -> list[tuple[Any, Optional[str]]]:
     return [(record, None) for record in data]
 
 
-def _image_root(path: PathLike, image_folder: Optional[PathLike]) -> Path:
+def _image_root(path: PathLike, image_folder: PathLike | None) -> Path:
     # Without a folder, relative image paths are taken relative to the data file, not the cwd, so
     # the result does not depend on where the program was started.
     return Path(image_folder) if image_folder not in (None, "") else Path(path).parent
@@ -119,7 +130,7 @@ def _resolve_image(value: Any, root: Path, check: bool) -> str:
     return str(resolved)
 
 
-def _record_id(record: Any) -> Optional[str]:
+def _record_id(record: Any) -> str | None:
     if isinstance(record, dict) and isinstance(record.get("id"), (str, int)) and not isinstance(record["id"], bool):
         return str(record["id"])
     return None
@@ -140,7 +151,7 @@ def _read(path: PathLike, on_error: str, parse) -> tuple[list, list[str]]:
             rid = _record_id(record)
             message = f"record {index}: {e}" + (f" (id {rid!r})" if rid is not None else "")
             if on_error == "raise":
-                raise DataFormatError(f"{path}: {message}") from None
+                raise e.error(f"{path}: {message}") from None
             warnings.append(message)
     if records and not good:
         raise DataFormatError(f"{path}: none of its {len(records)} records is usable; "
@@ -202,18 +213,13 @@ def _parse_conversation(record: Any, index: int, root: Path, check: bool) -> Con
         if role != "user" and IMAGE_TOKEN in text:
             raise _BadRecord(f"a {_LABELS[role]} turn contains {IMAGE_TOKEN!r}; images belong in human turns")
     placed = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
-    if images and placed == 0:
-        # LLaVA's data puts the image before the first question ("<image>\n" + question); a record
-        # that names images but no placeholder is read the same way, one line per image.
-        first = next(t for t, (role, _) in enumerate(turns) if role == "user")
-        turns[first] = ("user", f"{IMAGE_TOKEN}\n" * len(images) + turns[first][1])
-    elif placed != len(images):
-        raise _BadRecord(f"human turns hold {placed} {IMAGE_TOKEN!r} placeholders but the record "
-                         f"names {len(images)} image(s)")
+    if placed != len(images) and not (placed == 0 and images):  # none placed: the layout places them
+        raise _BadRecord(str(media_count_error(placed, len(images), "the conversation", IMAGE_TOKEN)),
+                         FeatureCountError)
     return Conversation(images=tuple(images), turns=tuple(turns), index=index, id=_record_id(record))
 
 
-def read_llava_json(path: PathLike, image_folder: Optional[PathLike], on_error: str = "skip",
+def read_llava_json(path: PathLike, image_folder: PathLike | None, on_error: str = "skip",
                     check_images: bool = True) -> tuple[list[Conversation], list[str]]:
     """Read LLaVA instruction data: (conversations, warnings about skipped records).
 
@@ -250,7 +256,7 @@ def _parse_caption(record: Any, root: Path, check: bool) -> tuple[str, str]:
     return _resolve_image(record["image"], root, check), caption.strip()
 
 
-def read_caption_pairs(path: PathLike, image_folder: Optional[PathLike], on_error: str = "skip",
+def read_caption_pairs(path: PathLike, image_folder: PathLike | None, on_error: str = "skip",
                        check_images: bool = True) -> tuple[list[tuple[str, str]], list[str]]:
     """Read image-caption pairs: ((image path, caption) list, warnings about skipped records).
 
