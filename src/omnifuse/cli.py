@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("arena", help="train fusion strategies on the same data and budget, compare them")
-    a.add_argument("--config", help="arena YAML (default: configs/arena.yaml)")
+    a.add_argument("--config", help="arena YAML (default: the packaged omnifuse/configs/arena.yaml)")
     a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
     a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
     a.set_defaults(func=cmd_arena)

@@ -2,7 +2,8 @@
 each skill on the test split, measure tokens, cache, latency and throughput, and write the report.
 
 A strategy is a config entry (a name, a model preset or model config file, optional training
-overrides), so new fusion strategies join by editing ``configs/arena.yaml``, not this code.
+overrides), so new fusion strategies join by editing the arena config (the default,
+``omnifuse/configs/arena.yaml``, ships inside the package), not this code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from omnifuse.training.config import TrainConfig, resolve_input_paths
 
 __all__ = ["ArenaConfig", "Strategy", "load_arena_config", "run_arena"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "arena.yaml"
+# Package data (pyproject's package-data), so `omnifuse demo` and `omnifuse arena` run from an
+# installed wheel; the model files it names sit beside it in configs/models/.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "arena.yaml"
 
 
 @dataclass(frozen=True)
