@@ -142,15 +142,6 @@ def test_placeholders_and_images_disagree_is_one_error_naming_both_counts(tmp_pa
     assert str(err.value).endswith(f"record 0: the conversation {message}")
 
 
-def test_first_builder_signature_lays_out_as_llava():
-    # training/loop.py's call, which names no text settings: TextConfig's defaults (LLaVA's layout).
-    pipe = _pipeline(_config("cross"))
-    images = pipe.process_images([scene()])
-    old = ExampleBuilder(pipe.tokenizer, "<image>", True, 512, "error")
-    assert old.max_length == 512 and old.truncation == "error"
-    assert old.prompt([("user", "hi")], images) == pipe.prompt_ids("hi", images, chat=True)
-
-
 @pytest.mark.parametrize("preset", ["tiny-early", "tiny-cross"])
 def test_trainer_builds_the_prompt_generate_builds(tmp_path, preset):
     from omnifuse.training.config import TrainConfig

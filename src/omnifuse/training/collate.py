@@ -14,11 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omnifuse.config import FusionConfig, TextConfig
-from omnifuse.fusion.strategy import fusion_strategy
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.prompt import PromptLayout
-from omnifuse.processing.text import Tokenizer
 from omnifuse.training.losses import IGNORE
 
 __all__ = ["Example", "ExampleBuilder", "TruncationError", "collate", "length_groups"]
@@ -41,9 +38,7 @@ class ExampleBuilder:
     pipeline lays out a chat prompt: a user turn gives the ids ``Pipeline.prompt_ids(..., chat=True)``
     gives for the same text and images."""
 
-    def __init__(self, layout: PromptLayout, max_length: int, truncation: str = "drop", *positional) -> None:
-        if isinstance(layout, Tokenizer):
-            layout, max_length, truncation = _first_signature(layout, max_length, truncation, *positional)
+    def __init__(self, layout: PromptLayout, max_length: int, truncation: str = "drop") -> None:
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be drop or error, got {truncation!r}")
         self.layout, self.tokenizer = layout, layout.tokenizer
@@ -98,16 +93,6 @@ class ExampleBuilder:
         """Ids for generation: the conversation so far plus the assistant prompt (eval uses this)."""
         messages = [{"role": role, "content": text} for role, text in turns]
         return self.layout.encode_conversation(messages, [img.num_tokens for img in images])
-
-
-def _first_signature(tokenizer: Tokenizer, image_token: str, is_cross: bool, max_length: int,
-                     truncation: str = "drop") -> tuple[PromptLayout, int, str]:
-    # ExampleBuilder(tokenizer, image_token, is_cross, max_length[, truncation]), the form
-    # training/loop.py still calls. It names no text settings, so prompts follow TextConfig's
-    # defaults (LLaVA's "<image>\n", no Mllama bos rule): give a PromptLayout.for_model instead.
-    fusion = FusionConfig(type="cross", cross_attention_every=1) if is_cross else FusionConfig()
-    layout = PromptLayout(tokenizer, TextConfig(image_token=image_token), fusion_strategy(fusion))
-    return layout, max_length, truncation
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import nullcontext
 import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 from omnifuse.config import ConfigError
 from omnifuse.inference import SamplingConfig, generate
 from omnifuse.processing.image import ImageError
+from omnifuse.processing.prompt import PromptLayout
 from omnifuse.training.collate import ExampleBuilder, collate, length_groups
 from omnifuse.training.config import TrainConfig, config_dict
 from omnifuse.training.llava_data import DataFormatError
@@ -92,8 +93,8 @@ class Trainer:
         encoder_learns = any(p.requires_grad for p in self.model.vision_encoder.parameters())
         per_crop = self.model_config.vision.type == "vit"  # the tiled Mllama encoder sees whole images
         self.shared_features = shared_features if per_crop and not encoder_learns else None
-        self.builder = ExampleBuilder(self.tokenizer, self.model_config.text.image_token, self.model.is_cross,
-                                      cfg.max_length, cfg.truncation)
+        self.builder = ExampleBuilder(PromptLayout.for_model(self.model_config, self.tokenizer), cfg.max_length,
+                                      cfg.truncation)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         named += [(f"head.{n}", p) for n, p in self.head.named_parameters()] if self.head is not None else []
         groups = []
