@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/omnifuse demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest tests
 
 clean:

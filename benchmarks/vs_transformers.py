@@ -36,8 +36,14 @@ TEXT_TOKENS = 32
 
 # ----------------------------------------------------------------------------- checkpoints
 def build_checkpoints(root: Path, train_steps: int) -> dict[str, Path]:
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              MllamaConfig, MllamaForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+    )
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
 
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -173,13 +179,13 @@ def worker_omnifuse(arch: str, folder: Path, new_tokens: int, quantize: bool, ag
 
     for batch in (1, 8):
         run(batch, 2)
-        t_full = _timed(lambda: run(batch, new_tokens + 1), 2)
-        t_one = _timed(lambda: run(batch, 1), 2)
+        t_full = _timed(lambda batch=batch: run(batch, new_tokens + 1), 2)
+        t_one = _timed(lambda batch=batch: run(batch, 1), 2)
         result[f"decode_b{batch}_tps"] = batch * new_tokens / (t_full - t_one)
     if arch == "mllama":
         for n in (1, 4):
-            t_full = _timed(lambda: run(1, new_tokens + 1, n), 2)
-            t_one = _timed(lambda: run(1, 1, n), 2)
+            t_full = _timed(lambda n=n: run(1, new_tokens + 1, n), 2)
+            t_one = _timed(lambda n=n: run(1, 1, n), 2)
             result[f"ms_per_token_{n}img"] = 1000 * (t_full - t_one) / new_tokens
     greedy = generate(model, [ids], [imgs], SamplingConfig(max_new_tokens=agree_steps))[0]
     result["greedy_tokens"] = greedy
@@ -243,8 +249,8 @@ def worker_transformers(arch: str, folder: Path, new_tokens: int) -> dict:
     for batch in (1, 8):
         b = inputs(batch)
         run(b, 2)
-        t_full = _timed(lambda: run(b, new_tokens + 1), 2)
-        t_one = _timed(lambda: run(b, 1), 2)
+        t_full = _timed(lambda b=b: run(b, new_tokens + 1), 2)
+        t_one = _timed(lambda b=b: run(b, 1), 2)
         result[f"decode_b{batch}_tps"] = batch * new_tokens / (t_full - t_one)
     return result
 

@@ -9,8 +9,7 @@ import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-WORDS = ("the a red blue green circle square left right above below of is what how many colour shape "
-         "picture image describe count one two three yes no and in on to").split()
+WORDS = ["the", "a", "red", "blue", "green", "circle", "square", "left", "right", "above", "below", "of", "is", "what", "how", "many", "colour", "shape", "picture", "image", "describe", "count", "one", "two", "three", "yes", "no", "and", "in", "on", "to"]
 
 
 def write_word_tokenizer(folder: Path, vocab_size: int, specials: dict[str, int], bos: str = "<s>",

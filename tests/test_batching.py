@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PLACEHOLDER, make_model, scene, tiny_config
+
 from omnifuse.inference import DecodeBatch, SamplingConfig, generate
 
 N = 12

@@ -110,7 +110,7 @@ def test_loaded_model_processes_images(saved, name):
 
 
 def test_round_trip_keeps_cross_attention_gates(saved):
-    model, folder = saved["tiny-cross"]
+    _, folder = saved["tiny-cross"]
     loaded = load_checkpoint(folder)
     gates = {k: v for k, v in loaded.state_dict().items() if k.endswith("_gate.gate")}
     assert gates, "tiny-cross has gated cross-attention layers"

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from omnifuse.config import ConfigError, DecoderConfig, LayerSpec, ModelConfig, config_from_dict, config_to_dict
 from omnifuse.decoder import ATTENTION, FEED_FORWARD, TextDecoder, build_decoder
 

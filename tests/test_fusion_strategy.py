@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PLACEHOLDER, make_model, scene, tiny_config
+
 from omnifuse.config import ConfigError, FusionConfig
 from omnifuse.fusion import FeatureCountError
 from omnifuse.fusion.strategy import FUSIONS, CrossFusion, EarlyFusion

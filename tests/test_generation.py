@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PLACEHOLDER, make_model, scene, tiny_config
+
 from omnifuse.inference import ContextOverflowError, SamplingConfig, generate, generate_stream, sample_next
 
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_model, scene, tiny_config
+
 from omnifuse.inference import SamplingConfig, generate
 from omnifuse.inference.quantize import Int8Linear, quantize_int8
 from omnifuse.nn.packed import PackedLinear, can_pack, pack_linears

@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import scene
 from hf_fixtures import save_llama
 
 transformers = pytest.importorskip("transformers")
 
-from omnifuse.fusion import FeatureCountError  # noqa: E402
-from omnifuse.pipeline import Pipeline  # noqa: E402
+from omnifuse.fusion import FeatureCountError
+from omnifuse.pipeline import Pipeline
 
 PROMPTS = ["what colour is the circle", "how many red square are left of the blue circle and in the picture"]
 

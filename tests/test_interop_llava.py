@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import scene
 from hf_fixtures import save_llava
 
 transformers = pytest.importorskip("transformers")
 
-from omnifuse.checkpoint import CheckpointError  # noqa: E402
-from omnifuse.pipeline import Pipeline  # noqa: E402
+from omnifuse.checkpoint import CheckpointError
+from omnifuse.pipeline import Pipeline
 
 
 def _reference(folder):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import scene
 from hf_fixtures import save_mllama
 
 transformers = pytest.importorskip("transformers")
 
-from omnifuse.inference import left_pad  # noqa: E402
-from omnifuse.pipeline import Pipeline  # noqa: E402
+from omnifuse.inference import left_pad
+from omnifuse.pipeline import Pipeline
 
 
 def _reference(folder):

@@ -14,7 +14,7 @@ from omnifuse.encoders.mllama_vision import (
 )
 
 transformers = pytest.importorskip("transformers")
-from transformers import MllamaVisionConfig, MllamaVisionModel  # noqa: E402
+from transformers import MllamaVisionConfig, MllamaVisionModel
 
 # Tokens per tile are 5, 10 and 17, so the pad to a multiple of 8 is 3, 6 and 7: every value a square
 # patch grid can give ((g^2 + 1) % 8 is 1, 2 or 5, never 0).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PLACEHOLDER, make_model, scene, tiny_config
+
 from omnifuse.fusion import FeatureCountError
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import scene
+
 from omnifuse.fusion import FeatureCountError
 from omnifuse.pipeline import Pipeline
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import scene
+
 from omnifuse.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

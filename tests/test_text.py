@@ -85,7 +85,7 @@ def test_byte_decode_skips_specials_unless_asked():
 
 def test_byte_decode_invalid_utf8_does_not_raise():
     tok = ByteTokenizer()
-    emoji = list("🙂".encode("utf-8"))
+    emoji = list("🙂".encode())
     assert tok.decode(emoji[:2]) == "\ufffd"
     assert "\ufffd" in tok.decode([0xFF, ord("a")])
     assert isinstance(tok.decode(list(range(260)), skip_special_tokens=False), str)
@@ -274,7 +274,7 @@ def test_hf_config_template_and_image_token(tmp_path):
     assert tok.apply_chat_template(CHAT) == "custom"
     tok = HFTokenizer.from_folder(folder, TextConfig(tokenizer="file", image_token="<|image|>"))
     with pytest.raises(TokenizerError, match="<\\|image\\|>"):
-        tok.image_token_id
+        _ = tok.image_token_id
 
 
 def test_hf_missing_tokenizer_json(tmp_path):

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import scene
+
 from omnifuse.training.collate import ExampleBuilder, TruncationError, collate, length_groups
 from omnifuse.training.config import TrainConfig, load_train_config
 from omnifuse.training.llava_data import DataFormatError
-from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
 from omnifuse.training.loop import Trainer
+from omnifuse.training.losses import IGNORE, clip_loss, next_token_loss, siglip_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="tiny-early", train_size=200, val_size=12, batch_size=4, steps=6, warmup_steps=2, lr=3e-3,
@@ -430,6 +430,7 @@ def test_a_frozen_encoder_encodes_each_image_once_for_every_trainer(tmp_path):
 def test_answer_only_logits_give_the_full_pass_loss_and_gradient(fusion):
     # The last layer computes just the positions the loss reads: same loss, same gradient.
     from conftest import make_model, tiny_config
+
     from omnifuse.training.losses import answer_positions, selected_token_loss
 
     model = make_model(tiny_config(fusion, cross_layers=(1, 3)), gates=0.5).train()

@@ -113,7 +113,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header; no tensor data is read."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
@@ -161,7 +161,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     own = model.state_dict(keep_vars=True)
     try:
         with safe_open(str(weights), framework="pt", device=str(device)) as f, torch.no_grad():
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 own[upgrade_key(k)].data.copy_(f.get_tensor(k))
     except Exception as e:  # a file cut short after a valid header
         raise CheckpointError(f"cannot read {weights}: {e}") from None

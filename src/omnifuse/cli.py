@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not stream:
             sys.stdout.write(result.text)
         sys.stdout.write("\n")
-        if pipe.model.is_cross:  # the visual states sit beside the sequence, not in it
+        if not pipe.model.fusion.in_sequence:  # the visual states sit beside the sequence
             media = f"{result.prompt_tokens} prompt tokens + {result.cross_attention_states_decode} cross-attention states"
             if result.cross_attention_states_prefill != result.cross_attention_states_decode:
                 media += f" ({result.cross_attention_states_prefill} encoded at prefill)"

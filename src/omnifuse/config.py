@@ -15,15 +15,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "ConfigError",
-    "LoudDefaultWarning",
-    "VisionConfig",
-    "ImageConfig",
     "ConnectorConfig",
-    "FusionConfig",
     "DecoderConfig",
+    "FusionConfig",
+    "ImageConfig",
     "LayerSpec",
-    "TextConfig",
+    "LoudDefaultWarning",
     "ModelConfig",
+    "TextConfig",
+    "VisionConfig",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -72,7 +72,7 @@ class VisionConfig:
     qkv_bias: bool = True
     # Which hidden state feeds the connector: 0 is the embedding output, -1 the last layer,
     # -2 the one before (LLaVA). A tuple concatenates several layers along the channel axis.
-    feature_layer: Union[int, tuple[int, ...]] = -1
+    feature_layer: int | tuple[int, ...] = -1
     # "default" drops the CLS token from the features (LLaVA), "full" keeps it.
     feature_select: str = "default"
     # "vit": the CLIP-style encoder above, one crop at a time. "mllama": Llama 3.2 Vision's tiled

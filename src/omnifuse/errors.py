@@ -14,5 +14,15 @@ USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, FeatureCountError,
                InsufficientMemoryError,
                TokenizerError, TruncationError, FileNotFoundError, ValueError)
 
-__all__ = ["USER_ERRORS", "CheckpointError", "ConfigError", "FeatureCountError", "ContextOverflowError",
-           "DataFormatError", "ImageError", "InsufficientMemoryError", "TokenizerError", "TruncationError"]
+__all__ = [
+               "USER_ERRORS",
+               "CheckpointError",
+               "ConfigError",
+               "ContextOverflowError",
+               "DataFormatError",
+               "FeatureCountError",
+               "ImageError",
+               "InsufficientMemoryError",
+               "TokenizerError",
+               "TruncationError",
+]

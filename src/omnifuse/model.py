@@ -75,11 +75,11 @@ class MultimodalModel(nn.Module):
 
     @property
     def vision_encoder(self) -> nn.Module | None:
-        return self.encoders["image"] if "image" in self.encoders else None
+        return self.encoders["image"] if "image" in self.encoders else None  # noqa: SIM401 (no ModuleDict.get)
 
     @property
     def connector(self) -> nn.Module | None:
-        return self.connectors["image"] if "image" in self.connectors else None
+        return self.connectors["image"] if "image" in self.connectors else None  # noqa: SIM401
 
     @property
     def image_processor(self) -> ImageProcessor | None:
@@ -162,7 +162,7 @@ class MultimodalModel(nn.Module):
         """``outputs`` (training): the last layer computes only the positions whose logits a loss
         reads (answer tokens are a few of a row's positions) while every position stays a key;
         the result equals the full pass at those positions."""
-        b, t = input_ids.shape
+        b = input_ids.shape[0]
         image_features = attendable = None
         if images is not None:
             if len(images) != b:

@@ -56,7 +56,7 @@ def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, tokens_per_tile
     token attends only to real ones. Released checkpoints ran with this mask, so it is kept as is.
     aspect_ratio_mask: (N, T) 1 for real tiles -> (N, 1, T*(L+pad), T*(L+pad))
     """
-    n, t = aspect_ratio_mask.shape
+    n, _ = aspect_ratio_mask.shape
     real = aspect_ratio_mask.to(torch.bool)[:, :, None].repeat(1, 1, tokens_per_tile + num_padding)  # (N, T, L+pad)
     real[:, :, tokens_per_tile:] = False
     padding = (~real).reshape(n, -1).to(dtype)  # (N, S)

@@ -20,8 +20,14 @@ from safetensors import safe_open
 
 from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, raise_if_mismatched, read_config_json
 
-__all__ = ["KeyMap", "read_hf_config", "read_image_processor_config", "iter_safetensors", "load_mapped",
-           "rope_settings"]
+__all__ = [
+    "KeyMap",
+    "iter_safetensors",
+    "load_mapped",
+    "read_hf_config",
+    "read_image_processor_config",
+    "rope_settings",
+]
 
 KeyMap = list[tuple[str, str | None]]
 
@@ -63,7 +69,7 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"cannot read {path}: {e}") from None
         with handle as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, f
 
 

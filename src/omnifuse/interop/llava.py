@@ -16,12 +16,28 @@ from typing import Any
 import torch
 
 from omnifuse.checkpoint import CheckpointError
-from omnifuse.config import (CLIP_MEAN, CLIP_STD, ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig,
-                             ModelConfig, TextConfig, VisionConfig)
-from omnifuse.interop.hf import (KeyMap, image_token_text, llama_decoder_kwargs, load_mapped,
-                                per_channel, read_image_processor_config, warn_processor_defaults)
+from omnifuse.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ConnectorConfig,
+    DecoderConfig,
+    FusionConfig,
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
+from omnifuse.interop.hf import (
+    KeyMap,
+    image_token_text,
+    llama_decoder_kwargs,
+    load_mapped,
+    per_channel,
+    read_image_processor_config,
+    warn_processor_defaults,
+)
 
-__all__ = ["llava_config", "llava_key_map", "normalise_llava_key", "load_llava"]
+__all__ = ["llava_config", "llava_key_map", "load_llava", "normalise_llava_key"]
 
 # transformers' CLIPVisionConfig defaults, for keys a saved config leaves out.
 _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -62,7 +78,7 @@ def _image_config(folder: Path, image_size: int) -> ImageConfig:
     mode = "pad" if pre["do_pad"] else "resize" if stretch else "crop"
     if pre["do_center_crop"]:
         crop_side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
-        if isinstance(crop, dict) and crop.get("width", crop_side) != crop_side or crop_side != side:
+        if (isinstance(crop, dict) and crop.get("width", crop_side) != crop_side) or crop_side != side:
             raise CheckpointError(f"{where}: resizes to {side} but crops {crop}; only a crop of the same "
                                   "square size is supported")
     elif mode == "crop":

@@ -18,11 +18,25 @@ from typing import Any
 import torch
 
 from omnifuse.checkpoint import CheckpointError
-from omnifuse.config import (ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, TextConfig,
-                             VisionConfig)
+from omnifuse.config import (
+    ConnectorConfig,
+    DecoderConfig,
+    FusionConfig,
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
 from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
-from omnifuse.interop.hf import (KeyMap, image_token_text, llama_decoder_kwargs, load_mapped, per_channel,
-                                read_image_processor_config, warn_processor_defaults)
+from omnifuse.interop.hf import (
+    KeyMap,
+    image_token_text,
+    llama_decoder_kwargs,
+    load_mapped,
+    per_channel,
+    read_image_processor_config,
+    warn_processor_defaults,
+)
 
 __all__ = ["load_mllama", "mllama_config", "mllama_key_map", "normalise_mllama_key"]
 
@@ -49,7 +63,7 @@ def _image_config(folder: Path, tile: int, max_tiles: int) -> ImageConfig:
     where = f"{folder / source}"
     size = pre["size"]
     side = size.get("height") if isinstance(size, dict) else size
-    if not isinstance(side, int) or isinstance(size, dict) and size.get("width", side) != side:
+    if not isinstance(side, int) or (isinstance(size, dict) and size.get("width", side) != side):
         raise CheckpointError(f"{where}: Mllama tiles must be square, size is {size}")
     if side != tile:
         raise CheckpointError(f"{where}: tiles are {side} px but the vision encoder takes {tile} px tiles")

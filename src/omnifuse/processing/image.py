@@ -348,7 +348,7 @@ class ImageProcessor:
         rx, ry = 2 * max(sx, 1.0) + 1, 2 * max(sy, 1.0) + 1
         c0, c1 = max(0, int(x0 - rx)), min(w, math.ceil(x1 + rx))
         r0, r1 = max(0, int(y0 - ry)), min(h, math.ceil(y1 + ry))
-        if 0 < h - new_h and 2 * (w - new_w) < h - new_h:  # ImagingResampleInner: vertical first
+        if h - new_h > 0 and 2 * (w - new_w) < h - new_h:  # ImagingResampleInner: vertical first
             img = img.crop((c0, 0, c1, h)).resize((c1 - c0, s), _BICUBIC, box=(0, y0, c1 - c0, y1))
             return img.resize((s, s), _BICUBIC, box=(x0 - c0, 0, x1 - c0, s))
         img = img.crop((0, r0, w, r1)).resize((s, r1 - r0), _BICUBIC, box=(x0, 0, x1, r1 - r0))

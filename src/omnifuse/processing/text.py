@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -23,10 +24,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from omnifuse.config import TextConfig
 
 __all__ = [
-    "TokenizerError",
-    "Tokenizer",
     "ByteTokenizer",
     "HFTokenizer",
+    "Tokenizer",
+    "TokenizerError",
     "load_tokenizer",
 ]
 

@@ -25,18 +25,18 @@ import functools
 import hashlib
 import itertools
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
-    "SKILLS",
-    "SPLITS",
     "COLOURS",
     "SHAPES",
-    "Sample",
+    "SKILLS",
+    "SPLITS",
     "DiagnosticSet",
+    "Sample",
     "answer_set",
     "chance_level",
 ]
@@ -83,7 +83,7 @@ def _check_skill(skill: str) -> None:
         raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def answer_set(skill: str) -> tuple[str, ...]:
     """Every answer ``skill`` can have (for ``ocr`` all 64 two-letter strings, lowercase)."""
     _check_skill(skill)
@@ -132,7 +132,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         draw.polygon([(x + (side - 1) // 2, y), (x, y1), (x1, y1)], fill=fill)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
