@@ -158,7 +158,8 @@ def worker_omnifuse(arch: str, folder: Path, new_tokens: int, quantize: bool, ag
     from omnifuse.inference import SamplingConfig, generate, generate_stream
     from omnifuse.pipeline import Pipeline
 
-    pipe = Pipeline.from_checkpoint(folder, quantize="int8" if quantize else None)
+    pipe = Pipeline.from_checkpoint(folder)
+    pipe = (pipe.quantize("int8") if quantize else pipe).pack()  # as `omnifuse generate` runs it
     model = pipe.model
     result = {}
     ids, imgs = _omni_inputs(pipe, arch, 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from omnifuse.checkpoint import save_checkpoint
@@ -342,3 +343,49 @@ def test_console_script_error_is_one_line(images):
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert_one_line_error(proc.returncode, proc.stderr, "image file not found", "absent.png")
+
+
+# --- device and dtype, chosen once at the entry point ---------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_error_line(capsys):
+    assert main(["generate", "--preset", "tiny-early", "--prompt", "hi", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device cuda was asked for but torch sees no CUDA GPU" in err[0]
+
+
+def test_float16_on_the_cpu_is_refused_and_bfloat16_runs(capsys):
+    assert main(["generate", "--preset", "tiny-early", "--prompt", "hi", "--device", "cpu", "--dtype", "float16"]) == 1
+    assert "float16 is not supported on the CPU" in capsys.readouterr().err
+    assert main(["generate", "--preset", "tiny-cross", "--prompt", "hi", "--dtype", "bfloat16", "--json",
+                 "--max-new-tokens", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 4
+
+
+def test_packing_and_quantizing_are_explicit_steps():
+    from omnifuse.inference.quantize import Int8Linear
+    from omnifuse.nn.packed import PackedLinear
+    from omnifuse.pipeline import Pipeline
+
+    pipe = Pipeline.from_preset("tiny-early")
+    assert not any(isinstance(m, (PackedLinear, Int8Linear)) for m in pipe.model.modules())
+    packed = pipe.pack().model
+    assert any(isinstance(m, PackedLinear) for m in packed.modules()) or not _can_pack()
+    quantized = Pipeline.from_preset("tiny-early").quantize("int8").model
+    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
+
+
+def _can_pack() -> bool:
+    from omnifuse.nn.packed import can_pack
+
+    return can_pack()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_cuda_gives_the_cpu_tokens(capsys):
+    args = ["generate", "--preset", "tiny-early", "--prompt", "hello", "--json", "--dtype", "float32"]
+    assert main([*args, "--device", "cpu"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out)["tokens"]
+    assert main([*args, "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == on_cpu

@@ -30,7 +30,7 @@ def _config(fusion: str, bos_after_leading_images: bool = False):
 
 
 def _pipeline(config) -> Pipeline:
-    return Pipeline(build_model(config), ByteTokenizer(config.text), pack=False)
+    return Pipeline(build_model(config), ByteTokenizer(config.text))
 
 
 def _builder(pipe: Pipeline, max_length: int = 4096) -> ExampleBuilder:
@@ -150,7 +150,7 @@ def test_trainer_builds_the_prompt_generate_builds(tmp_path, preset):
     cfg = TrainConfig(model=preset, train_size=8, val_size=4, batch_size=2, steps=1, image_size=64,
                       out_dir=str(tmp_path))
     trainer = Trainer(cfg, quiet=True)
-    pipe = Pipeline(trainer.model, trainer.tokenizer, pack=False)
+    pipe = Pipeline(trainer.model, trainer.tokenizer)
     turns, sources, _ = trainer.train_source[0]
     images = pipe.process_images(sources)
     question = turns[0][1]

@@ -19,13 +19,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _pipeline(args: argparse.Namespace):
-    from omnifuse.pipeline import Pipeline
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    from omnifuse.runtime import DEVICES, DTYPES
 
-    options = {"quantize": getattr(args, "quantize", None)}
+    p.add_argument("--device", choices=DEVICES, help="default: cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on a CPU, bfloat16 on a GPU")
+
+
+def _pipeline(args: argparse.Namespace):
+    import torch
+
+    from omnifuse.pipeline import Pipeline
+    from omnifuse.runtime import choose_device, choose_dtype
+
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    if args.quantize and (device.type != "cpu" or dtype != torch.float32):
+        from omnifuse.config import ConfigError
+
+        raise ConfigError("--quantize int8 runs on the CPU in float32 (no --device cuda or --dtype)")
     if args.preset:
-        return Pipeline.from_preset(args.preset, seed=0, **options)
-    return Pipeline.from_checkpoint(args.checkpoint, **options)
+        pipe = Pipeline.from_preset(args.preset, seed=0, device=device, dtype=dtype)
+    else:
+        pipe = Pipeline.from_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    return (pipe.quantize(args.quantize) if args.quantize else pipe).pack()  # pack: the linears int8 left
+
+
+def _overrides_from_flags(args: argparse.Namespace) -> list[str]:
+    """``--device`` / ``--dtype`` of train and arena as training-config overrides."""
+    return [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -132,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from omnifuse.training.config import load_train_config
     from omnifuse.training.loop import Trainer
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, [*args.overrides, *_overrides_from_flags(args)])
     trainer = Trainer(cfg)
     if trainer.main:
         warnings = getattr(trainer.train_source, "warnings", [])
@@ -152,13 +174,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_arena(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from omnifuse.arena import load_arena_config, run_arena
 
     config = load_arena_config(args.config)
     if args.out_dir:
-        import dataclasses
-
         config = dataclasses.replace(config, out_dir=args.out_dir)
+    chosen = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
+    if chosen:  # every training run of the arena (pre-training too) on that device and dtype
+        config = dataclasses.replace(config, train={**config.train, **chosen},
+                                     pretrain={**config.pretrain, **chosen} if config.pretrain else {})
     run_arena(config, quick=args.quick)
     print(f"report: {config.out_dir}/report.md")
     return 0
@@ -184,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (W8A8, CPU): about 2x faster decode")
+    _add_device_args(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, visual tokens and cache sizes of a model")
@@ -198,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (contrastive, align or instruct stage)")
     t.add_argument("--config", help="a training YAML (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
+    _add_device_args(t)
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("arena", help="train fusion strategies on the same data and budget, compare them")
     a.add_argument("--config", help="arena YAML (default: the packaged omnifuse/configs/arena.yaml)")
     a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
     a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
+    _add_device_args(a)
     a.set_defaults(func=cmd_arena)
 
     from omnifuse.planner.command import add_plan_parser
@@ -213,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: the fusion arena with its default config")
     d.add_argument("--quick", action="store_true", help="a few steps per strategy")
     d.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
+    _add_device_args(d)
     d.set_defaults(func=cmd_demo)
     return parser
 

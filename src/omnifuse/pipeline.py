@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from omnifuse.checkpoint import load_checkpoint
+from omnifuse.config import ConfigError
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
@@ -47,17 +48,10 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, model: MultimodalModel, tokenizer: Tokenizer,
-                 stop_token_ids: tuple[int, ...] | None = None, quantize: str | None = None,
-                 pack: bool = True) -> None:
-        """``quantize="int8"``: dynamic int8 decoder weights. ``pack``: oneDNN-packed float32
-        linears on the CPU (inference only; about 2x faster GEMMs, same results to ~1e-6)."""
+                 stop_token_ids: tuple[int, ...] | None = None) -> None:
+        """The model runs as given (its device and dtype); faster CPU kernels are explicit steps:
+        ``pack()`` and ``quantize("int8")``."""
         self.model = model.eval()
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be int8 or None, got {quantize!r}")
-        if quantize == "int8":
-            quantize_int8(model)
-        if pack:
-            pack_linears(model)
         self.tokenizer = tokenizer
         self.layout = PromptLayout.for_model(model.config, tokenizer)
         self.processor = model.image_processor
@@ -74,23 +68,41 @@ class Pipeline:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}")
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **options) -> Pipeline:
+    def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Pipeline:
         """A randomly initialised preset (seeded, so the same name and seed give the same weights)."""
         config = get_preset(name)
-        ensure_model_fits(config, f"preset {name!r}")
+        ensure_model_fits(config, f"preset {name!r}", device=device)
         torch.manual_seed(seed)
-        return cls(build_model(config), load_tokenizer(config.text), **options)
+        return cls(build_model(config).to(device=device, dtype=dtype), load_tokenizer(config.text))
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, **options) -> Pipeline:
-        """An omnifuse checkpoint, or a Hugging Face folder (LLaVA, Mllama) with its tokenizer."""
+    def from_checkpoint(cls, folder: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Pipeline:
+        """An omnifuse checkpoint, or a Hugging Face folder (Llama, LLaVA, Mllama) with its tokenizer."""
         from omnifuse.interop import is_hf_checkpoint, load_hf_model
 
+        stops = None
         if is_hf_checkpoint(folder):
-            model, stops = load_hf_model(folder)
-            return cls(model, load_tokenizer(model.config.text, folder), stops, **options)
-        model = load_checkpoint(folder)
-        return cls(model, load_tokenizer(model.config.text, folder), **options)
+            model, stops = load_hf_model(folder, device=device)
+        else:
+            model = load_checkpoint(folder, device=device)
+        return cls(model.to(dtype=dtype), load_tokenizer(model.config.text, folder), stops)
+
+    # ------------------------------------------------------------------ faster kernels (explicit)
+    def pack(self) -> Pipeline:
+        """oneDNN-packed float32 linears on the CPU (inference only; about 2x faster GEMMs, the
+        same results to ~1e-6). A model on another device or in another dtype is left as it is."""
+        if self.model.device.type == "cpu" and self.model.decoder.embed_tokens.weight.dtype == torch.float32:
+            pack_linears(self.model)
+        return self
+
+    def quantize(self, kind: str = "int8") -> Pipeline:
+        """Dynamic int8 decoder, connector and output-head weights (CPU; about 2x faster decode)."""
+        if kind != "int8":
+            raise ConfigError(f"quantize must be int8, got {kind!r}")
+        quantize_int8(self.model)
+        return self
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str, images: Sequence[ProcessedImage] = (), chat: bool = False) -> list[int]:
