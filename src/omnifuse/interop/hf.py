@@ -23,6 +23,7 @@ from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, 
 __all__ = [
     "KeyMap",
     "iter_safetensors",
+    "llama_decoder_key_map",
     "load_mapped",
     "read_hf_config",
     "read_image_processor_config",
@@ -123,6 +124,19 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
             if key in plan:
                 own[plan[key]].data.copy_(handle.get_tensor(key))  # converts dtype (bf16 file -> float32 model)
     return model
+
+
+def llama_decoder_key_map(prefix: str) -> KeyMap:
+    """A Llama text model's tensors (``{prefix}embed_tokens``, ``{prefix}layers.N``, ``{prefix}norm``,
+    ``lm_head``) onto omnifuse's ``decoder.*``: the names after the prefix are the same."""
+    p = re.escape(prefix)
+    return [
+        (rf"{p}embed_tokens\.weight", "decoder.embed_tokens.weight"),
+        (rf"{p}layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+        (rf"{p}norm\.weight", "decoder.norm.weight"),
+        (r"lm_head\.weight", "decoder.lm_head.weight"),
+        (r".*rotary_emb\.inv_freq", None),
+    ]
 
 
 def rope_settings(text: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import DecoderConfig, ModelConfig, TextConfig
-from omnifuse.interop.hf import KeyMap, llama_decoder_kwargs, load_mapped
+from omnifuse.interop.hf import KeyMap, llama_decoder_key_map, llama_decoder_kwargs, load_mapped
 
 __all__ = ["llama_config", "llama_key_map", "load_llama"]
 
@@ -25,13 +25,7 @@ def llama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, N
 
 
 def llama_key_map() -> KeyMap:
-    return [
-        (r"model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
-        (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
-        (r"model\.norm\.weight", "decoder.norm.weight"),
-        (r"lm_head\.weight", "decoder.lm_head.weight"),
-        (r".*rotary_emb\.inv_freq", None),
-    ]
+    return llama_decoder_key_map("model.")
 
 
 def load_llama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):

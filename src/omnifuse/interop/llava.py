@@ -30,6 +30,7 @@ from omnifuse.config import (
 from omnifuse.interop.hf import (
     KeyMap,
     image_token_text,
+    llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
     per_channel,
@@ -146,11 +147,7 @@ def llava_key_map(layers_used: int) -> KeyMap:
         (r"vision_tower\.encoder\.layers\.\d+\..+", None),
         (r"vision_tower\.post_layernorm\.(weight|bias)", None),
         (r"multi_modal_projector\.(linear_[12]\.(?:weight|bias))", r"connectors.image.\1"),
-        (r"language_model\.embed_tokens\.weight", "decoder.embed_tokens.weight"),
-        (r"language_model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
-        (r"language_model\.norm\.weight", "decoder.norm.weight"),
-        (r"lm_head\.weight", "decoder.lm_head.weight"),
-        (r".*rotary_emb\.inv_freq", None),
+        *llama_decoder_key_map("language_model."),
     ]
 
 
