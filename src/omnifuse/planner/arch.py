@@ -305,12 +305,19 @@ class Architecture:
 
 
 def from_model_config(config: ModelConfig) -> Architecture:
-    """The planner's view of an omnifuse model config (presets, arena models, checkpoints)."""
+    """The planner's view of an omnifuse model config (presets, arena models, checkpoints), from
+    the same per-layer specs the decoder builder reads (``ModelConfig.layer_specs``)."""
     v, d = config.vision, config.decoder
-    decoder = DecoderArch(hidden=d.hidden_size, layers=d.num_layers, heads=d.num_heads, kv_heads=d.num_kv_heads,
+    specs = config.layer_specs
+    priced = {("full", "dense")}  # the layer kinds these formulas cover
+    for i, spec in enumerate(specs):
+        if (spec.attention, spec.feed_forward) not in priced:
+            raise ValueError(f"decoder layer {i} ({spec.attention} attention, {spec.feed_forward} feed-forward) "
+                             "has no cost formula in planner/arch.py yet")
+    decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
                           tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,
-                          cross_layers=len(config.cross_layers))
+                          cross_layers=sum(s.cross_attention for s in specs) + int(config.final_cross_attention))
     if v is None:  # a text-only model
         return Architecture(name=config.name, decoder=decoder, source=f"omnifuse config {config.name}")
     if v.type == "mllama":
