@@ -12,15 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import save_model
 
 from omnifuse.config import ModelConfig, config_from_dict, config_to_dict
+from omnifuse.errors import CheckpointError
 
 __all__ = ["CheckpointError", "check_shapes", "load_checkpoint", "load_state_dict_checked", "materialize", "read_config",
            "safetensors_shapes", "save_checkpoint"]
 
 FORMAT = "omnifuse"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, malformed, or its tensors do not fit the model; names the keys."""
 
 
 def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from omnifuse.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "ConnectorConfig",
@@ -33,10 +35,6 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the value."""
 
 
 class LoudDefaultWarning(UserWarning):
@@ -100,6 +98,8 @@ class VisionConfig:
         if isinstance(self.feature_layer, list):
             _set(self, "feature_layer", tuple(self.feature_layer))
         _set(self, "intermediate_layers", tuple(int(i) for i in self.intermediate_layers))
+        bad = [i for i in self.intermediate_layers if not -self.num_layers <= i < self.num_layers]
+        _check(not bad, f"vision.intermediate_layers {bad} out of range for num_layers {self.num_layers}")
         _check(self.type in ("vit", "mllama"), f"vision.type must be vit or mllama, got {self.type!r}")
         _check(self.stem in ("patch", "conv"), f"vision.stem must be patch or conv, got {self.stem!r}")
         if self.stem == "conv":

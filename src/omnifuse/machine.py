@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
+from omnifuse.errors import InsufficientMemoryError
+
 __all__ = ["InsufficientMemoryError", "available_memory", "ensure_fits", "tensor_bytes"]
 
 GIB = 1024 ** 3
-
-
-class InsufficientMemoryError(ValueError):
-    """A model (or its training state) would not fit in the memory this machine has available."""
 
 
 def _cgroup_limit() -> int | None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from omnifuse.errors import ContextOverflowError
 from omnifuse.inference.cache import KVCache
 from omnifuse.nn.masks import self_attention_mask
 from omnifuse.nn.norm import RMSNorm
@@ -54,7 +55,7 @@ class TextDecoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.max_position:
-            raise ValueError(f"cache length {max_len} exceeds the context length {self.max_position}")
+            raise ContextOverflowError(f"cache length {max_len} exceeds the context length {self.max_position}")
         p = self.embed_tokens.weight
         return KVCache(len(self.layers), batch_size, self.num_kv_heads, max_len, self.head_dim,
                        dtype=p.dtype, device=p.device)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnifuse.errors import CheckpointError
 from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ACTIVATIONS, ViTMLP
 
@@ -238,17 +239,17 @@ def mllama_vision_kwargs(hf_vision_config: dict) -> dict:
     cfg = hf_vision_config
     for key in ("image_size", "patch_size"):
         if not isinstance(cfg.get(key, 0), int):
-            raise ValueError(f"{key}={cfg[key]!r} is not supported: MllamaVisionModel needs an int")
+            raise CheckpointError(f"{key}={cfg[key]!r} is not supported: MllamaVisionModel needs an int")
     activation = cfg.get("hidden_act", "gelu")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={activation!r} is not supported; choose from {sorted(ACTIVATIONS)}")
+        raise CheckpointError(f"hidden_act={activation!r} is not supported; choose from {sorted(ACTIVATIONS)}")
     max_num_tiles = cfg.get("max_num_tiles", 4)
     ratios = cfg.get("supported_aspect_ratios")
     if ratios is None:
         ratios = supported_aspect_ratios(4)  # HF's default list, valid only with 4 tiles
         if max_num_tiles != 4:
-            raise ValueError(f"max_num_tiles={max_num_tiles} needs explicit supported_aspect_ratios "
-                             "(HF's default list is for 4 tiles)")
+            raise CheckpointError(f"max_num_tiles={max_num_tiles} needs explicit supported_aspect_ratios "
+                                  "(HF's default list is for 4 tiles)")
     layers = cfg.get("intermediate_layers_indices")
     return dict(
         image_size=cfg.get("image_size", 448),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class FeatureCountError(ValueError):
-    """Placeholder tokens and media features disagree; the message gives both counts."""
+from omnifuse.errors import FeatureCountError
 
 
 def splice_features(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnifuse.errors import BatchFullError, ContextOverflowError, RequestError
 from omnifuse.inference.cache import InferenceCache
 from omnifuse.inference.sampling import SamplingConfig, sample_next
 
@@ -49,9 +50,12 @@ class DecodeBatch:
         sample its first token."""
         free = self.free_rows
         if not free:
-            raise RuntimeError("the batch is full; wait for a request to finish")
-        if not prompt_ids or len(prompt_ids) >= self.max_len:
-            raise ValueError(f"a prompt needs 1 to {self.max_len - 1} tokens, got {len(prompt_ids)}")
+            raise BatchFullError(f"the batch is full ({len(self.requests)} requests); wait for a request to finish")
+        if not prompt_ids:
+            raise RequestError("a prompt needs at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise ContextOverflowError(f"the prompt is {len(prompt_ids)} tokens but the batch's cache length is "
+                                       f"{self.max_len} (at most {self.max_len - 1} prompt tokens)")
         own = self.model.new_cache(1, len(prompt_ids))
         ids = torch.tensor([prompt_ids], device=self.model.device)
         logits = self.model(ids, images=[list(images)] if images else None, cache=own, last_only=True)[:, -1]
@@ -74,8 +78,11 @@ class DecodeBatch:
         if not running:
             return []
         rows = torch.tensor([r.row for r in running], device=self._last.device)
-        if int(self.cache.self_attn.lengths[rows].max()) >= self.max_len:
-            raise RuntimeError(f"a request reached the batch's cache length {self.max_len}")
+        lengths = self.cache.self_attn.lengths[rows]
+        if int(lengths.max()) >= self.max_len:  # prompt + max_new_tokens is more than the cache holds
+            full = [r.row for r, n in zip(running, lengths.tolist()) if n >= self.max_len]
+            raise ContextOverflowError(f"rows {full} hold {self.max_len} tokens, the batch's cache length; "
+                                       "remove them or build the batch with a larger max_len")
         active = torch.zeros(self._last.shape[0], 1, dtype=torch.long, device=self._last.device)
         active[rows] = 1  # idle and finished rows take no step: their length and position stay
         logits = self.model(self._last[:, None], active, cache=self.cache, last_only=True)[:, -1]

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnifuse.errors import ContextOverflowError, RequestError
 from omnifuse.inference.sampling import SamplingConfig, sample_next
-
-
-class ContextOverflowError(ValueError):
-    """A prompt does not fit the model's context; the message gives both lengths."""
 
 
 @dataclass
@@ -45,7 +42,7 @@ def generate_stream(model, prompts: list[list[int]], images=None, cfg: SamplingC
     fits the context; a prompt that alone fills the context raises ``ContextOverflowError``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise RequestError("every prompt needs at least one token")
     context = model.config.decoder.max_position
     longest = max(len(p) for p in prompts)
     if longest >= context:

@@ -88,7 +88,7 @@ def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, 
     text = hf.get("text_config") or {}
     try:
         vk = mllama_vision_kwargs(vision_hf)
-    except ValueError as e:
+    except CheckpointError as e:
         raise CheckpointError(f"unsupported Mllama vision config: {e}") from None
     max_tiles = vk["max_num_tiles"]
     ratios = vision_hf.get("supported_aspect_ratios")

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 from omnifuse.config import ModelConfig
+from omnifuse.errors import PlanError
 
 __all__ = ["Architecture", "CacheBytes", "ConnectorArch", "DecoderArch", "EncoderArch", "MediaWork",
            "cache_bytes", "from_model_config"]
@@ -312,8 +313,8 @@ def from_model_config(config: ModelConfig) -> Architecture:
     priced = {("full", "dense")}  # the layer kinds these formulas cover
     for i, spec in enumerate(specs):
         if (spec.attention, spec.feed_forward) not in priced:
-            raise ValueError(f"decoder layer {i} ({spec.attention} attention, {spec.feed_forward} feed-forward) "
-                             "has no cost formula in planner/arch.py yet")
+            raise PlanError(f"decoder layer {i} ({spec.attention} attention, {spec.feed_forward} feed-forward) "
+                            "has no cost formula in planner/arch.py yet")
     decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
                           tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnifuse.config import ConfigError, ModelConfig
+from omnifuse.config import ModelConfig
+from omnifuse.errors import PlanError
 from omnifuse.planner import tokens as rules
 from omnifuse.planner.arch import (
     Architecture,
@@ -33,10 +34,6 @@ __all__ = ["DTYPE_BYTES", "PlanError", "Workload", "ignored_options", "known_mod
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 MEMORY_HEADROOM = 0.9  # fraction of accelerator memory usable for weights + cache
-
-
-class PlanError(ConfigError):
-    """A request the planner cannot answer (names the problem)."""
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def local_cpu(remeasure: bool = False) -> Accelerator:
     once with torch and cached in ``$XDG_CACHE_HOME/omnifuse/local_cpu.json`` (edit or delete it)."""
     path = _cache_dir() / "local_cpu.json"
     if path.is_file() and not remeasure:
-        data = json.loads(path.read_text())
+        data = _read_measurement(path)
     else:
         data = _measure_cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +95,18 @@ def local_cpu(remeasure: bool = False) -> Accelerator:
         tmp.replace(path)
     return Accelerator("cpu", data["name"], {"fp32": data["fp32_gflops"] / 1e3}, data["memory_gb"],
                        data["bandwidth_gb_s"], f"measured {data['date']} ({path})")
+
+
+def _read_measurement(path: Path) -> dict[str, Any]:
+    """The cached ``local_cpu.json``; a file edited into something else is one ConfigError naming it."""
+    keys = ("name", "fp32_gflops", "memory_gb", "bandwidth_gb_s", "date")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the CPU measurement {path}: {e}; delete it to measure again") from None
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ConfigError(f"the CPU measurement {path} must hold {', '.join(keys)}; delete it to measure again")
+    return data
 
 
 def _measure_cpu() -> dict[str, Any]:

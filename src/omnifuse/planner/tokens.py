@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
+from omnifuse.errors import TokenRuleError
 from omnifuse.processing.tiles import best_canvas, canvas_label
 
 __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError", "audio_tokens", "image_tokens",
@@ -63,10 +64,6 @@ __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError",
 
 _READ = "2025"  # date the sources were read (reference/token_rules.md)
 _REFERENCE = "reference/token_rules.md"
-
-
-class TokenRuleError(ValueError):
-    """Unknown model, impossible size, unsupported modality or bad option value (one-line message)."""
 
 
 _CHOICES = {

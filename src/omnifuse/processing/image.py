@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 from omnifuse.config import ConfigError, ImageConfig
+from omnifuse.errors import ImageError
 from omnifuse.processing.resample import pad_resize
 from omnifuse.processing.tiles import best_canvas, supported_aspect_ratios
 
@@ -48,12 +49,6 @@ _BILINEAR = Image.Resampling.BILINEAR
 # instead (CLIP crop: resample only the box behind the crop; LLaVA pad: _pad_resize, which never
 # builds the padded square, also taken above max_pixels: processing/resample.py). See ImageProcessor._fixed.
 _MAX_INTERMEDIATE_PIXELS = 16_000_000
-
-
-class ImageError(ValueError):
-    """An image cannot be used: missing, empty, undecodable, too large or zero-sized.
-
-    The message names the problem and the numbers involved."""
 
 
 # ---------------------------------------------------------------------------------------------

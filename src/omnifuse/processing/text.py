@@ -22,6 +22,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from omnifuse.config import TextConfig
+from omnifuse.errors import TokenizerError
 
 __all__ = [
     "ByteTokenizer",
@@ -30,10 +31,6 @@ __all__ = [
     "TokenizerError",
     "load_tokenizer",
 ]
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded or used as asked; the message names the file, token or count."""
 
 
 # Chat checkpoints end a turn with these rather than (or as well as) their eos token:

@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omnifuse.errors import ConfigError, TokenizerError, TruncationError
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.prompt import PromptLayout
 from omnifuse.training.losses import IGNORE
 
 __all__ = ["Example", "ExampleBuilder", "TruncationError", "collate", "length_groups"]
-
-
-class TruncationError(ValueError):
-    """A row does not fit ``max_length`` without cutting a media span or its whole answer."""
 
 
 @dataclass
@@ -40,7 +37,7 @@ class ExampleBuilder:
 
     def __init__(self, layout: PromptLayout, max_length: int, truncation: str = "drop") -> None:
         if truncation not in ("drop", "error"):
-            raise ValueError(f"truncation must be drop or error, got {truncation!r}")
+            raise ConfigError(f"truncation must be drop or error, got {truncation!r}")
         self.layout, self.tokenizer = layout, layout.tokenizer
         self.max_length, self.truncation = max_length, truncation
         self.dropped = 0  # rows dropped by truncation
@@ -58,8 +55,8 @@ class ExampleBuilder:
                 continue
             prefix, full = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1], add_generation_prompt=False)
             if not (prefix.startswith(done) and full.startswith(prefix)):
-                raise ValueError("the chat template does not render conversations as growing prefixes; "
-                                 "assistant tokens cannot be located")
+                raise TokenizerError("the chat template does not render conversations as growing prefixes; "
+                                     "assistant tokens cannot be located")
             pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
             done = full
         return [(t, a) for t, a in pieces if t]

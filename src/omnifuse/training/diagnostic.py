@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from omnifuse.errors import ConfigError
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -80,7 +82,7 @@ _FONT = (0.42, 0.55)
 
 def _check_skill(skill: str) -> None:
     if skill not in SKILLS:
-        raise ValueError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+        raise ConfigError(f"unknown skill {skill!r}; expected one of {SKILLS}")
 
 
 @functools.cache
@@ -176,24 +178,24 @@ class DiagnosticSet:
     def __init__(self, split: str, size: int, seed: int = 0, image_size: int = 64,
                  skills: Iterable[str] = SKILLS, weights: dict[str, int] | None = None):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(size, int) or size < 0:
-            raise ValueError(f"size must be a non-negative integer, got {size!r}")
+            raise ConfigError(f"size must be a non-negative integer, got {size!r}")
         if not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
-            raise ValueError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
+            raise ConfigError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
         skills = tuple(skills)
         if not skills:
-            raise ValueError("skills must name at least one skill")
+            raise ConfigError("skills must name at least one skill")
         for skill in skills:
             _check_skill(skill)
         if len(set(skills)) != len(skills):
-            raise ValueError(f"skills has duplicates: {skills}")
+            raise ConfigError(f"skills has duplicates: {skills}")
         weights = dict(weights or {})
         for skill, w in weights.items():
             if skill not in skills:
-                raise ValueError(f"weights names {skill!r}, which is not among the skills {skills}")
+                raise ConfigError(f"weights names {skill!r}, which is not among the skills {skills}")
             if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-                raise ValueError(f"the weight of {skill!r} must be a positive integer, got {w!r}")
+                raise ConfigError(f"the weight of {skill!r} must be a positive integer, got {w!r}")
         self.split, self.size, self.seed = split, size, int(seed)
         self.image_size, self.skills = image_size, skills
         self.cycle = tuple(skill for skill in skills for _ in range(weights.get(skill, 1)))

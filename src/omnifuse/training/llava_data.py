@@ -31,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from omnifuse.errors import ConfigError, DataFormatError
 from omnifuse.processing.image import load_image
 from omnifuse.processing.prompt import FeatureCountError, media_count_error
 
@@ -48,10 +49,6 @@ _LABELS = {role: label for label, role in _ROLES.items()}  # messages use the fi
 _ON_ERROR = ("skip", "raise")
 
 PathLike = str | Path
-
-
-class DataFormatError(ValueError):
-    """A data file, or one record in it, is not in the expected format; the message says where."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ def _record_id(record: Any) -> str | None:
 def _read(path: PathLike, on_error: str, parse) -> tuple[list, list[str]]:
     """Run ``parse(record)`` over every record under the error policy."""
     if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+        raise ConfigError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
     records = _load_records(path)
     good, warnings = [], []
     for index, (record, problem) in enumerate(records):
