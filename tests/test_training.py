@@ -138,12 +138,40 @@ def _overrides(d: dict) -> list[str]:
     return [f"{k}={json.dumps(list(v)) if isinstance(v, tuple) else v}" for k, v in d.items()]
 
 
+# `omnifuse train` in a process that dies (os._exit: no cleanup, no buffers written) as step
+# argv[1] + 1 begins, as if killed there: the run has logged and checkpointed steps 1 .. argv[1].
+_KILLED = """
+import os, sys
+from omnifuse.cli import main
+from omnifuse.training.loop import Trainer
+
+after = int(sys.argv.pop(1))
+train_step = Trainer.train_step
+
+def train_step_or_die(self, step):
+    if step == after:
+        sys.stdout.flush()
+        os._exit(17)
+    return train_step(self, step)
+
+Trainer.train_step = train_step_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_killed_after(steps: int, args: list[str]):
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(steps), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     settings = {**TINY, "steps": 12, "checkpoint_every": 4, "eval_every": 0}
     _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "whole"})])
-    killed = _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "cut", "stop_after": 6})], check=False)
-    assert killed.returncode == 17  # exited abruptly after step 6; the last checkpoint is step 4
+    _run_killed_after(6, ["train", *_overrides({**settings, "out_dir": tmp_path / "cut"})])
+    # killed after step 6: the last checkpoint is step 4
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000004"
     (tmp_path / "cut" / "checkpoints" / ".tmp-step-000008-1").mkdir()  # a half-written checkpoint is ignored
     _run_cli(["train", *_overrides({**settings, "out_dir": tmp_path / "cut"})])
@@ -320,8 +348,7 @@ def test_a_run_without_a_usable_row_fails_and_writes_nothing(tmp_path):
 
 def test_progress_off_a_terminal_is_plain_lines_and_a_resume_says_its_step(tmp_path):
     settings = {**TINY, "steps": 6, "checkpoint_every": 3, "out_dir": tmp_path}
-    killed = _run_cli(["train", *_overrides({**settings, "stop_after": 4})], check=False)
-    assert killed.returncode == 17
+    killed = _run_killed_after(4, ["train", *_overrides(settings)])
     lines = [ln for ln in killed.stdout.splitlines() if ln.startswith("train instruct: step")]
     assert lines[0].startswith("train instruct: step 1/6 loss ") and "step/s" in lines[0] and "ETA" in lines[0]
     assert "nan" not in killed.stdout and "━" not in killed.stdout  # no bar redraws in a log file
@@ -377,7 +404,7 @@ def test_grouped_micro_batches_give_the_gradient_of_one_batch(tmp_path):
     # rows by length changes the padding, not the gradient.
     trainer = Trainer(TrainConfig(**{**TINY, "skills": ("colour", "compare"), "max_length": 256, "out_dir": str(tmp_path)}),
                       quiet=True)
-    examples = trainer._examples(trainer.train_source, list(range(16)))
+    examples = trainer.reader.examples(trainer.train_source, list(range(16)))
     assert len({len(e.input_ids) for e in examples}) > 1
 
     def gradient(groups):
@@ -421,9 +448,11 @@ def test_a_frozen_encoder_encodes_each_image_once_for_every_trainer(tmp_path):
     calls = []
     second.model.vision_encoder.register_forward_hook(lambda *args: calls.append(1))
     assert [second.train_step(s) for s in range(3)] == plain_losses and calls == []  # nothing encoded again
+    unshared: dict = {}
     learning = Trainer(TrainConfig(**{**TINY, "train_encoder": True, "out_dir": str(tmp_path)}), quiet=True,
-                       shared_features={})
-    assert learning.shared_features is None  # features of an encoder that learns go stale
+                       shared_features=unshared)
+    learning.train_step(0)
+    assert unshared == {}  # features of an encoder that learns go stale: none are kept
 
 
 @pytest.mark.parametrize("fusion", ["early", "cross"])

@@ -55,7 +55,10 @@ class TrainConfig:
     log_seconds: float = 10.0  # off a terminal: a plain progress line at most this often
     max_new_tokens: int = 8  # answer length for accuracy evaluation
     distributed: str = "ddp"  # under torchrun: ddp (fsdp is refused for now)
-    stop_after: int = 0  # testing aid: exit abruptly after this many steps (as if killed)
+    # where and in which float type: bfloat16 and float16 are mixed precision, the weights,
+    # gradients, optimizer state and loss staying float32 (training/precision.py)
+    device: str = "cpu"  # cpu | cuda (under torchrun: each process the GPU of its local rank)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (cuda only)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -72,6 +75,11 @@ class TrainConfig:
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         check(self.encoder_lr_scale > 0, f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # One check for every entry point (omnifuse.runtime): cuda without a GPU torch can see and
+        # float16 on a CPU are refused; bfloat16 on a CPU without native support warns.
+        from omnifuse.runtime import choose_device, choose_dtype
+
+        choose_dtype(self.dtype, choose_device(self.device))
         object.__setattr__(self, "skills", tuple(self.skills))
 
 

@@ -2,10 +2,11 @@
 
 Layout: ``out_dir/checkpoints/step-000100/`` holding ``config.json`` + ``model.safetensors`` (an
 ordinary omnifuse checkpoint), ``optimizer.safetensors`` (every tensor of the optimizer state),
-``trainer.json`` (step, schedule, optimizer scalars, Python RNG state), and ``rng.safetensors``
-(torch's RNG state). A checkpoint is written into a temporary folder and renamed into place; the
-``latest`` file naming it is replaced atomically after that, so a kill at any moment leaves the
-previous checkpoint intact. No pickle anywhere.
+``trainer.json`` (step, schedule, optimizer scalars, Python RNG state, float16's loss scale), and
+``rng.safetensors`` (torch's RNG states: the CPU's, and the GPU's when the model is on one). A
+checkpoint is written into a temporary folder and renamed into place; the ``latest`` file naming
+it is replaced atomically after that, so a kill at any moment leaves the previous checkpoint
+intact. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dic
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save_training_state(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
+def save_training_state(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2,
+                        scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write checkpoint ``step`` and point ``latest`` at it, keeping the newest ``keep``.
+    ``scaler``: float16 training's loss scale, part of an exact resume."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -54,10 +58,16 @@ def save_training_state(out_dir: Path, step: int, model, optimizer, scheduler, e
     save_checkpoint(model, tmp)
     tensors, scalars = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    save_file(rng, str(tmp / "rng.safetensors"))
     py_state = random.getstate()
     trainer = {"step": step, "optimizer": scalars, "scheduler": scheduler.state_dict(),
                "python_rng": [py_state[0], list(py_state[1]), py_state[2]], **extra}
+    if scaler is not None:
+        trainer["grad_scaler"] = scaler.state_dict()
     (tmp / "trainer.json").write_text(json.dumps(trainer))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -79,14 +89,20 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path
 
 
-def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+def load_training_state(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Restore everything ``save_training_state`` wrote; returns trainer.json's contents."""
     trainer = json.loads((path / "trainer.json").read_text())
     tensors = {upgrade_key(k): t for k, t in load_file(str(path / "model.safetensors")).items()}
     load_state_dict_checked(model, tensors, str(path / "model.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"]))
     scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    if scaler is not None and trainer.get("grad_scaler"):
+        scaler.load_state_dict(trainer["grad_scaler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    device = next(model.parameters()).device
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
     version, internal, gauss = trainer["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return trainer
