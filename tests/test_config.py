@@ -135,7 +135,6 @@ def test_vision_derived_properties():
     v = VisionConfig(image_size=336, patch_size=14, hidden_size=1024, num_heads=16, feature_layer=[-2, -1], feature_select="full")
     assert v.feature_layer == (-2, -1)  # a list from JSON is settled to a tuple
     assert v.feature_layers == (-2, -1)
-    assert v.grid_size == 24
     assert v.cls_tokens == 1
     assert v.feature_dim == 2048
     assert VisionConfig(feature_select="default").cls_tokens == 0

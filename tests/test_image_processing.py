@@ -418,12 +418,10 @@ def test_preprocess_and_sources(tmp_path):
     path = tmp_path / "a.png"
     img.save(path)
     proc = ImageProcessor(ImageConfig(mode="dynamic", max_patches=16), patch_size=14)
-    outs = proc.preprocess([img, path, str(path), png_bytes(img)])
+    outs = [proc(source) for source in (img, path, str(path), png_bytes(img))]
     assert all(isinstance(o, ProcessedImage) for o in outs)
     for o in outs[1:]:
         torch.testing.assert_close(o.pixel_values, outs[0].pixel_values)
-    with pytest.raises(ImageError, match="list"):
-        proc.preprocess(img)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from omnifuse.fusion import FeatureCountError
 from omnifuse.fusion.strategy import fusion_strategy
 from omnifuse.model import build_model
 from omnifuse.pipeline import Pipeline
-from omnifuse.processing.prompt import PromptLayout, expand_image_tokens
+from omnifuse.processing.prompt import PromptLayout
 from omnifuse.processing.text import ByteTokenizer
 from omnifuse.training.collate import ExampleBuilder
 from omnifuse.training.llava_data import read_llava_json
@@ -105,15 +105,16 @@ def test_text_only_model_takes_the_prompt_as_text():
         layout.encode("hi", [4])
 
 
-def test_expand_image_tokens():
-    assert expand_image_tokens([1, IMAGE, 2, IMAGE, 3], IMAGE, [3, 1]) == [1, IMAGE, IMAGE, IMAGE, 2, IMAGE, 3]
-    assert expand_image_tokens([1, 2], IMAGE, []) == [1, 2]
+def test_early_fusion_expands_each_placeholder_to_its_image_tokens():
+    expand = _pipeline(_config("early")).layout.expand
+    assert expand([1, IMAGE, 2, IMAGE, 3], [3, 1]) == [1, IMAGE, IMAGE, IMAGE, 2, IMAGE, 3]
+    assert expand([1, 2], []) == [1, 2]
     with pytest.raises(FeatureCountError, match="the prompt has 2 image placeholders but 3 images were given"):
-        expand_image_tokens([IMAGE, 5, IMAGE], IMAGE, [4, 4, 4])
+        expand([IMAGE, 5, IMAGE], [4, 4, 4])
     with pytest.raises(FeatureCountError, match="the prompt has 0 image placeholders but 1 image was given"):
-        expand_image_tokens([5], IMAGE, [4])
+        expand([5], [4])
     with pytest.raises(FeatureCountError, match="at least one token"):
-        expand_image_tokens([IMAGE], IMAGE, [0])
+        expand([IMAGE], [0])
 
 
 # --- one error, both counts, wherever the prompt is built --------------------------------------

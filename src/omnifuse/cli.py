@@ -129,7 +129,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         config = read_any_config(args.checkpoint)
     else:
-        raise ValueError("give --preset NAME, --checkpoint DIR or --list")
+        from omnifuse.config import ConfigError
+
+        raise ConfigError("give --preset NAME, --checkpoint DIR or --list")
     info = model_info(config, image_size=_image_size(args.image) if args.image else None)
     if args.json:
         print(json.dumps(info))

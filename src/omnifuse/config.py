@@ -119,10 +119,6 @@ class VisionConfig:
         return tuple(fl) if isinstance(fl, tuple) else (fl,)
 
     @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
     def cls_tokens(self) -> int:
         """CLS tokens kept in the features handed to the connector."""
         return 1 if (self.use_cls and self.feature_select == "full") else 0

@@ -10,6 +10,7 @@ import torch
 
 from omnifuse.checkpoint import load_checkpoint
 from omnifuse.config import ConfigError
+from omnifuse.errors import RequestError, TokenizerError
 from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
@@ -58,14 +59,14 @@ class Pipeline:
         self.image_token = model.config.text.image_token
         if model.config.has_media:
             if model.placeholder_id is not None and model.placeholder_id != tokenizer.image_token_id:
-                raise ValueError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
+                raise TokenizerError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
                                  f"id {tokenizer.image_token_id} for {self.image_token!r}")
             model.placeholder_id = tokenizer.image_token_id
         # A checkpoint's generation_config.json decides when the reference stops; else the tokenizer's eos.
         self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else tuple(tokenizer.eos_token_ids)
         rows = model.config.decoder.vocab_size + model.config.decoder.extra_embeddings
         if tokenizer.vocab_size > rows:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}")
+            raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}")
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
@@ -146,7 +147,7 @@ class Pipeline:
         sampling = sampling or self.sampling()
         images = images or [[] for _ in prompts]
         if len(images) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+            raise RequestError(f"{len(prompts)} prompts but {len(images)} image lists")
         processed = [self.process_images(srcs) for srcs in images]
         rows = [self.prompt_ids(p, imgs, chat) for p, imgs in zip(prompts, processed)]
         has_images = any(processed)

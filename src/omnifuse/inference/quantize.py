@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omnifuse.errors import ConfigError
+
 __all__ = ["Int8Linear", "quantize_int8"]
 
 
@@ -49,7 +51,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     ``nn.Linear`` layers with ``Int8Linear``, in place; returns the model."""
     dec = model.decoder
     if dec.embed_tokens.weight.device.type != "cpu":
-        raise ValueError("int8 quantization runs on the CPU only")
+        raise ConfigError("int8 quantization runs on the CPU only")
     if dec.lm_head.weight is dec.embed_tokens.weight:
         dec.lm_head = nn.Linear(dec.lm_head.in_features, dec.lm_head.out_features, bias=False)
         dec.lm_head.weight = nn.Parameter(dec.embed_tokens.weight.detach().clone())  # untie: only the head is int8

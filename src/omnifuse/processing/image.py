@@ -399,9 +399,3 @@ class ImageProcessor:
                           "aspect_ratio_mask": mask}
         return ProcessedImage(pixel_values=pixel_values, num_tokens=num_tokens, grid=grid, tiles=tiles,
                               original_size=(width, height), inputs=inputs, attendable=attendable)
-
-    def preprocess(self, images: list) -> list[ProcessedImage]:
-        """Process several images; each keeps its own crop count and grid."""
-        if not isinstance(images, (list, tuple)):
-            raise ImageError(f"preprocess expects a list of images, got {type(images).__name__}")
-        return [self(image) for image in images]

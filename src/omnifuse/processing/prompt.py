@@ -28,7 +28,7 @@ from omnifuse.fusion.early import FeatureCountError
 from omnifuse.fusion.strategy import Fusion, fusion_strategy
 from omnifuse.processing.text import Tokenizer
 
-__all__ = ["FeatureCountError", "PromptLayout", "expand_image_tokens", "media_count_error"]
+__all__ = ["FeatureCountError", "PromptLayout", "media_count_error"]
 
 
 def _plural(n: int, noun: str) -> str:
@@ -58,16 +58,6 @@ def _positions(ids: list[int], placeholder_id: int, token_counts: Sequence[int],
 
 def _repeat(values: Sequence, repeats: Sequence[int]) -> list:
     return [v for v, r in zip(values, repeats) for _ in range(r)]
-
-
-def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
-    """Early fusion: repeat the i-th image placeholder ``counts[i]`` times, one slot per visual token.
-
-    The model later writes image i's features over those slots, so the counts must match the
-    connector's output lengths.
-    """
-    ids = [int(i) for i in ids]
-    return _repeat(ids, _positions(ids, image_token_id, counts, lambda n: n))  # EarlyFusion's rule
 
 
 class PromptLayout:

@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from omnifuse.errors import ConfigError, DataFormatError
-from omnifuse.processing.image import load_image
 from omnifuse.processing.prompt import FeatureCountError, media_count_error
 
 __all__ = [
@@ -59,10 +56,6 @@ class Conversation:
     # it (none: the prompt layout puts the images in front of the first user turn)
     index: int  # record index in the file (0-based)
     id: str | None = None  # the record's "id", if it had one
-
-    def load_images(self, max_pixels: int = 64_000_000) -> list[Image.Image]:
-        """Decode the images as upright RGB; an unreadable one raises ``ImageError``."""
-        return [load_image(path, max_pixels=max_pixels) for path in self.images]
 
 
 class _BadRecord(Exception):
