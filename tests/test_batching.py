@@ -1,4 +1,4 @@
-"""Requests are independent (DESIGN contract 11): a request that joins a running batch at decode
+"""Requests are independent (ARCHITECTURE.md, contract 5): a request that joins a running batch at decode
 step k gets the tokens it gets alone, and its neighbours' tokens do not change."""
 
 from __future__ import annotations

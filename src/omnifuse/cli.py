@@ -19,9 +19,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _add_device_args(p: argparse.ArgumentParser) -> None:
+def _add_device_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     from omnifuse.runtime import DEVICES, DTYPES
 
+    if training:  # a training config says where it runs; the flags override it
+        p.add_argument("--device", choices=DEVICES, help="overrides the config's device (default cpu)")
+        p.add_argument("--dtype", choices=list(DTYPES), help="overrides the config's dtype (default float32; "
+                       "bfloat16/float16 train in mixed precision)")
+        return
     p.add_argument("--device", choices=DEVICES, help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on a CPU, bfloat16 on a GPU")
 
@@ -227,14 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (contrastive, align or instruct stage)")
     t.add_argument("--config", help="a training YAML (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings that replace the config's")
-    _add_device_args(t)
+    _add_device_args(t, training=True)
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("arena", help="train fusion strategies on the same data and budget, compare them")
     a.add_argument("--config", help="arena YAML (default: the packaged omnifuse/configs/arena.yaml)")
     a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
     a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
-    _add_device_args(a)
+    _add_device_args(a, training=True)
     a.set_defaults(func=cmd_arena)
 
     from omnifuse.planner.command import add_plan_parser
@@ -244,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: the fusion arena with its default config")
     d.add_argument("--quick", action="store_true", help="a few steps per strategy")
     d.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
-    _add_device_args(d)
+    _add_device_args(d, training=True)
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,6 +1,6 @@
 """Model configuration: frozen, validated dataclasses that round-trip to JSON and YAML.
 
-Configs are data (DESIGN contract 2). Each dataclass settles its derived fields once in
+Configs are data (ARCHITECTURE.md, contract 1). Each dataclass settles its derived fields once in
 ``__post_init__`` and asserts its invariants there; nothing edits a config afterwards.
 """
 

@@ -142,7 +142,7 @@ class MultimodalModel(nn.Module):
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 out[i] = f.reshape(-1, f.shape[-1])
         for item, f in zip(items, out):
-            if f.shape[0] != item.num_tokens:  # contract 1: num_tokens equals what the model produces
+            if f.shape[0] != item.num_tokens:  # ARCHITECTURE.md contract 2: num_tokens is what the model produces
                 raise FeatureCountError(f"a {item.modality} item produced {f.shape[0]} tokens but its processor "
                                         f"predicted {item.num_tokens}")
         return out  # type: ignore[return-value]

@@ -112,7 +112,7 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
     for p, imgs in list(zip(prompts, images))[:arena.latency_prompts]:
         cache = model.new_cache(1, len(p) + 1)
         t0 = time.perf_counter()
-        model(torch.tensor([p]), images=[imgs], cache=cache, last_only=True)
+        model(torch.tensor([p], device=model.device), images=[imgs], cache=cache, last_only=True)
         prefill.append(time.perf_counter() - t0)
     n = arena.decode_tokens
     t_steps = []

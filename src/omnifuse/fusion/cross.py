@@ -88,7 +88,7 @@ class CrossAttentionLayer(nn.Module):
     """Gated cross-attention block with its own gated SwiGLU (Llama 3.2 Vision layout).
 
     x + gate_attn(xattn(norm(x), memory)); then x + gate_mlp(mlp(norm(x))). Both gates start at
-    zero, so a fresh layer leaves the hidden state unchanged (DESIGN contract 3).
+    zero, so a fresh layer leaves the hidden state unchanged (ARCHITECTURE.md, contract 4).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,

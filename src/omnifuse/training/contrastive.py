@@ -45,7 +45,7 @@ class ContrastiveHead(nn.Module):
     def forward(self, model, pixel_batches: list[torch.Tensor], caption_ids: list[list[int]]) -> torch.Tensor:
         image = pooled_image_features(model.vision_encoder, pixel_batches)  # (N, Dv)
         with torch.no_grad():
-            text = torch.stack([model.decoder.embed_tokens(torch.tensor(ids)).mean(dim=0) for ids in caption_ids])  # (N, Dt)
+            text = torch.stack([model.decoder.embed_tokens(torch.tensor(ids, device=model.device)).mean(dim=0) for ids in caption_ids])  # (N, Dt)
         img, txt = self.image_proj(image), self.text_proj(text)
         if self.loss == "clip":
             return clip_loss(img, txt, self.logit_scale)
