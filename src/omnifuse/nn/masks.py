@@ -56,14 +56,16 @@ def self_attention_mask(attention_mask: torch.Tensor, cache=None,
         start, index, end = 0, None, t
     else:
         starts = cache.lengths  # (B,)
-        lo, hi = int(starts.min()), int(starts.max())
+        lo, hi = min(cache.host_lengths), max(cache.host_lengths)
         end = hi + t
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
-        slots = starts[:, None] + torch.arange(t, device=starts.device)  # (B, T)
-        start, index = (lo, None) if lo == hi else (None, slots)
-        rows = torch.arange(b, device=starts.device)[:, None]
-        cache.key_mask[rows, slots] = attention_mask.bool()
+        if lo == hi:  # every row at the same length (a left-padded batch): plain slices
+            start, index = lo, None
+            cache.key_mask[:, lo:end] = attention_mask.bool()
+        else:
+            start, index = None, starts[:, None] + torch.arange(t, device=starts.device)  # (B, T) slots
+            cache.key_mask[torch.arange(b, device=starts.device)[:, None], index] = attention_mask.bool()
         cache.next_position += attention_mask.long().sum(1)
         keys = cache.key_mask[:, :end]
         if start is not None and bool(keys.all()) and (start == 0 or t == 1):
