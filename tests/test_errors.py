@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import make_model, tiny_config
 
 from omnifuse import errors
@@ -120,7 +121,7 @@ def test_an_internal_invariant_stays_a_plain_error():
     from omnifuse.inference.cache import KVCache
 
     small, big = KVCache(1, 1, 1, 4, 2), KVCache(1, 1, 1, 8, 2)
-    big.lengths[0] = 8
+    big.advance(torch.ones(1, 8, dtype=torch.long))  # a request of 8 cached tokens
     with pytest.raises(ValueError, match="does not fit a cache of 4") as err:
         small.insert(0, big)
     assert not isinstance(err.value, OmnifuseError)
