@@ -24,7 +24,7 @@ def test_num_tokens_equals_features_the_model_produces(mode, kwargs, feature_sel
     proc = model.image_processor
     sizes = [(1, 1), (7, 90), (90, 7), (32, 32), (64, 33), (100, 20), (41, 97)]
     images = [proc(scene(w, h)) for w, h in sizes]
-    feats = model.encode_images(images)
+    feats = model.encode_media(images)
     for (w, h), img, f in zip(sizes, images, feats):
         assert f.shape == (proc.num_tokens(w, h), 64), (mode, w, h)
         assert img.num_tokens == proc.num_tokens(w, h)
@@ -84,7 +84,7 @@ def test_early_fusion_splices_several_images_anywhere():
     a, b = proc(scene(40, 40, 1)), proc(scene(20, 50, 2))
     n = a.num_tokens
     ids = torch.cat([_text(3), torch.full((1, n), PLACEHOLDER), _text(4, 1), torch.full((1, n), PLACEHOLDER), _text(2, 2)], 1)
-    feats = model.encode_images([a, b])
+    feats = model.encode_media([a, b])
     with torch.no_grad():
         logits = model(ids, images=[[a, b]])
         swapped = model(ids, images=[[b, a]])
@@ -156,12 +156,12 @@ def test_connector_position_embedding_starts_at_zero_and_marks_each_crop_positio
     plain, positioned = make_model(base), make_model(config)
     positioned.load_state_dict(plain.state_dict(), strict=False)  # same weights, positions at zero
     image = positioned.image_processor(scene(64, 32))
-    assert torch.equal(plain.encode_images([image])[0], positioned.encode_images([image])[0])
+    assert torch.equal(plain.encode_media([image])[0], positioned.encode_media([image])[0])
     per_crop = config.tokens_per_crop
     assert positioned.connector.position_embedding.shape == (per_crop, config.decoder.hidden_size)
     with torch.no_grad():
         positioned.connector.position_embedding.copy_(torch.randn(per_crop, config.decoder.hidden_size))
-    delta = positioned.encode_images([image])[0] - plain.encode_images([image])[0]
+    delta = positioned.encode_media([image])[0] - plain.encode_media([image])[0]
     crops = delta.reshape(-1, per_crop, delta.shape[-1])  # every crop (tile) gets the same positions
     assert torch.allclose(crops, positioned.connector.position_embedding.expand_as(crops), atol=1e-5)
 

@@ -147,7 +147,6 @@ class MultimodalModel(nn.Module):
                                         f"predicted {item.num_tokens}")
         return out  # type: ignore[return-value]
 
-    encode_images = encode_media  # the image-only name
 
     # ------------------------------------------------------------------ forward
     def forward(

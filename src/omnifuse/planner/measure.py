@@ -57,7 +57,7 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     model.placeholder_id = layout.image_token_id
     processor = model.image_processor
     images = [processor(_noise_image(w, h, i)) for i, (w, h) in enumerate(image_sizes)]
-    features = model.encode_images(images)
+    features = model.encode_media(images)
     visual = [int(f.shape[0]) for f in features]
     placeholder = layout.image_token_id
     text = torch.randint(1, config.decoder.vocab_size, (text_tokens,)).tolist()
