@@ -24,7 +24,7 @@ def _requests(model):
         images = [model.image_processor(scene(w, h, i + 1)) for i, (w, h) in enumerate(sizes)]
         ids = text(n)
         for img in images:
-            ids += [PLACEHOLDER] * (1 if model.is_cross else img.num_tokens) + text(2)
+            ids += [PLACEHOLDER] * model.fusion.placeholder_tokens(img.num_tokens) + text(2)
         out.append((ids, images))
     return out
 

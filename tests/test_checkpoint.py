@@ -90,7 +90,7 @@ def test_round_trip_gives_identical_logits_with_an_image(saved, name):
     model, folder = saved[name]
     loaded = load_checkpoint(folder)
     processed = build_image_processor(get_preset(name))(IMG)
-    slots = 1 if loaded.is_cross else processed.num_tokens  # early fusion: one slot per visual token
+    slots = loaded.fusion.placeholder_tokens(processed.num_tokens)  # early fusion: one slot per visual token
     ids = torch.tensor([[257] + [IMAGE] * slots + [72, 105]])
     with torch.no_grad():
         outs = []
@@ -382,7 +382,7 @@ def test_checkpoint_with_the_earlier_key_layout_loads(saved, tmp_path):
         assert "embed_tokens.weight" in load_file(str(dst / "model.safetensors"))
         loaded = load_checkpoint(dst)
         image = build_image_processor(model.config)(IMG)
-        ids = torch.cat([TEXT[:, :3], torch.full((1, 1 if model.is_cross else image.num_tokens), IMAGE), TEXT[:, 3:]], 1)
+        ids = torch.cat([TEXT[:, :3], torch.full((1, model.fusion.placeholder_tokens(image.num_tokens)), IMAGE), TEXT[:, 3:]], 1)
         for m in (model, loaded):
             m.placeholder_id = IMAGE
         with torch.no_grad():

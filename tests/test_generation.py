@@ -14,7 +14,7 @@ def _prompt(model, n_text: int, images, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (n_text,), generator=g).tolist()
     for img in images:
-        ids += [PLACEHOLDER] * (img.num_tokens if not model.is_cross else 1)
+        ids += [PLACEHOLDER] * model.fusion.placeholder_tokens(img.num_tokens)
         ids += torch.randint(0, 256, (3,), generator=g).tolist()
     return ids
 

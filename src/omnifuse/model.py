@@ -86,11 +86,6 @@ class MultimodalModel(nn.Module):
         return self.processors.get("image")
 
     @property
-    def is_cross(self) -> bool:
-        """Media kept beside the sequence (``not fusion.in_sequence``)."""
-        return not self.fusion.in_sequence
-
-    @property
     def cross_layers(self) -> nn.ModuleDict:
         return self.decoder.cross_layers
 

@@ -129,7 +129,7 @@ class Pipeline:
         config = self.model.config
         costs = [image_cost(config, *img.original_size, self.processor) for img in images]
         seen = None
-        if self.model.is_cross:
+        if not self.model.fusion.in_sequence:  # which images the decode cache keeps
             seen = images_seen_at_decode(config, prompt_ids, self.tokenizer.image_token_id, len(images))
         weight = next(p for p in self.model.parameters() if p.is_floating_point())  # the cache's dtype
         return request_cost(config, len(prompt_ids) + output_tokens, costs, weight.element_size(), seen)
