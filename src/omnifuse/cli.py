@@ -50,9 +50,9 @@ def _pipeline(args: argparse.Namespace):
     return (pipe.quantize(args.quantize) if args.quantize else pipe).pack()  # pack: the linears int8 left
 
 
-def _overrides_from_flags(args: argparse.Namespace) -> list[str]:
-    """``--device`` / ``--dtype`` of train and arena as training-config overrides."""
-    return [f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
+def _device_settings(args: argparse.Namespace) -> dict[str, str]:
+    """``--device`` / ``--dtype`` of train and arena, as the training-config settings they override."""
+    return {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from omnifuse.training.config import load_train_config
     from omnifuse.training.loop import Trainer
 
-    cfg = load_train_config(args.config, [*args.overrides, *_overrides_from_flags(args)])
+    cfg = load_train_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in _device_settings(args).items())])
     trainer = Trainer(cfg)
     if trainer.main:
         warnings = getattr(trainer.train_source, "warnings", [])
@@ -188,7 +188,7 @@ def cmd_arena(args: argparse.Namespace) -> int:
     config = load_arena_config(args.config)
     if args.out_dir:
         config = dataclasses.replace(config, out_dir=args.out_dir)
-    chosen = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
+    chosen = _device_settings(args)
     if chosen:  # every training run of the arena (pre-training too) on that device and dtype
         config = dataclasses.replace(config, train={**config.train, **chosen},
                                      pretrain={**config.pretrain, **chosen} if config.pretrain else {})

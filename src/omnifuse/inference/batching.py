@@ -78,9 +78,8 @@ class DecodeBatch:
         if not running:
             return []
         rows = torch.tensor([r.row for r in running], device=self._last.device)
-        lengths = self.cache.self_attn.lengths[rows]
-        if int(lengths.max()) >= self.max_len:  # prompt + max_new_tokens is more than the cache holds
-            full = [r.row for r, n in zip(running, lengths.tolist()) if n >= self.max_len]
+        full = [r.row for r in running if self.cache.self_attn.lengths[r.row] >= self.max_len]
+        if full:  # prompt + max_new_tokens is more than the cache holds
             raise ContextOverflowError(f"rows {full} hold {self.max_len} tokens, the batch's cache length; "
                                        "remove them or build the batch with a larger max_len")
         active = torch.zeros(self._last.shape[0], 1, dtype=torch.long, device=self._last.device)

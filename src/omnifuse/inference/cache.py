@@ -60,8 +60,7 @@ class KVCache:
                        for _ in range(num_layers)]
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.host_lengths = [0] * batch_size  # the same, on the host: slicing needs no device sync
+        self.lengths = [0] * batch_size  # on the host: slicing the cache needs no device sync
         self.max_len = max_len
 
     @property
@@ -71,7 +70,7 @@ class KVCache:
     @property
     def length(self) -> int:
         """The longest row's length (0 for an empty cache)."""
-        return max(self.host_lengths, default=0)
+        return max(self.lengths, default=0)
 
     def layer(self, i: int) -> LayerKVCache:
         return self.layers[i]
@@ -79,13 +78,12 @@ class KVCache:
     def advance(self, attention_mask: torch.Tensor) -> None:
         """Record a chunk (B, T) after its keys were written: a row with any real token in it
         moves on by T slots; a row without one (an idle row at decode) stays where it is."""
-        t, real = attention_mask.shape[1], attention_mask.bool().any(dim=1)
-        self.lengths += t * real
-        self.host_lengths = [n + t * r for n, r in zip(self.host_lengths, real.tolist())]
+        t = attention_mask.shape[1]
+        self.lengths = [n + t * r for n, r in zip(self.lengths, attention_mask.bool().any(dim=1).tolist())]
 
     def insert(self, row: int, other: KVCache, other_row: int = 0) -> None:
         """Copy request ``other_row`` of ``other`` (e.g. a prefill run alone) into ``row``."""
-        n = other.host_lengths[other_row]
+        n = other.lengths[other_row]
         if n > self.max_len:
             raise ValueError(f"a request of {n} cached tokens does not fit a cache of {self.max_len}")
         self.release(row)
@@ -95,14 +93,12 @@ class KVCache:
         self.key_mask[row, :n] = other.key_mask[other_row, :n]
         self.next_position[row] = other.next_position[other_row]
         self.lengths[row] = n
-        self.host_lengths[row] = n
 
     def release(self, row: int) -> None:
         """Free ``row`` for another request."""
         self.key_mask[row] = False
         self.next_position[row] = 0
         self.lengths[row] = 0
-        self.host_lengths[row] = 0
 
     @property
     def nbytes(self) -> int:

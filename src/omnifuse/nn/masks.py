@@ -52,25 +52,26 @@ def self_attention_mask(attention_mask: torch.Tensor, cache=None,
         keys = attention_mask.bool()
         if bool(keys.all()):
             return SelfAttentionMask(position_ids, None, 0, None, t)
-        starts = torch.zeros(b, dtype=torch.long, device=keys.device)
         start, index, end = 0, None, t
+        q_slot = torch.arange(t, device=keys.device).expand(b, t)  # (B, T)
     else:
-        starts = cache.lengths  # (B,)
-        lo, hi = min(cache.host_lengths), max(cache.host_lengths)
+        lo, hi = min(cache.lengths), max(cache.lengths)
         end = hi + t
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+        device = cache.key_mask.device
         if lo == hi:  # every row at the same length (a left-padded batch): plain slices
             start, index = lo, None
             cache.key_mask[:, lo:end] = attention_mask.bool()
         else:
-            start, index = None, starts[:, None] + torch.arange(t, device=starts.device)  # (B, T) slots
-            cache.key_mask[torch.arange(b, device=starts.device)[:, None], index] = attention_mask.bool()
+            start = None
+            index = torch.tensor(cache.lengths, device=device)[:, None] + torch.arange(t, device=device)  # (B, T)
+            cache.key_mask[torch.arange(b, device=device)[:, None], index] = attention_mask.bool()
         cache.next_position += attention_mask.long().sum(1)
         keys = cache.key_mask[:, :end]
         if start is not None and bool(keys.all()) and (start == 0 or t == 1):
             return SelfAttentionMask(position_ids, None, start, None, end)  # plain causal / full
-    q_slot = starts[:, None] + torch.arange(t, device=keys.device)  # (B, T)
+        q_slot = index if index is not None else torch.arange(start, end, device=device).expand(b, t)  # (B, T)
     k_slot = torch.arange(end, device=keys.device)  # (S,)
     causal = k_slot[None, None, :] <= q_slot[:, :, None]  # (B, T, S)
     mask = (keys[:, None, :] & causal) | (k_slot[None, None, :] == q_slot[:, :, None])  # padding sees itself
