@@ -13,7 +13,15 @@ import time
 
 import torch
 
-from omnifuse.config import ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, VisionConfig
+from omnifuse.config import (
+    ConnectorConfig,
+    DecoderConfig,
+    FusionConfig,
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.model import build_model
 from omnifuse.nn.packed import pack_linears
@@ -27,6 +35,7 @@ LLAVA_130M = ModelConfig(
     fusion=FusionConfig(type="early"),
     decoder=DecoderConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
                           intermediate_size=2048, max_position=2048),
+    text=TextConfig(tokenizer="file", placeholder_ids={"image": 31999}),  # ids only: no tokenizer is read
 )
 
 
@@ -39,7 +48,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(LLAVA_130M).eval()
-    model.placeholder_id = 31999
     n_params = sum(p.numel() for p in model.parameters())  # before packing turns weights into buffers
     pack_linears(model)  # as Pipeline does for inference
     proc = model.image_processor

@@ -34,7 +34,6 @@ def make_model(config: ModelConfig, seed: int = 0, gates: float | None = None):
 
     torch.manual_seed(seed)
     model = build_model(config).eval()
-    model.placeholder_id = PLACEHOLDER
     if gates is not None:
         with torch.no_grad():
             for layer in model.cross_layers.values():

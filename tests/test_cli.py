@@ -19,7 +19,7 @@ from PIL import Image
 
 from omnifuse.checkpoint import save_checkpoint
 from omnifuse.cli import main
-from omnifuse.model import build_image_processor
+from omnifuse.modalities import build_image_processor
 from omnifuse.pipeline import Pipeline
 from omnifuse.presets import get_preset, preset_names
 

@@ -306,7 +306,7 @@ def test_tiny_presets_fit_the_byte_tokenizer():
     (get_preset("tiny-early").connector, "type"),
     (get_preset("tiny-cross").fusion, "cross_attention_layers"),
     (get_preset("tiny-early").decoder, "num_kv_heads"),
-    (get_preset("tiny-early").text, "image_token"),
+    (get_preset("tiny-early").text, "placeholder_tokens"),
 ])
 def test_configs_are_frozen(obj, field):
     before = getattr(obj, field)
@@ -322,3 +322,54 @@ def test_replace_revalidates():
         dataclasses.replace(cfg.decoder, num_heads=3)
     wider = dataclasses.replace(cfg.decoder, hidden_size=256, head_dim=0)
     assert wider.head_dim == 64
+
+
+# --- placeholders: one map per modality, in the config ----------------------------------------
+
+
+def test_byte_tokenizer_placeholder_ids_are_filled_in_and_checked():
+    assert TextConfig().placeholder_ids == {"image": 259}  # ByteTokenizer's <image>
+    with pytest.raises(ConfigError, match="placeholder_ids.image is 5 but the byte tokenizer's '<image>' is 259"):
+        TextConfig(placeholder_ids={"image": 5})
+    with pytest.raises(ConfigError, match="placeholder_ids names modalities without a placeholder token: .'audio'."):
+        TextConfig(tokenizer="file", placeholder_ids={"audio": 3})
+
+
+def test_placeholder_maps_cannot_be_edited_in_place():
+    given = {"image": "<image>"}
+    text = TextConfig(placeholder_tokens=given)
+    given["image"] = "<other>"  # the config took a copy
+    assert text.placeholder_tokens == {"image": "<image>"}
+    with pytest.raises(TypeError, match="cannot be changed"):
+        text.placeholder_ids["image"] = 1
+    assert text.placeholder_ids == {"image": 259}
+    assert dataclasses.replace(text, placeholder_ids={"image": 259}) == text
+
+
+def test_a_vision_model_needs_an_image_placeholder_inside_its_vocabulary():
+    cfg = get_preset("tiny-early")
+    with pytest.raises(ConfigError, match="needs text.placeholder_tokens.image"):
+        dataclasses.replace(cfg, text=TextConfig(placeholder_tokens={}))
+    small = dataclasses.replace(cfg.decoder, vocab_size=200)
+    with pytest.raises(ConfigError, match="placeholder_ids.image 259 is outside the decoder's 200 embeddings"):
+        dataclasses.replace(cfg, decoder=small)
+    assert dataclasses.replace(cfg, vision=None, decoder=small).modalities == ()  # a text model has no placeholder
+
+
+def test_configs_saved_with_the_old_image_token_key_still_load(tmp_path):
+    data = config_to_dict(get_preset("llava-1.5-7b"))
+    data["text"].pop("placeholder_tokens")
+    data["text"]["image_token"] = "<image>"
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert load_config(path) == get_preset("llava-1.5-7b")
+    data["text"]["placeholder_tokens"] = {"image": "<image>"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="either image_token .the old key. or placeholder_tokens"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value, words", [(["<image>"], "must be a mapping"), ({"image": 3}, "token string")])
+def test_malformed_placeholder_map_names_the_field(value, words):
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict(TextConfig, {"placeholder_tokens": value})

@@ -26,7 +26,8 @@ from omnifuse.config import (
     TextConfig,
     VisionConfig,
 )
-from omnifuse.model import build_image_processor, build_model
+from omnifuse.modalities import build_image_processor
+from omnifuse.model import build_model
 from omnifuse.pipeline import Pipeline
 from omnifuse.planner.arch import from_model_config
 from omnifuse.planner.costs import (

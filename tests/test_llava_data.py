@@ -195,3 +195,20 @@ def test_conversation_is_frozen():
     conv = Conversation(images=(), turns=(("user", "a"), ("assistant", "b")), index=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         conv.index = 1  # type: ignore[misc]
+
+
+def test_llava_image_marks_become_the_models_placeholder(tmp_path, folder):
+    """Fine-tuning Llama 3.2 Vision on LLaVA data: "<image>" in the file is the model's "<|image|>",
+    so the image stays where the file puts it instead of being read as text."""
+    from types import SimpleNamespace
+
+    from omnifuse.training.sources import LlavaSource
+
+    settings = SimpleNamespace(image_folder=str(folder), on_error="raise")
+    path = write(tmp_path, GOOD)
+    source = LlavaSource(str(path), settings, image_token="<|image|>")
+    turns, images, _ = source[0]
+    assert len(images) == 1
+    assert turns[:2] == [("user", "<|image|>\nWhat colour?"), ("assistant", "Red.")]
+    assert source[2][0][0] == ("user", "<|image|> and <|image|>: same?") and len(source[2][1]) == 2
+    assert LlavaSource(str(path), settings)[0][0][0] == ("user", "<image>\nWhat colour?")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import PLACEHOLDER, make_model, scene, tiny_config
@@ -32,13 +34,12 @@ def test_num_tokens_equals_features_the_model_produces(mode, kwargs, feature_sel
 
 def test_cross_attention_model_with_zero_gates_equals_its_text_decoder():
     cross = make_model(tiny_config("cross"))
-    text_only = make_model(tiny_config("early"), seed=1)
+    text_only = make_model(dataclasses.replace(tiny_config("early"), vision=None), seed=1)  # reads <image> as text
     # Copy the shared decoder (embeddings, self-attention layers, norm, head) into the text model.
     shared = {k: v for k, v in cross.state_dict().items() if not k.startswith(("decoder.cross_layers", "encoders", "connectors"))}
     text_only.load_state_dict(shared, strict=False)
     ids = torch.cat([_text(5), torch.tensor([[PLACEHOLDER]]), _text(7, 1)], dim=1)
     images = [[cross.image_processor(scene(50, 30))]]
-    text_only.placeholder_id = None  # the text model reads the placeholder as an ordinary token
     with torch.no_grad():
         fused = cross(ids, images=images)
         plain = text_only(ids)
@@ -97,7 +98,7 @@ def test_early_fusion_splices_several_images_anywhere():
     assert not torch.allclose(logits[:, 3:], swapped[:, 3:], atol=1e-4)
     from omnifuse.fusion import splice_features
 
-    spliced = splice_features(model.decoder.embed_tokens(ids), ids, [feats], PLACEHOLDER)
+    spliced = splice_features(model.decoder.embed_tokens(ids), ids == PLACEHOLDER, [feats])
     torch.testing.assert_close(spliced, embeds)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from omnifuse.config import TextConfig
+from omnifuse.config import ConfigError, TextConfig
 from omnifuse.processing.text import (
     ByteTokenizer,
     HFTokenizer,
@@ -117,8 +117,8 @@ def test_byte_custom_template_from_config():
 
 
 def test_byte_rejects_other_image_token():
-    with pytest.raises(TokenizerError, match="<\\|image\\|>"):
-        ByteTokenizer(TextConfig(image_token="<|image|>"))
+    with pytest.raises(ConfigError, match="byte tokenizer has no '<\\|image\\|>' token for text.placeholder_tokens.image"):
+        TextConfig(placeholder_tokens={"image": "<|image|>"})
 
 
 def test_chat_template_errors_are_tokenizer_errors():
@@ -272,7 +272,7 @@ def test_hf_config_template_and_image_token(tmp_path):
     folder = make_hf_folder(tmp_path, bos_post_processor=True, settings={"bos_token": "<s>", "eos_token": "</s>"})
     tok = HFTokenizer.from_folder(folder, TextConfig(tokenizer="file", chat_template="custom"))
     assert tok.apply_chat_template(CHAT) == "custom"
-    tok = HFTokenizer.from_folder(folder, TextConfig(tokenizer="file", image_token="<|image|>"))
+    tok = HFTokenizer.from_folder(folder, TextConfig(tokenizer="file", placeholder_tokens={"image": "<|image|>"}))
     with pytest.raises(TokenizerError, match="<\\|image\\|>"):
         _ = tok.image_token_id
 

@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "ConnectorConfig",
     "DecoderConfig",
+    "FrozenMap",
     "FusionConfig",
     "ImageConfig",
     "LayerSpec",
@@ -49,6 +50,18 @@ def _check(cond: bool, msg: str) -> None:
 
 def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # frozen dataclass: derived fields are settled once
+
+
+class FrozenMap(dict):
+    """A dict that cannot change: the mapping fields of frozen configs (a config is never edited)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config mappings cannot be changed; build a new config with dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self) -> tuple:
+        return type(self), (dict(self),)
 
 
 @dataclass(frozen=True)
@@ -313,10 +326,17 @@ class DecoderConfig:
 @dataclass(frozen=True)
 class TextConfig:
     """Tokenizer and special tokens. ``tokenizer`` is ``bytes`` (built in) or ``file``
-    (``tokenizer.json`` + ``tokenizer_config.json`` in the checkpoint folder)."""
+    (``tokenizer.json`` + ``tokenizer_config.json`` in the checkpoint folder).
+
+    Each modality's placeholder is a token in the text: ``placeholder_tokens`` maps the modality to
+    the token's string, ``placeholder_ids`` to its id in the decoder's vocabulary. The built-in byte
+    tokenizer's ids are fixed and filled in here; a ``file`` tokenizer's come from the checkpoint
+    (Hugging Face ``image_token_index``) or are read from the tokenizer before the model is built
+    (``processing.text.with_placeholder_ids``). The model reads them from here, nowhere else."""
 
     tokenizer: str = "bytes"
-    image_token: str = "<image>"
+    placeholder_tokens: dict[str, str] = field(default_factory=lambda: {"image": "<image>"})
+    placeholder_ids: dict[str, int] = field(default_factory=dict)
     bos_token: str = "<s>"
     eos_token: str = "</s>"
     pad_token: str = "<pad>"
@@ -326,6 +346,33 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
+        for name, kind in (("placeholder_tokens", str), ("placeholder_ids", int)):
+            value = getattr(self, name)
+            _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, kind)
+                                                   and not isinstance(v, bool) for k, v in value.items()),
+                   f"text.{name} maps a modality to a token {'string' if kind is str else 'id'}, got {value!r}")
+        unknown = sorted(set(self.placeholder_ids) - set(self.placeholder_tokens))
+        _check(not unknown, f"text.placeholder_ids names modalities without a placeholder token: {unknown}")
+        _check(all(i >= 0 for i in self.placeholder_ids.values()),
+               f"text.placeholder_ids must be non-negative, got {self.placeholder_ids}")
+        ids = dict(self.placeholder_ids)
+        if self.tokenizer == "bytes":
+            from omnifuse.processing.text import BYTE_SPECIAL_IDS
+
+            for modality, token in self.placeholder_tokens.items():
+                _check(token in BYTE_SPECIAL_IDS, f"the byte tokenizer has no {token!r} token for "
+                       f"text.placeholder_tokens.{modality}; its special tokens are {sorted(BYTE_SPECIAL_IDS)}")
+                fixed = BYTE_SPECIAL_IDS[token]
+                _check(self.placeholder_ids.get(modality, fixed) == fixed,
+                       f"text.placeholder_ids.{modality} is {self.placeholder_ids.get(modality)} but the byte "
+                       f"tokenizer's {token!r} is {fixed}")
+                ids[modality] = fixed
+        _set(self, "placeholder_tokens", FrozenMap(self.placeholder_tokens))  # copies: the caller's
+        _set(self, "placeholder_ids", FrozenMap(ids))  # dicts cannot change the config later
+
+    @property
+    def image_token(self) -> str | None:
+        return self.placeholder_tokens.get("image")
 
 
 @dataclass(frozen=True)
@@ -346,10 +393,16 @@ class ModelConfig:
         for name in ("image", "connector", "fusion", "decoder", "text"):
             _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
         _check(self.vision is None or dataclasses.is_dataclass(self.vision), "vision must be a config object or null")
+        rows = self.decoder.vocab_size + self.decoder.extra_embeddings
+        for modality in self.modalities:
+            i = self.text.placeholder_ids.get(modality, 0)
+            _check(i < rows, f"text.placeholder_ids.{modality} {i} is outside the decoder's {rows} embeddings")
         if self.vision is None:
             _check(not self.fusion.resolved_layers(self.decoder.num_layers),
                    "a text-only model (vision: null) has no fusion layers; use fusion.type early")
             return
+        _check("image" in self.text.placeholder_tokens,
+               "a model with a vision encoder needs text.placeholder_tokens.image (e.g. '<image>')")
         if self.image.mode == "fixed" or self.image.mode == "tiles":
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
@@ -364,8 +417,16 @@ class ModelConfig:
                    f"fusion.cross_attention_layers index {i} is outside 0..{self.decoder.num_layers}")
 
     @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media this model takes: the registered modalities (``omnifuse.modalities``) whose
+        config section is set. Each has an encoder, a connector, a processor and a placeholder."""
+        from omnifuse.modalities import MODALITIES
+
+        return tuple(m for m, spec in MODALITIES.items() if getattr(self, spec.section) is not None)
+
+    @property
     def has_media(self) -> bool:
-        return self.vision is not None
+        return bool(self.modalities)
 
     @property
     def cross_layers(self) -> tuple[int, ...]:
@@ -386,8 +447,11 @@ class ModelConfig:
 
     @property
     def tokens_per_crop(self) -> int:
-        """Visual tokens one crop gives (fixed and tiles modes)."""
-        return (self.image.image_size // self.vision.patch_size) ** 2 + self.vision.cls_tokens
+        """Visual tokens one crop gives (fixed and tiles modes): the connector's output for it."""
+        from omnifuse.connectors import crop_tokens
+
+        side = self.image.image_size // self.vision.patch_size
+        return crop_tokens(self.connector, (side, side), self.vision.cls_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +464,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
         if isinstance(v, tuple):
             return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
         return v
 
     return conv(cfg)
@@ -418,6 +484,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return tuple(v if isinstance(v, args[0]) else config_from_dict(args[0], v, f"{where}[{i}]")
                      for i, v in enumerate(value))
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
     if origin is tuple or origin is Union:
         if origin is tuple and not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -432,6 +500,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    if cls is TextConfig and "image_token" in data:  # configs saved before placeholders were per modality
+        data = dict(data)
+        token = _coerce(str, data.pop("image_token"), f"{where}.image_token".lstrip("."))
+        if "placeholder_tokens" in data:
+            raise ConfigError(f"{where or 'text'}: give either image_token (the old key) or placeholder_tokens")
+        data["placeholder_tokens"] = {"image": token}
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)

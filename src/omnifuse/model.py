@@ -5,24 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnifuse.config import ModelConfig
-from omnifuse.connectors import CONNECTORS
+from omnifuse.config import ConfigError, ModelConfig
 from omnifuse.decoder import TextDecoder, build_decoder
-from omnifuse.encoders import VisionTransformer
-from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
 from omnifuse.fusion import FeatureCountError
 from omnifuse.fusion.strategy import fusion_strategy
 from omnifuse.inference.cache import InferenceCache
+from omnifuse.modalities import MODALITIES
 from omnifuse.processing.image import ImageProcessor, ProcessedImage
 
-__all__ = ["MultimodalModel", "build_image_processor", "build_model", "build_vision_encoder", "ensure_model_fits"]
-
-
-def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
-    if config.vision is None:
-        return None
-    return ImageProcessor(config.image, patch_size=config.vision.patch_size, cls_tokens=config.vision.cls_tokens,
-                          tiled_encoder=config.vision.type == "mllama")
+__all__ = ["MultimodalModel", "build_model", "ensure_model_fits"]
 
 
 class MultimodalModel(nn.Module):
@@ -37,40 +28,42 @@ class MultimodalModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        v, d = config.vision, config.decoder
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
         self.processors: dict = {}
-        if v is not None:
-            self.encoders["image"] = build_vision_encoder(config)
-            self.connectors["image"] = CONNECTORS[config.connector.type](
-                v.feature_dim, d.hidden_size, bias=config.connector.bias,
-                positions=config.tokens_per_crop if config.connector.position_embedding else 0)
-            self.processors["image"] = build_image_processor(config)
+        for modality in config.modalities:  # the registry builds each modality's parts (modalities.py)
+            parts = MODALITIES[modality]
+            self.encoders[modality] = parts.encoder(config)
+            self.connectors[modality] = parts.connector(config)
+            self.processors[modality] = parts.processor(config)
         # Registered after the encoders and connectors: parameter order (which a saved optimizer
         # state follows) is the same as before the decoder was a module of its own.
         self.decoder: TextDecoder = build_decoder(config)
         self.fusion = fusion_strategy(config.fusion)
-        self.placeholder_id: int | None = None  # set by the pipeline from the tokenizer
+        text = config.text
+        missing = [m for m in self.encoders if m not in text.placeholder_ids]
+        if missing:
+            m = missing[0]
+            raise ConfigError(f"text.placeholder_ids has no id for the {m} placeholder "
+                              f"{text.placeholder_tokens.get(m)!r}: give it in the config, or build the model "
+                              "from processing.text.with_placeholder_ids(config, tokenizer)")
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
         std = self.config.init_std
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d) and name.startswith("encoders.image.patch_embedding."):
-                m.reset_parameters()  # conv stem: PyTorch's fan-in init; std 0.02 would vanish over 3 layers
+        for m in self.modules():
+            if getattr(m, "keeps_default_init", False):
+                m.reset_parameters()  # e.g. a convolutional stem (encoders/vit.py)
             elif isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
-        ve = self.vision_encoder
-        if isinstance(ve, VisionTransformer):
-            nn.init.normal_(ve.position_embedding, std=std)
-        if ve is not None and ve.class_embedding is not None:
-            nn.init.normal_(ve.class_embedding, std=std)
+        for m in self.modules():  # what only the module knows: position and class embeddings
+            if hasattr(m, "init_parameters"):
+                m.init_parameters(std)
         # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
 
     @property
@@ -84,6 +77,12 @@ class MultimodalModel(nn.Module):
     @property
     def image_processor(self) -> ImageProcessor | None:
         return self.processors.get("image")
+
+    @property
+    def placeholder_ids(self) -> dict[str, int]:
+        """Modality -> id of its placeholder token, for the modalities this model takes (config.text)."""
+        ids = self.config.text.placeholder_ids
+        return {m: ids[m] for m in self.encoders}
 
     @property
     def cross_layers(self) -> nn.ModuleDict:
@@ -170,22 +169,6 @@ class MultimodalModel(nn.Module):
         x, cross = self.fusion.enter(self, x, input_ids, image_features, attendable, cache, decoding)
         return self.decoder(attention_mask=attention_mask, cache=cache.self_attn if cache is not None else None,
                             inputs_embeds=x, cross=cross, last_only=last_only, outputs=outputs)
-
-
-def build_vision_encoder(config: ModelConfig) -> nn.Module:
-    v = config.vision
-    if v.type == "mllama":
-        return MllamaVisionEncoder(
-            image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
-            num_global_layers=v.num_global_layers, num_heads=v.num_heads, hidden=v.intermediate_size,
-            intermediate_layers=v.intermediate_layers, max_num_tiles=v.max_num_tiles, num_channels=v.num_channels,
-            eps=v.norm_eps, activation=v.activation)
-    return VisionTransformer(
-        image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
-        num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
-        activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
-        qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default", stem=v.stem,
-    )
 
 
 def build_model(config: ModelConfig) -> MultimodalModel:

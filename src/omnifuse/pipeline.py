@@ -57,11 +57,11 @@ class Pipeline:
         self.layout = PromptLayout.for_model(model.config, tokenizer)
         self.processor = model.image_processor
         self.image_token = model.config.text.image_token
-        if model.config.has_media:
-            if model.placeholder_id is not None and model.placeholder_id != tokenizer.image_token_id:
-                raise TokenizerError(f"the model's image token id {model.placeholder_id} differs from the tokenizer's "
-                                 f"id {tokenizer.image_token_id} for {self.image_token!r}")
-            model.placeholder_id = tokenizer.image_token_id
+        for modality, token_id in model.placeholder_ids.items():  # the model's ids are the tokenizer's
+            if tokenizer.placeholder_id(modality) != token_id:
+                raise TokenizerError(f"the model's {modality} token id {token_id} differs from the tokenizer's "
+                                     f"id {tokenizer.placeholder_id(modality)} for "
+                                     f"{model.config.text.placeholder_tokens[modality]!r}")
         # A checkpoint's generation_config.json decides when the reference stops; else the tokenizer's eos.
         self.stop_token_ids = tuple(stop_token_ids) if stop_token_ids else tuple(tokenizer.eos_token_ids)
         rows = model.config.decoder.vocab_size + model.config.decoder.extra_embeddings

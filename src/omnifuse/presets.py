@@ -61,7 +61,7 @@ PRESETS: dict[str, ModelConfig] = {
         fusion=FusionConfig(type="early"),
         decoder=DecoderConfig(vocab_size=32064, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                               intermediate_size=11008, rope_theta=10000.0, max_position=4096),
-        text=TextConfig(tokenizer="file", image_token="<image>"),
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": "<image>"}, placeholder_ids={"image": 32000}),
     ),
     # Llama 3.2 11B Vision (Meta 2024): 560 px tiles on a canvas of up to 4, each image padded to 4
     # tiles (the reference encodes and caches the padding too) of 1601 states (40x40 + CLS); ViT-H/14
@@ -82,8 +82,8 @@ PRESETS: dict[str, ModelConfig] = {
                               num_kv_heads=8, intermediate_size=14336, rope_theta=500000.0, max_position=131072,
                               rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
                               rope_high_freq_factor=4.0, rope_original_max_position=8192),
-        text=TextConfig(tokenizer="file", image_token="<|image|>", bos_token="<|begin_of_text|>",
-                        eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": "<|image|>"}, placeholder_ids={"image": 128256},
+                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
     ),
 }
 # Llama 3.2 90B Vision: the 11B's vision tower and tiling on a Llama 3.1 70B decoder (80 self-attention

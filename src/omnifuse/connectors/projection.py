@@ -1,4 +1,9 @@
-"""Token-preserving connectors: one output token per input feature."""
+"""Token-preserving connectors: one output token per input feature.
+
+A connector's ``crop_tokens(config, grid, extra)`` is the number of tokens it makes of one crop's
+features (a ``grid`` of patches plus ``extra`` class tokens), a pure function of the config: the
+processor's token counts, and so the prompt layout and every cost figure, come from it
+(ARCHITECTURE.md, contract 2). A compressing connector overrides it."""
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +12,10 @@ from torch import nn
 
 class _Positions(nn.Module):
     """Optional learned position per token of a crop, added to the connector's output."""
+
+    @staticmethod
+    def crop_tokens(config, grid: tuple[int, int], extra: int) -> int:
+        return grid[0] * grid[1] + extra  # one token per feature
 
     def _init_positions(self, positions: int, out_dim: int) -> None:
         self.position_embedding = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None

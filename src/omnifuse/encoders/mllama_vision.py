@@ -190,6 +190,10 @@ class MllamaVisionEncoder(nn.Module):
     def tokens_per_tile(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1  # patches + class token
 
+    def init_parameters(self, std: float) -> None:
+        """The parameters the model's generic init (``MultimodalModel.reset_parameters``) leaves out."""
+        nn.init.normal_(self.class_embedding, std=std)
+
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         # pixel_values: (N, T, C, S, S), one row per image, padding tiles zero; aspect_ratio_ids: (N,)

@@ -46,6 +46,8 @@ def conv_stem(num_channels: int, dim: int, patch_size: int) -> nn.Sequential:
     for ci, co, kernel, stride in hidden:
         layers += [nn.Conv2d(ci, co, kernel, stride=stride, padding=1), nn.GELU()]
     layers.append(nn.Conv2d(ch_in, ch_out, k, stride=s))
+    for conv in layers[::2]:
+        conv.keeps_default_init = True  # PyTorch's fan-in init: std 0.02 would vanish over the stack
     return nn.Sequential(*layers)
 
 
@@ -80,6 +82,12 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(
             ViTLayer(dim, num_heads, hidden, activation, eps, qkv_bias) for _ in range(self.num_layers_used)
         )
+
+    def init_parameters(self, std: float) -> None:
+        """The parameters the model's generic init (``MultimodalModel.reset_parameters``) leaves out."""
+        nn.init.normal_(self.position_embedding, std=std)
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding, std=std)
 
     def positions(self, rows: int, cols: int) -> torch.Tensor:
         """Position embeddings for a (rows, cols) patch grid: (rows*cols + cls, D)."""

@@ -9,12 +9,11 @@ from omnifuse.errors import FeatureCountError
 
 def splice_features(
     embeds: torch.Tensor,  # (B, T, D) text embeddings
-    input_ids: torch.Tensor,  # (B, T)
-    features: list[list[torch.Tensor]],  # per row, per image: (n_i, D), in prompt order
-    placeholder_id: int,
+    is_slot: torch.Tensor,  # (B, T) bool: the placeholder positions of every modality
+    features: list[list[torch.Tensor]],  # per row, per media item: (n_i, D), in prompt order
+    what: str = "image",  # the modalities, as errors name them
 ) -> torch.Tensor:  # (B, T, D)
-    """Write each row's image features, in order, over that row's placeholder positions."""
-    is_slot = input_ids == placeholder_id  # (B, T)
+    """Write each row's media features, in order, over that row's placeholder positions."""
     if len(features) != embeds.shape[0]:
         raise FeatureCountError(f"got media for {len(features)} rows but the batch has {embeds.shape[0]}")
     out = embeds.clone()
@@ -23,8 +22,8 @@ def splice_features(
         n_feats = sum(int(f.shape[0]) for f in feats)
         if n_slots != n_feats:
             raise FeatureCountError(
-                f"row {row}: the prompt has {n_slots} image placeholder tokens but the images give "
-                f"{n_feats} features ({len(feats)} images); expand each placeholder to its image's token count"
+                f"row {row}: the prompt has {n_slots} {what} placeholder tokens but its {len(feats)} {what} "
+                f"items give {n_feats} features; expand each placeholder to its item's token count"
             )
         if n_feats:
             out[row, is_slot[row]] = torch.cat(feats, dim=0).to(out.dtype)

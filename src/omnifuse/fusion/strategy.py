@@ -53,8 +53,13 @@ class Fusion:
 
 
 def _placeholder_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
-    pid = model.placeholder_id
-    return input_ids == pid if pid is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    """(B, T) bool: positions holding the placeholder token of any modality the model takes."""
+    ids = list(model.placeholder_ids.values())
+    if not ids:  # a text-only model: no token is a placeholder
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    if len(ids) == 1:
+        return input_ids == ids[0]
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
 
 
 class EarlyFusion(Fusion):
@@ -68,9 +73,13 @@ class EarlyFusion(Fusion):
 
     def enter(self, model, x, input_ids, features, attendable, cache, decoding):
         # Media enter at prefill. A placeholder id the model itself generates later is just a token.
+        if decoding:
+            return x, None
         has_media = features is not None and any(len(r) for r in features)
-        if not decoding and (has_media or bool(_placeholder_mask(model, input_ids).any())):
-            x = splice_features(x, input_ids, features or [[] for _ in range(x.shape[0])], model.placeholder_id)
+        slots = _placeholder_mask(model, input_ids)
+        if has_media or bool(slots.any()):
+            x = splice_features(x, slots, features or [[] for _ in range(x.shape[0])],
+                                "/".join(model.placeholder_ids) or "media")
         return x, None
 
 

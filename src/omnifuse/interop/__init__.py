@@ -42,7 +42,7 @@ def read_any_config(folder: str | Path):
     if not is_hf_checkpoint(folder):
         return read_config(folder)
     hf = read_hf_config(folder)
-    return CONFIG_READERS[_check_supported(folder, hf)](hf, folder)[0]
+    return CONFIG_READERS[_check_supported(folder, hf)](hf, folder)
 
 
 def load_hf_model(folder: str | Path, device: str = "cpu"):

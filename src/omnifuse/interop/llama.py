@@ -15,13 +15,13 @@ from omnifuse.interop.hf import KeyMap, llama_decoder_key_map, llama_decoder_kwa
 __all__ = ["llama_config", "llama_key_map", "load_llama"]
 
 
-def llama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, None]:
-    """(omnifuse config, no image token) from a Llama ``config.json``."""
+def llama_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
+    """The omnifuse config of a Llama ``config.json``: text only, no placeholders."""
     if hf.get("sliding_window"):
         raise CheckpointError(f"{Path(folder) / 'config.json'}: sliding_window is not supported for llama")
     config = ModelConfig(name=Path(folder).name, vision=None, decoder=DecoderConfig(**llama_decoder_kwargs(hf)),
-                         text=TextConfig(tokenizer="file"))
-    return config, None
+                         text=TextConfig(tokenizer="file", placeholder_tokens={}))
+    return config
 
 
 def llama_key_map() -> KeyMap:
@@ -31,7 +31,7 @@ def llama_key_map() -> KeyMap:
 def load_llama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
     from omnifuse.model import build_model
 
-    config, _ = llama_config(hf, folder)
+    config = llama_config(hf, folder)
     with torch.device("meta"):
         model = build_model(config)
     return load_mapped(model, folder, llama_key_map(), device=device).eval()

@@ -92,8 +92,8 @@ def _image_config(folder: Path, image_size: int) -> ImageConfig:
                        std=per_channel(pre["image_std"], f"{where}: image_std"))
 
 
-def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
-    """(omnifuse config, image token id) from a LLaVA ``config.json``."""
+def llava_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
+    """The omnifuse config of a LLaVA ``config.json`` (its image token id among the placeholders)."""
     folder = Path(folder)
     vision = {**_CLIP_DEFAULTS, **(hf.get("vision_config") or {})}
     if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
@@ -120,9 +120,10 @@ def llava_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, i
         connector=ConnectorConfig(type="mlp", bias=bool(hf.get("multimodal_projector_bias", True))),
         fusion=FusionConfig(type="early"),
         decoder=DecoderConfig(**llama_decoder_kwargs(text)),
-        text=TextConfig(tokenizer="file", image_token=image_token_text(folder, image_token_id)),
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": image_token_text(folder, image_token_id)},
+                        placeholder_ids={"image": image_token_id}),
     )
-    return config, image_token_id
+    return config
 
 
 def normalise_llava_key(key: str) -> str:
@@ -154,9 +155,8 @@ def llava_key_map(layers_used: int) -> KeyMap:
 def load_llava(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
     from omnifuse.model import build_model
 
-    config, image_token_id = llava_config(hf, folder)
+    config = llava_config(hf, folder)
     with torch.device("meta"):
         model = build_model(config)
     model = load_mapped(model, folder, llava_key_map(model.vision_encoder.num_layers_used), normalise_llava_key, device=device)
-    model.placeholder_id = image_token_id
     return model.eval()

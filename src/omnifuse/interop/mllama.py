@@ -81,8 +81,8 @@ def _image_config(folder: Path, tile: int, max_tiles: int) -> ImageConfig:
                        std=per_channel(pre["image_std"], f"{where}: image_std"))
 
 
-def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, int]:
-    """(omnifuse config, image token id) from an Mllama ``config.json``."""
+def mllama_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
+    """The omnifuse config of an Mllama ``config.json`` (its image token id among the placeholders)."""
     folder = Path(folder)
     vision_hf = hf.get("vision_config") or {}
     text = hf.get("text_config") or {}
@@ -117,10 +117,11 @@ def mllama_config(hf: dict[str, Any], folder: str | Path) -> tuple[ModelConfig, 
         fusion=FusionConfig(type="cross", cross_attention_layers=tuple(s - j for j, s in enumerate(cross_stack)),
                             cross_attention_span="latest", text_before_media="attend_all"),
         decoder=DecoderConfig(**decoder),
-        text=TextConfig(tokenizer="file", image_token=image_token_text(folder, image_token_id),
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": image_token_text(folder, image_token_id)},
+                        placeholder_ids={"image": image_token_id},
                         bos_token="<|begin_of_text|>", bos_after_leading_images=True),
     )
-    return config, image_token_id
+    return config
 
 
 def normalise_mllama_key(key: str) -> str:
@@ -157,11 +158,10 @@ def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
 def load_mllama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
     from omnifuse.model import build_model
 
-    config, image_token_id = mllama_config(hf, folder)
+    config = mllama_config(hf, folder)
     text = hf.get("text_config") or {}
     cross_stack = sorted(int(i) for i in text.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
     with torch.device("meta"):
         model = build_model(config)
     model = load_mapped(model, folder, mllama_key_map(cross_stack, text.get("num_hidden_layers", 40)), normalise_mllama_key, device=device)
-    model.placeholder_id = image_token_id
     return model.eval()

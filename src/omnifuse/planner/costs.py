@@ -80,7 +80,7 @@ class ImageCost:
 def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:
     """``processor``: the config's image processor, if one is built already."""
     if processor is None:
-        from omnifuse.model import build_image_processor
+        from omnifuse.modalities import build_image_processor
 
         processor = build_image_processor(config)
     crops, grid, canvas = processor.layout(width, height)

@@ -54,7 +54,6 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     torch.manual_seed(0)
     model = build_model(config).eval()
     layout = PromptLayout.for_model(config, load_tokenizer(config.text))
-    model.placeholder_id = layout.image_token_id
     processor = model.image_processor
     images = [processor(_noise_image(w, h, i)) for i, (w, h) in enumerate(image_sizes)]
     features = model.encode_media(images)

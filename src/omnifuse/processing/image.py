@@ -20,6 +20,7 @@ import io
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,9 +206,12 @@ class ImageProcessor:
     is kept, ``VisionConfig.cls_tokens``).
     """
 
-    def __init__(self, config: ImageConfig, patch_size: int, cls_tokens: int = 0, tiled_encoder: bool = False):
+    def __init__(self, config: ImageConfig, patch_size: int, cls_tokens: int = 0, tiled_encoder: bool = False,
+                 crop_tokens: Callable[[tuple[int, int]], int] | None = None):
         """``tiled_encoder``: the encoder takes whole tiled images (Mllama: all ``max_tiles`` tiles,
-        an aspect-ratio id and a tile mask per image) rather than a batch of crops."""
+        an aspect-ratio id and a tile mask per image) rather than a batch of crops.
+        ``crop_tokens(grid)``: the tokens the connector makes of one crop's (rows, cols) patch grid
+        and its class tokens (default: one per feature, ``rows * cols + cls_tokens``)."""
         if patch_size <= 0:
             raise ConfigError(f"patch_size must be positive, got {patch_size}")
         if cls_tokens < 0:
@@ -221,6 +225,7 @@ class ImageProcessor:
         self.patch_size = patch_size
         self.cls_tokens = cls_tokens
         self.tiled_encoder = tiled_encoder
+        self.crop_tokens = crop_tokens or (lambda grid: grid[0] * grid[1] + cls_tokens)
         # device="cpu" explicitly: a model built under `with torch.device("meta")` builds this too.
         self._mean = torch.tensor(config.mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32, device="cpu").view(3, 1, 1)
@@ -289,17 +294,17 @@ class ImageProcessor:
     def num_tokens(self, width: int, height: int) -> int:
         """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
         self._check_size(width, height)
-        crops, (gh, gw), _ = self.layout(width, height)
-        return crops * (gh * gw + self.cls_tokens)
+        crops, grid, _ = self.layout(width, height)
+        return crops * self.crop_tokens(grid)
 
     def num_attended_tokens(self, width: int, height: int) -> int:
         """Visual tokens text may attend to: all of ``num_tokens`` but the padding tiles of
         ``pad_tiles`` (Mllama), which are encoded and cached at prefill and never attended."""
         self._check_size(width, height)
-        crops, (gh, gw), (rows, cols) = self.layout(width, height)
+        crops, grid, (rows, cols) = self.layout(width, height)
         if self.config.mode == "tiles" and self.config.pad_tiles:
             crops = rows * cols
-        return crops * (gh * gw + self.cls_tokens)
+        return crops * self.crop_tokens(grid)
 
     # --- pixels ------------------------------------------------------------------------------
 

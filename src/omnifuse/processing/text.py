@@ -9,6 +9,7 @@ renders them, so a checkpoint's template gives the same prompt here as in transf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from omnifuse.config import TextConfig
+from omnifuse.config import ModelConfig, TextConfig
 from omnifuse.errors import TokenizerError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "load_tokenizer",
+    "with_placeholder_ids",
 ]
 
 
@@ -46,7 +48,7 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...]  # any of these stops generation
     pad_token_id: int
     chat_template: str | None
-    _image_token: str
+    _placeholder_tokens: dict[str, str]  # modality -> placeholder token string (TextConfig)
     _add_bos: bool  # whether encode(add_bos=True) prepends bos for this tokenizer
     _template_tokens: dict[str, str]  # special tokens the chat template sees: bos_token, eos_token, ...
 
@@ -55,14 +57,21 @@ class Tokenizer:
         """Whether ``encode(add_bos=True)`` prepends bos (the checkpoint's own setting)."""
         return self._add_bos and self.bos_token_id is not None
 
-    @property
-    def image_token_id(self) -> int:
-        token_id = self.token_to_id(self._image_token)
+    def placeholder_id(self, modality: str) -> int:
+        """The id of ``modality``'s placeholder token in this vocabulary."""
+        token = self._placeholder_tokens.get(modality)
+        if token is None:
+            raise TokenizerError(f"text.placeholder_tokens names no {modality} placeholder")
+        token_id = self.token_to_id(token)
         if token_id is None:
             raise TokenizerError(
-                f"image token {self._image_token!r} is not in the vocabulary; set text.image_token to the "
-                "checkpoint's placeholder (e.g. '<|image|>' for Llama 3.2 Vision)")
+                f"{modality} token {token!r} is not in the vocabulary; set text.placeholder_tokens.{modality} "
+                "to the checkpoint's placeholder (e.g. '<|image|>' for Llama 3.2 Vision)")
         return token_id
+
+    @property
+    def image_token_id(self) -> int:
+        return self.placeholder_id("image")
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``; special-token strings in it (``"<image>"``) become their single id."""
@@ -117,6 +126,7 @@ class Tokenizer:
 # Byte tokenizer
 
 _BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")  # ids 256, 257, 258, 259
+BYTE_SPECIAL_IDS = {tok: 256 + i for i, tok in enumerate(_BYTE_SPECIALS)}
 
 # Plain-text roles ("User: ...\nAssistant: "); assistant turns end in eos so a model trained on
 # them learns to stop.
@@ -138,20 +148,17 @@ class ByteTokenizer(Tokenizer):
     """Ids 0..255 are UTF-8 bytes; 256.. are ``<pad> <s> </s> <image>``. Vocabulary of 260."""
 
     def __init__(self, config: TextConfig | None = None) -> None:
-        config = config or TextConfig()
-        if config.image_token != "<image>":
-            raise TokenizerError(f"the byte tokenizer's image token is '<image>', got text.image_token "
-                                 f"{config.image_token!r}")
-        self._special_ids = {tok: 256 + i for i, tok in enumerate(_BYTE_SPECIALS)}
+        config = config or TextConfig()  # its placeholder tokens are byte specials (checked there)
+        self._special_ids = dict(BYTE_SPECIAL_IDS)
         self.vocab_size = 256 + len(_BYTE_SPECIALS)
         self.pad_token_id = self._special_ids["<pad>"]
         self.bos_token_id = self._special_ids["<s>"]
         self.eos_token_ids = (self._special_ids["</s>"],)
         self.chat_template = config.chat_template or _BYTE_CHAT_TEMPLATE
-        self._image_token = "<image>"
+        self._placeholder_tokens = dict(config.placeholder_tokens)
         self._add_bos = True
         self._template_tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                                 "image_token": "<image>"}
+                                 **_placeholder_template_tokens(config.placeholder_tokens)}
         self._special_split = re.compile("(" + "|".join(re.escape(t) for t in _BYTE_SPECIALS) + ")")
 
     def token_to_id(self, token: str) -> int | None:
@@ -183,6 +190,11 @@ class ByteTokenizer(Tokenizer):
         return "".join(parts)
 
 
+def _placeholder_template_tokens(placeholder_tokens: dict[str, str]) -> dict[str, str]:
+    """What a chat template sees of the placeholders: ``image_token``, ``audio_token``, ..."""
+    return {f"{modality}_token": token for modality, token in placeholder_tokens.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
 
@@ -194,10 +206,12 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, tokenizer: Any, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None, image_token: str = "<image>",
+                 pad_token: str | None = None, unk_token: str | None = None,
+                 placeholder_tokens: dict[str, str] | None = None,
                  add_bos_token: bool | None = None, chat_template: str | None = None) -> None:
         from tokenizers import AddedToken
 
+        placeholder_tokens = {"image": "<image>"} if placeholder_tokens is None else dict(placeholder_tokens)
         named = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}
         for name, token in named.items():
             if token is not None and tokenizer.token_to_id(token) is None:
@@ -205,7 +219,7 @@ class HFTokenizer(Tokenizer):
         # Special tokens must be added tokens so that their strings in text encode to one id and
         # decode(skip_special_tokens=True) drops them; transformers registers them the same way.
         added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-        missing = [t for t in (*named.values(), image_token, *_EXTRA_STOP_TOKENS)
+        missing = [t for t in (*named.values(), *placeholder_tokens.values(), *_EXTRA_STOP_TOKENS)
                    if t and t not in added and tokenizer.token_to_id(t) is not None]
         if missing:
             tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -220,7 +234,7 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError("the tokenizer has neither a pad token nor an eos token to pad with")
         self.pad_token_id = pad_id if pad_id is not None else self.eos_token_ids[0]
         self.chat_template = chat_template or None
-        self._image_token = image_token
+        self._placeholder_tokens = placeholder_tokens
         # Follow the checkpoint: an explicit add_bos_token wins, else whatever its post-processor
         # does (Llama adds bos, Qwen / GPT-2 style do not), as transformers' tokenizer(text) would.
         if add_bos_token is None:
@@ -228,7 +242,7 @@ class HFTokenizer(Tokenizer):
                              and tokenizer.encode("", add_special_tokens=True).ids[:1] == [self.bos_token_id])
         self._add_bos = bool(add_bos_token)
         self._template_tokens = {k: v for k, v in named.items() if v is not None}
-        self._template_tokens["image_token"] = image_token
+        self._template_tokens.update(_placeholder_template_tokens(placeholder_tokens))
 
     @classmethod
     def from_folder(cls, folder: str | Path, config: TextConfig | None = None) -> HFTokenizer:
@@ -257,7 +271,7 @@ class HFTokenizer(Tokenizer):
 
         return cls(tokenizer, bos_token=special("bos_token"), eos_token=special("eos_token"),
                    pad_token=special("pad_token"), unk_token=special("unk_token"),
-                   image_token=config.image_token, add_bos_token=settings.get("add_bos_token"),
+                   placeholder_tokens=config.placeholder_tokens, add_bos_token=settings.get("add_bos_token"),
                    chat_template=config.chat_template or _find_chat_template(folder, settings))
 
     def token_to_id(self, token: str) -> int | None:
@@ -363,3 +377,22 @@ def load_tokenizer(config: TextConfig, folder: str | Path | None = None) -> Toke
     if folder is None:
         raise TokenizerError("text.tokenizer is 'file' but no checkpoint folder was given")
     return HFTokenizer.from_folder(folder, config)
+
+
+def with_placeholder_ids(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """``config`` with every placeholder id the tokenizer knows filled in, before a model is built
+    from it (a ``file`` tokenizer's ids are only known once it is read). Ids the config already
+    gives must be the tokenizer's: a checkpoint and a tokenizer that disagree are refused."""
+    text = config.text
+    ids = dict(text.placeholder_ids)
+    for modality, token in text.placeholder_tokens.items():
+        found = tokenizer.token_to_id(token)
+        given = ids.get(modality)
+        if given is not None and found is not None and given != found:
+            raise TokenizerError(f"the model's {modality} token id {given} differs from the tokenizer's "
+                                 f"id {found} for {token!r}")
+        if given is None and found is not None:
+            ids[modality] = found
+    if ids == text.placeholder_ids:
+        return config
+    return dataclasses.replace(config, text=dataclasses.replace(text, placeholder_ids=ids))

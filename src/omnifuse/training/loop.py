@@ -52,7 +52,7 @@ class Trainer:
         given the same dict (the arena's strategies, which share one frozen encoder). Only used
         while the encoder does not learn; the caller guarantees the encoder weights are equal."""
         from omnifuse.model import build_model, ensure_model_fits
-        from omnifuse.processing.text import load_tokenizer
+        from omnifuse.processing.text import load_tokenizer, with_placeholder_ids
 
         self.cfg, self.quiet = cfg, quiet
         if cfg.distributed == "fsdp":
@@ -71,14 +71,16 @@ class Trainer:
             from omnifuse.interop import load_any_model
 
             model = load_any_model(cfg.init_checkpoint)
+            self.tokenizer = load_tokenizer(model.config.text, cfg.init_checkpoint)
+            with_placeholder_ids(model.config, self.tokenizer)  # the checkpoint's ids are its tokenizer's
             self.model_config = model.config
         else:
-            self.model_config = _resolve_model_config(cfg.model)
+            config = _resolve_model_config(cfg.model)
+            self.tokenizer = load_tokenizer(config.text)
+            self.model_config = with_placeholder_ids(config, self.tokenizer)
             ensure_model_fits(self.model_config, f"training {cfg.model}", copies=4, device=self.world.device)
             model = build_model(self.model_config)
         self.model = model.to(self.world.device)  # float32 whatever the dtype (precision.py)
-        self.tokenizer = load_tokenizer(self.model_config.text, cfg.init_checkpoint or None)
-        self.model.placeholder_id = self.tokenizer.image_token_id
         stage = STAGES[cfg.stage]
         groups = stage.groups + (("encoder",) if cfg.train_encoder and "encoder" not in stage.groups else ())
         self.trainable = set_trainable(self.model, groups)
@@ -88,7 +90,7 @@ class Trainer:
 
             self.head = ContrastiveHead(self.model_config.vision.feature_dim, self.model_config.decoder.hidden_size,
                                         loss=cfg.contrastive_loss).to(self.world.device)
-        self.train_source, self.val_source = build_sources(cfg)
+        self.train_source, self.val_source = build_sources(cfg, self.model_config.text.image_token)
         encoder_learns = any(p.requires_grad for p in self.model.vision_encoder.parameters())
         per_crop = self.model_config.vision.type == "vit"  # the tiled Mllama encoder sees whole images
         self.builder = ExampleBuilder(PromptLayout.for_model(self.model_config, self.tokenizer), cfg.max_length,

@@ -37,10 +37,15 @@ class DiagnosticSource:
 
 
 class LlavaSource:
-    def __init__(self, path: str, cfg: TrainConfig) -> None:
-        from omnifuse.training.llava_data import read_llava_json
+    """LLaVA-format conversations. Their ``<image>`` marks become the model's image placeholder
+    (``image_token``, e.g. ``<|image|>`` for Llama 3.2 Vision), so the images stay where the file
+    puts them whatever the model."""
+
+    def __init__(self, path: str, cfg: TrainConfig, image_token: str | None = None) -> None:
+        from omnifuse.training.llava_data import IMAGE_TOKEN, read_llava_json
 
         self.records, self.warnings = read_llava_json(path, cfg.image_folder, on_error=cfg.on_error)
+        self.marks = (IMAGE_TOKEN, image_token or IMAGE_TOKEN)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -48,7 +53,8 @@ class LlavaSource:
     def __getitem__(self, i: int) -> Record:
         r = self.records[i]
         answer = next((t for role, t in reversed(r.turns) if role == "assistant"), "")
-        return list(r.turns), list(r.images), {"skill": "instruct", "answer": answer, "index": r.index}
+        turns = [(role, text.replace(*self.marks)) if role == "user" else (role, text) for role, text in r.turns]
+        return turns, list(r.images), {"skill": "instruct", "answer": answer, "index": r.index}
 
 
 class CaptionSource:
@@ -67,15 +73,19 @@ class CaptionSource:
         return [("user", ""), ("assistant", caption)], [image], {"skill": "caption", "answer": caption}
 
 
-def build_sources(cfg: TrainConfig):
-    """(train, val) sources for a run; val may be None (no held-out data given)."""
+def build_sources(cfg: TrainConfig, image_token: str | None = None):
+    """(train, val) sources for a run; val may be None (no held-out data given). ``image_token``:
+    the model's image placeholder, which LLaVA-format ``<image>`` marks become."""
     if cfg.data == "diagnostic":
         captions = cfg.stage == "contrastive"
         return (DiagnosticSource("train", cfg.train_size, cfg, captions),
                 DiagnosticSource("val", cfg.val_size, cfg, captions))
-    cls = LlavaSource if cfg.data == "llava" else CaptionSource
-    train = cls(cfg.data_path, cfg)
-    val = cls(cfg.val_path, cfg) if cfg.val_path else None
+    if cfg.data == "llava":
+        train = LlavaSource(cfg.data_path, cfg, image_token)
+        val = LlavaSource(cfg.val_path, cfg, image_token) if cfg.val_path else None
+    else:
+        train = CaptionSource(cfg.data_path, cfg)
+        val = CaptionSource(cfg.val_path, cfg) if cfg.val_path else None
     if len(train) == 0:
         from omnifuse.config import ConfigError
 

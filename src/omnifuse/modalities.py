@@ -1,0 +1,82 @@
+"""Media modalities as a registry: how a model config builds each modality's processor, encoder
+and connector.
+
+``MultimodalModel`` builds one of each for every modality whose config section is set
+(``ModelConfig.modalities``); nothing else in the model names a modality. Adding one is a config
+section, an entry here and its modules (ARCHITECTURE.md, "Adding a modality").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from omnifuse.config import ModelConfig
+    from omnifuse.processing.image import ImageProcessor
+
+__all__ = ["MODALITIES", "Modality", "build_image_processor", "build_vision_encoder"]
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality: ``section`` is the ``ModelConfig`` field of its encoder config (``None`` there:
+    the model does not take it); the builders make its parts from the whole model config."""
+
+    section: str
+    processor: Callable[[ModelConfig], Any]  # source -> media item (processing.media.MediaItem)
+    encoder: Callable[[ModelConfig], nn.Module]  # encoder(**item.inputs) -> features
+    connector: Callable[[ModelConfig], nn.Module]  # features -> (..., tokens, decoder width)
+
+
+# --------------------------------------------------------------------------------------------- image
+
+
+def build_vision_encoder(config: ModelConfig) -> nn.Module:
+    from omnifuse.encoders import VisionTransformer
+    from omnifuse.encoders.mllama_vision import MllamaVisionEncoder
+
+    v = config.vision
+    if v.type == "mllama":
+        return MllamaVisionEncoder(
+            image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
+            num_global_layers=v.num_global_layers, num_heads=v.num_heads, hidden=v.intermediate_size,
+            intermediate_layers=v.intermediate_layers, max_num_tiles=v.max_num_tiles, num_channels=v.num_channels,
+            eps=v.norm_eps, activation=v.activation)
+    return VisionTransformer(
+        image_size=v.image_size, patch_size=v.patch_size, dim=v.hidden_size, num_layers=v.num_layers,
+        num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
+        activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
+        qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default", stem=v.stem,
+    )
+
+
+def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
+    """The image processor of ``config`` (None for a model without a vision encoder). Its token
+    counts are the connector's output per crop (``connectors.crop_tokens``)."""
+    from omnifuse.connectors import crop_tokens
+    from omnifuse.processing.image import ImageProcessor
+
+    if config.vision is None:
+        return None
+    v = config.vision
+    return ImageProcessor(config.image, patch_size=v.patch_size, cls_tokens=v.cls_tokens,
+                          tiled_encoder=v.type == "mllama",
+                          crop_tokens=lambda grid: crop_tokens(config.connector, grid, v.cls_tokens))
+
+
+def _image_connector(config: ModelConfig) -> nn.Module:
+    from omnifuse.connectors import CONNECTORS
+
+    c = config.connector
+    return CONNECTORS[c.type](config.vision.feature_dim, config.decoder.hidden_size, bias=c.bias,
+                              positions=config.tokens_per_crop if c.position_embedding else 0)
+
+
+MODALITIES: dict[str, Modality] = {
+    "image": Modality(section="vision", processor=build_image_processor, encoder=build_vision_encoder,
+                      connector=_image_connector),
+}
