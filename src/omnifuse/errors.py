@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "USER_ERRORS",
+    "AudioError",
     "BatchFullError",
     "CheckpointError",
     "ConfigError",
@@ -61,6 +62,11 @@ class ImageError(OmnifuseError):
     """An image cannot be used: missing, empty, undecodable, too large or zero-sized.
 
     The message names the problem and the numbers involved."""
+
+
+class AudioError(OmnifuseError):
+    """An audio source cannot be used: missing, empty, without an audio stream, undecodable, with a
+    bad sample rate or longer than allowed. The message names the source and the numbers involved."""
 
 
 class DataFormatError(OmnifuseError):
