@@ -16,6 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omnifuse.errors import ConfigError
 
 __all__ = [
+    "AudioConfig",
     "ConfigError",
     "ConnectorConfig",
     "DecoderConfig",
@@ -183,6 +184,75 @@ class ImageConfig:
         _set(self, "std", tuple(float(x) for x in self.std))
         _check(len(self.mean) == 3 and len(self.std) == 3, "image.mean and image.std need 3 values")
         _check(self.max_pixels > 0, "image.max_pixels must be positive")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Audio input: how a clip becomes Whisper log-mel features, and the encoder that reads them.
+
+    A clip is resampled to ``sampling_rate``, cut into ``chunk_seconds`` chunks (the last one
+    zero-padded, as Whisper pads every clip to 30 s) and featurised with ``num_mel_bins`` mel bins
+    every ``hop_length`` samples; clips longer than ``max_seconds`` are refused.
+
+    encoder ``whisper``: two 1-D convolutions (the second with stride 2), learned positions, pre-norm
+    transformer blocks, then average pooling by ``pool`` (Qwen2-Audio: 2, 25 tokens per second) and a
+    final LayerNorm. encoder ``patch``: the mel spectrogram cut into ``patch_mels`` x
+    ``patch_frames`` patches, a linear projection, learned positions and transformer blocks. Only the
+    tokens of frames that hold audio reach the decoder (``num_tokens``).
+    """
+
+    sampling_rate: int = 16000
+    num_mel_bins: int = 80
+    n_fft: int = 400
+    hop_length: int = 160
+    chunk_seconds: float = 30.0
+    max_seconds: float = 600.0
+    encoder: str = "whisper"  # whisper | patch
+    hidden_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 6
+    intermediate_size: int = 1536
+    activation: str = "gelu"
+    norm_eps: float = 1e-5
+    pool: int = 1  # whisper: average-pool the output by this factor (1: none)
+    patch_mels: int = 16  # patch: mel bins per patch
+    patch_frames: int = 8  # patch: frames per patch
+    connector: str = "mlp"  # a CONNECTORS name: the projection to the decoder width
+
+    def __post_init__(self) -> None:
+        for name in ("sampling_rate", "num_mel_bins", "n_fft", "hop_length", "hidden_size", "num_layers",
+                     "num_heads", "intermediate_size", "pool", "patch_mels", "patch_frames"):
+            _check(getattr(self, name) > 0, f"audio.{name} must be positive, got {getattr(self, name)}")
+        _check(self.chunk_seconds > 0 and self.max_seconds > 0, "audio.chunk_seconds and audio.max_seconds must be positive")
+        _check(self.encoder in ("whisper", "patch"), f"audio.encoder must be whisper or patch, got {self.encoder!r}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"audio.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check(self.activation in ("gelu", "quick_gelu"), f"audio.activation {self.activation!r} unknown")
+        _check(self.n_fft // 2 + 1 >= self.num_mel_bins,
+               f"audio.n_fft {self.n_fft} gives fewer frequency bins than num_mel_bins {self.num_mel_bins}")
+        samples = self.chunk_seconds * self.sampling_rate
+        _check(samples == int(samples) and int(samples) % self.hop_length == 0,
+               f"audio.chunk_seconds {self.chunk_seconds:g} at {self.sampling_rate} Hz is not a whole number of "
+               f"{self.hop_length}-sample hops")
+        _check(self.chunk_frames >= 2 * self.pool, f"audio.chunk_seconds {self.chunk_seconds:g} is shorter than "
+               "one output token")
+        if self.encoder == "patch":
+            _check(self.num_mel_bins % self.patch_mels == 0,
+                   f"audio.num_mel_bins {self.num_mel_bins} is not a multiple of patch_mels {self.patch_mels}")
+            _check(self.chunk_frames % self.patch_frames == 0,
+                   f"audio chunk of {self.chunk_frames} frames is not a multiple of patch_frames {self.patch_frames}")
+        from omnifuse.connectors import CONNECTORS
+
+        _check(self.connector in CONNECTORS, f"audio.connector {self.connector!r} unknown; known: {sorted(CONNECTORS)}")
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(self.chunk_seconds * self.sampling_rate)
+
+    @property
+    def chunk_frames(self) -> int:
+        """Feature frames of one chunk."""
+        return self.chunk_samples // self.hop_length
 
 
 @dataclass(frozen=True)
@@ -383,6 +453,7 @@ class ModelConfig:
     name: str = "custom"
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig | None = None
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -393,16 +464,19 @@ class ModelConfig:
         for name in ("image", "connector", "fusion", "decoder", "text"):
             _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
         _check(self.vision is None or dataclasses.is_dataclass(self.vision), "vision must be a config object or null")
+        _check(self.audio is None or dataclasses.is_dataclass(self.audio), "audio must be a config object or null")
+        for modality in self.modalities:
+            _check(modality in self.text.placeholder_tokens,
+                   f"a model that takes {modality} needs text.placeholder_tokens.{modality} (e.g. '<{modality}>')")
         rows = self.decoder.vocab_size + self.decoder.extra_embeddings
         for modality in self.modalities:
             i = self.text.placeholder_ids.get(modality, 0)
             _check(i < rows, f"text.placeholder_ids.{modality} {i} is outside the decoder's {rows} embeddings")
-        if self.vision is None:
+        if not self.modalities:
             _check(not self.fusion.resolved_layers(self.decoder.num_layers),
-                   "a text-only model (vision: null) has no fusion layers; use fusion.type early")
+                   "a text-only model (no vision, no audio) has no fusion layers; use fusion.type early")
+        if self.vision is None:
             return
-        _check("image" in self.text.placeholder_tokens,
-               "a model with a vision encoder needs text.placeholder_tokens.image (e.g. '<image>')")
         if self.image.mode == "fixed" or self.image.mode == "tiles":
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from omnifuse.config import ModelConfig
     from omnifuse.processing.image import ImageProcessor
 
-__all__ = ["MODALITIES", "Modality", "build_image_processor", "build_vision_encoder"]
+__all__ = ["MODALITIES", "Modality", "build_audio_encoder", "build_audio_processor", "build_image_processor",
+           "build_vision_encoder"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,39 @@ def _image_connector(config: ModelConfig) -> nn.Module:
                               positions=config.tokens_per_crop if c.position_embedding else 0)
 
 
+# --------------------------------------------------------------------------------------------- audio
+
+
+def build_audio_encoder(config: ModelConfig) -> nn.Module:
+    from omnifuse.encoders.audio import PatchAudioEncoder, WhisperEncoder
+
+    a = config.audio
+    common = dict(num_mel_bins=a.num_mel_bins, chunk_frames=a.chunk_frames, dim=a.hidden_size,
+                  num_layers=a.num_layers, num_heads=a.num_heads, hidden=a.intermediate_size,
+                  activation=a.activation, eps=a.norm_eps)
+    if a.encoder == "patch":
+        return PatchAudioEncoder(**common, patch_mels=a.patch_mels, patch_frames=a.patch_frames)
+    return WhisperEncoder(**common, pool=a.pool)
+
+
+def build_audio_processor(config: ModelConfig):
+    from omnifuse.encoders.audio import audio_tokens
+    from omnifuse.processing.audio import AudioProcessor
+
+    if config.audio is None:
+        return None
+    return AudioProcessor(config.audio, lambda frames: audio_tokens(config.audio, frames))
+
+
+def _audio_connector(config: ModelConfig) -> nn.Module:
+    from omnifuse.connectors import CONNECTORS
+
+    return CONNECTORS[config.audio.connector](config.audio.hidden_size, config.decoder.hidden_size)
+
+
 MODALITIES: dict[str, Modality] = {
     "image": Modality(section="vision", processor=build_image_processor, encoder=build_vision_encoder,
                       connector=_image_connector),
+    "audio": Modality(section="audio", processor=build_audio_processor, encoder=build_audio_encoder,
+                      connector=_audio_connector),
 }

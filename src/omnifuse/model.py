@@ -55,7 +55,7 @@ class MultimodalModel(nn.Module):
         for m in self.modules():
             if getattr(m, "keeps_default_init", False):
                 m.reset_parameters()  # e.g. a convolutional stem (encoders/vit.py)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -134,7 +134,9 @@ class MultimodalModel(nn.Module):
         for (modality, _), idx in groups.items():  # outputs of one shape share the connector's batch
             tokens = self.connectors[modality](torch.cat([feats[i].to(self.device) for i in idx]))  # (N, ..., D)
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
-                out[i] = f.reshape(-1, f.shape[-1])
+                f = f.reshape(-1, f.shape[-1])
+                keep = items[i].keep
+                out[i] = f if keep is None else f[keep.to(f.device)]
         for item, f in zip(items, out):
             if f.shape[0] != item.num_tokens:  # ARCHITECTURE.md contract 2: num_tokens is what the model produces
                 raise FeatureCountError(f"a {item.modality} item produced {f.shape[0]} tokens but its processor "

@@ -20,8 +20,8 @@ class ViTLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = ViTMLP(dim, hidden, activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.self_attn(self.layer_norm1(x), mask=mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from omnifuse.errors import AudioError
 
+if TYPE_CHECKING:
+    from omnifuse.config import AudioConfig
+
 __all__ = [
     "AudioError",
+    "AudioProcessor",
     "AudioSource",
+    "ProcessedAudio",
     "chunk_features",
     "load_audio",
     "log_mel_spectrogram",
@@ -237,3 +245,67 @@ def chunk_features(waveform: np.ndarray, chunk_samples: int, n_mels: int = 80, n
                                 sampling_rate)
     frames = [valid_frames(min(chunk_samples, n - i * chunk_samples), hop_length) for i in range(chunks)]
     return feats, frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing
+
+
+@dataclass(frozen=True)
+class ProcessedAudio:
+    """A clip as a media item (``omnifuse.processing.media.MediaItem``)."""
+
+    inputs: dict[str, torch.Tensor]  # input_features (chunks, mels, frames), audio_frames (chunks,)
+    num_tokens: int  # tokens the encoder + connector keep: those of frames that hold audio
+    keep: torch.Tensor  # (chunks * tokens per chunk,) bool: which of the encoder's tokens are kept
+    num_samples: int  # at the model's rate
+    sampling_rate: int
+    attendable: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    modality: str = "audio"
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sampling_rate
+
+
+class AudioProcessor:
+    """Turns audio sources into ``ProcessedAudio`` items for an ``AudioConfig``.
+
+    ``chunk_tokens(frames)``: the tokens the encoder and connector make of a chunk with ``frames``
+    audio frames (``encoders.audio.audio_tokens``); ``num_tokens`` adds them up over the chunks, a
+    pure function of the clip's length."""
+
+    def __init__(self, config: AudioConfig, chunk_tokens: Callable[[int], int]) -> None:
+        self.config = config
+        self.chunk_tokens = chunk_tokens
+        self.tokens_per_chunk = chunk_tokens(config.chunk_frames)
+
+    def _chunk_frames(self, num_samples: int) -> list[int]:
+        c = self.config
+        if num_samples <= 0:
+            raise AudioError(f"an audio clip needs at least one sample, got {num_samples}")
+        chunks = math.ceil(num_samples / c.chunk_samples)
+        return [valid_frames(min(c.chunk_samples, num_samples - i * c.chunk_samples), c.hop_length)
+                for i in range(chunks)]
+
+    def num_tokens_for_samples(self, num_samples: int) -> int:
+        """Tokens of a clip of ``num_samples`` samples at the model's rate."""
+        return sum(self.chunk_tokens(f) for f in self._chunk_frames(num_samples))
+
+    def num_tokens(self, seconds: float) -> int:
+        """Tokens of a clip of ``seconds`` (rounded to whole samples at the model's rate)."""
+        return self.num_tokens_for_samples(round(seconds * self.config.sampling_rate))
+
+    def __call__(self, source: AudioSource) -> ProcessedAudio:
+        c = self.config
+        waveform = load_audio(source, c.sampling_rate, c.max_seconds)
+        features, frames = chunk_features(waveform, c.chunk_samples, c.num_mel_bins, c.n_fft, c.hop_length,
+                                          c.sampling_rate)
+        keep = torch.zeros(len(frames), self.tokens_per_chunk, dtype=torch.bool)
+        for i, f in enumerate(frames):
+            keep[i, : self.chunk_tokens(f)] = True
+        keep = keep.flatten()
+        return ProcessedAudio(inputs={"input_features": features, "audio_frames": torch.tensor(frames)},
+                              num_tokens=int(keep.sum()), keep=keep, num_samples=len(waveform),
+                              sampling_rate=c.sampling_rate)

@@ -193,6 +193,7 @@ class ProcessedImage:
     # (training reuses it instead of encoding the pixels again).
     features: torch.Tensor | None = None
     modality: str = "image"
+    keep: torch.Tensor | None = None  # every token the encoder and connector make is the image's
 
     def __post_init__(self) -> None:
         if self.inputs is None:

@@ -21,7 +21,10 @@ class MediaItem(Protocol):
     # The encoder's keyword arguments, each with a leading axis that the encoder's output keeps
     # (crops for a ViT, 1 for a tiled encoder that sees the whole item).
     inputs: dict[str, torch.Tensor]
-    num_tokens: int  # tokens the encoder + connector produce for the item
+    num_tokens: int  # tokens the item gives the decoder: those the encoder + connector produce, or the kept ones
+    # (N,) bool over the encoder + connector's tokens (flattened) when only some belong to the item
+    # (an audio chunk's padding); None: all of them.
+    keep: torch.Tensor | None
     attendable: torch.Tensor | None  # (num_tokens,) bool: tokens text may attend to; None = all
     # The encoder's output when a frozen encoder already computed it (training reuses it).
     features: torch.Tensor | None

@@ -125,8 +125,9 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # Byte tokenizer
 
-_BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")  # ids 256, 257, 258, 259
+_BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<audio>", "<video>")  # ids 256 .. 261
 BYTE_SPECIAL_IDS = {tok: 256 + i for i, tok in enumerate(_BYTE_SPECIALS)}
+_BYTE_CONTROL = ("<pad>", "<s>", "</s>")
 
 # Plain-text roles ("User: ...\nAssistant: "); assistant turns end in eos so a model trained on
 # them learns to stop.
@@ -135,7 +136,9 @@ _BYTE_CHAT_TEMPLATE = (
     "{{ message['role'] | capitalize }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ image_token }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ image_token }}{% elif part['type'] == 'audio' %}{{ audio_token }}"
+    "{% elif part['type'] == 'video' %}{{ video_token }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{{ '\\n' }}"
@@ -145,12 +148,15 @@ _BYTE_CHAT_TEMPLATE = (
 
 
 class ByteTokenizer(Tokenizer):
-    """Ids 0..255 are UTF-8 bytes; 256.. are ``<pad> <s> </s> <image>``. Vocabulary of 260."""
+    """Ids 0..255 are UTF-8 bytes; 256.. are ``<pad> <s> </s> <image> <audio> <video>``. Only the
+    placeholders the config names are special (the others are plain text), and the vocabulary ends
+    at the last special in use: 260 for an image model, 261 with audio, 262 with video."""
 
     def __init__(self, config: TextConfig | None = None) -> None:
         config = config or TextConfig()  # its placeholder tokens are byte specials (checked there)
-        self._special_ids = dict(BYTE_SPECIAL_IDS)
-        self.vocab_size = 256 + len(_BYTE_SPECIALS)
+        used = set(_BYTE_CONTROL) | set(config.placeholder_tokens.values())
+        self._special_ids = {tok: i for tok, i in BYTE_SPECIAL_IDS.items() if tok in used}
+        self.vocab_size = max(self._special_ids.values()) + 1
         self.pad_token_id = self._special_ids["<pad>"]
         self.bos_token_id = self._special_ids["<s>"]
         self.eos_token_ids = (self._special_ids["</s>"],)
@@ -159,7 +165,7 @@ class ByteTokenizer(Tokenizer):
         self._add_bos = True
         self._template_tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
                                  **_placeholder_template_tokens(config.placeholder_tokens)}
-        self._special_split = re.compile("(" + "|".join(re.escape(t) for t in _BYTE_SPECIALS) + ")")
+        self._special_split = re.compile("(" + "|".join(re.escape(t) for t in self._special_ids) + ")")
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._special_ids:
