@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     result = pipe.generate(args.prompt, args.image or [], sampling, chat=args.chat,
-                           on_token=on_token if stream else None)
+                           on_token=on_token if stream else None, audio=args.audio or [])
     elapsed = time.perf_counter() - t0
     if args.json:
         out = {
@@ -88,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "kv_cache_bytes": result.kv_cache_bytes,
             "kv_cache_bytes_by_kind": result.kv_cache_bytes_by_kind,
             "images": result.images,
+            "audio": result.audio,
             "seconds": round(elapsed, 4),
         }
         print(json.dumps(out, ensure_ascii=False))
@@ -100,7 +101,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if result.cross_attention_states_prefill != result.cross_attention_states_decode:
                 media += f" ({result.cross_attention_states_prefill} encoded at prefill)"
         elif pipe.model.config.has_media:
-            media = f"{result.prompt_tokens} prompt tokens ({result.visual_tokens} of them visual)"
+            kinds = [(result.visual_tokens, "visual")] if result.images or not result.audio else []
+            if result.audio:
+                kinds.append((sum(a["tokens"] for a in result.audio), "audio"))
+            detail = f"{kinds[0][0]} of them {kinds[0][1]}" if len(kinds) == 1 else \
+                " + ".join(f"{n} {kind}" for n, kind in kinds)
+            media = f"{result.prompt_tokens} prompt tokens ({detail})"
         else:
             media = f"{result.prompt_tokens} prompt tokens"
         print(f"[{len(result.tokens)} tokens, {media}, KV cache {result.kv_cache_bytes:,} bytes, "
@@ -209,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt and images")
     _add_model_args(g)
     g.add_argument("--image", action="append", help="an image file; repeat for several images")
-    g.add_argument("--prompt", required=True, help="the prompt; <image> marks where each image goes")
+    g.add_argument("--audio", action="append", help="an audio file (WAV, FLAC, OGG, MP3, M4A, ...); repeat for several")
+    g.add_argument("--prompt", required=True,
+                   help="the prompt; <image> / <audio> mark where each image / clip goes (else they go in front)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

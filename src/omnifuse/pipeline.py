@@ -1,4 +1,4 @@
-"""Prompt + images in, text out: tokenizer, image processor and model wired together."""
+"""Prompt + media in, text out: tokenizer, media processors and model wired together."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from omnifuse.checkpoint import load_checkpoint
 from omnifuse.config import ConfigError
 from omnifuse.errors import RequestError, TokenizerError
-from omnifuse.fusion import FeatureCountError
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.inference.quantize import quantize_int8
 from omnifuse.model import MultimodalModel, build_model, ensure_model_fits
 from omnifuse.nn.packed import pack_linears
 from omnifuse.planner.costs import (
     RequestCost,
+    audio_cost,
     image_cost,
     images_seen_at_decode,
     request_cost,
@@ -41,6 +41,7 @@ class GenerationResult:
     # K/V of the states attended at decode (planner/costs.py, as `omnifuse info` and `plan`).
     kv_cache_bytes: int
     images: list[dict] = field(default_factory=list)  # per image: size, tokens, tiles
+    audio: list[dict] = field(default_factory=list)  # per clip: seconds, chunks, tokens
     cross_attention_states_prefill: int = 0  # encoded and cached at prefill (Mllama: padding tiles too)
     cross_attention_states_decode: int = 0  # attended at decode: all the decode cache keeps
     # self_attention, cross_attention_prefill, cross_attention_decode
@@ -113,24 +114,36 @@ class Pipeline:
         otherwise the prompt's placeholders must equal the number of images. Early fusion expands
         each placeholder to its image's token count.
         """
-        return self.layout.encode(prompt, [img.num_tokens for img in images], chat)
+        return self.prompt_and_media(prompt, {"image": list(images)}, chat)[0]
+
+    def prompt_and_media(self, prompt: str, media: dict[str, Sequence], chat: bool = False) -> tuple[list[int], list]:
+        """(token ids, the media items in prompt order) for ``prompt`` and processed ``media`` per
+        modality (``{"image": [...], "audio": [...]}``): the k-th placeholder of a modality is its
+        k-th item; a modality without placeholders in the prompt goes in front."""
+        counts = {m: [item.num_tokens for item in items] for m, items in media.items() if items}
+        ids, order = self.layout.encode_with_order(prompt, counts, chat)
+        return ids, [media[m][k] for m, k in order]
+
+    def process(self, modality: str, sources: Sequence) -> list:
+        """Media items of ``modality`` from sources (paths, bytes, PIL images, (samples, rate) audio)."""
+        if not sources:
+            return []
+        self.layout.check_modalities({modality: sources})
+        return [self.model.processors[modality](s) for s in sources]
 
     def process_images(self, sources: Sequence) -> list[ProcessedImage]:
-        if sources and self.processor is None:
-            raise FeatureCountError(f"{self.model.config.name} is a text-only model; it takes no images "
-                                    f"({len(sources)} given)")
-        return [self.processor(s) for s in sources]
+        return self.process("image", sources)
 
-    def cache_bytes(self, prompt_ids: Sequence[int], images: Sequence[ProcessedImage],
-                    output_tokens: int) -> RequestCost:
-        """Visual states and cache bytes of one request (planner/costs.py, as ``omnifuse info`` and
-        ``plan``): prompt and output positions, and the cross-attention states its images give at
-        prefill and its last prompt token attends to at decode."""
+    def cache_bytes(self, prompt_ids: Sequence[int], images: Sequence, output_tokens: int) -> RequestCost:
+        """Media states and cache bytes of one request (planner/costs.py, as ``omnifuse info`` and
+        ``plan``): prompt and output positions, and the cross-attention states its media items (in
+        prompt order) give at prefill and its last prompt token attends to at decode."""
         config = self.model.config
-        costs = [image_cost(config, *img.original_size, self.processor) for img in images]
+        costs = [image_cost(config, *item.original_size, self.processor) if item.modality == "image"
+                 else audio_cost(config, item.num_samples, self.model.processors["audio"]) for item in images]
         seen = None
-        if not self.model.fusion.in_sequence:  # which images the decode cache keeps
-            seen = images_seen_at_decode(config, prompt_ids, self.tokenizer.image_token_id, len(images))
+        if not self.model.fusion.in_sequence:  # which items the decode cache keeps
+            seen = images_seen_at_decode(config, prompt_ids, list(self.model.placeholder_ids.values()), len(images))
         weight = next(p for p in self.model.parameters() if p.is_floating_point())  # the cache's dtype
         return request_cost(config, len(prompt_ids) + output_tokens, costs, weight.element_size(), seen)
 
@@ -141,15 +154,20 @@ class Pipeline:
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None,
                        sampling: SamplingConfig | None = None, chat: bool = False,
-                       on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
-        """Generate for several prompts at once (left-padded). ``images[i]`` are prompt i's sources
-        (paths, bytes or PIL images). ``on_token(row, id)`` is called as tokens arrive (streaming)."""
+                       on_token: Callable[[int, int], None] | None = None,
+                       audio: Sequence[Sequence] | None = None) -> list[GenerationResult]:
+        """Generate for several prompts at once (left-padded). ``images[i]`` are prompt i's image
+        sources (paths, bytes or PIL images), ``audio[i]`` its clips (paths, bytes or (samples,
+        rate)). ``on_token(row, id)`` is called as tokens arrive (streaming)."""
         sampling = sampling or self.sampling()
-        images = images or [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts but {len(images)} image lists")
-        processed = [self.process_images(srcs) for srcs in images]
-        rows = [self.prompt_ids(p, imgs, chat) for p, imgs in zip(prompts, processed)]
+        sources = {"image": images or [[] for _ in prompts], "audio": audio or [[] for _ in prompts]}
+        for modality, lists in sources.items():
+            if len(lists) != len(prompts):
+                raise RequestError(f"{len(prompts)} prompts but {len(lists)} {modality} lists")
+        media = [{m: self.process(m, lists[r]) for m, lists in sources.items()} for r in range(len(prompts))]
+        encoded = [self.prompt_and_media(p, row, chat) for p, row in zip(prompts, media)]
+        rows = [ids for ids, _ in encoded]
+        processed = [items for _, items in encoded]
         has_images = any(processed)
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -177,7 +195,11 @@ class Pipeline:
                 finish_reason="stop" if d else "length",
                 kv_cache_bytes=cost.kv_cache_bytes.decode,
                 images=[{"width": img.original_size[0], "height": img.original_size[1], "tokens": img.num_tokens,
-                         "crops": int(img.pixel_values.shape[0]), "tiles": list(img.tiles)} for img in imgs],
+                         "crops": int(img.pixel_values.shape[0]), "tiles": list(img.tiles)}
+                        for img in imgs if img.modality == "image"],
+                audio=[{"seconds": round(clip.seconds, 4), "samples": clip.num_samples,
+                        "chunks": int(clip.inputs["audio_frames"].shape[0]), "tokens": clip.num_tokens}
+                       for clip in imgs if clip.modality == "audio"],
                 cross_attention_states_prefill=cost.cross_attention_states_prefill,
                 cross_attention_states_decode=cost.cross_attention_states_decode,
                 kv_cache_bytes_by_kind=cost.kv_cache_bytes.as_dict(),
@@ -185,6 +207,7 @@ class Pipeline:
         return results
 
     def generate(self, prompt: str, images: Sequence = (), sampling: SamplingConfig | None = None,
-                 chat: bool = False, on_token: Callable[[int], None] | None = None) -> GenerationResult:
+                 chat: bool = False, on_token: Callable[[int], None] | None = None,
+                 audio: Sequence = ()) -> GenerationResult:
         callback = (lambda _row, tok: on_token(tok)) if on_token is not None else None
-        return self.generate_batch([prompt], [list(images)], sampling, chat, callback)[0]
+        return self.generate_batch([prompt], [list(images)], sampling, chat, callback, [list(audio)])[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from omnifuse.config import (
+    AudioConfig,
     ConfigError,
     ConnectorConfig,
     DecoderConfig,
@@ -86,6 +87,17 @@ PRESETS: dict[str, ModelConfig] = {
                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
     ),
 }
+# Images and audio (Gemini-style inputs) on the tiny models: a Whisper-style audio encoder pooled
+# to 25 tokens per second (Qwen2-Audio's rate), 10 s chunks, early or cross fusion.
+_TINY_AUDIO = AudioConfig(encoder="whisper", chunk_seconds=10.0, max_seconds=120.0, num_mel_bins=80, hidden_size=64,
+                          num_layers=2, num_heads=4, intermediate_size=128, pool=2, connector="mlp")
+_OMNI_TEXT = TextConfig(tokenizer="bytes", placeholder_tokens={"image": "<image>", "audio": "<audio>"})
+for _fusion in ("early", "cross"):
+    _base = PRESETS[f"tiny-{_fusion}"]
+    PRESETS[f"tiny-omni-{_fusion}"] = dataclasses.replace(
+        _base, name=f"tiny-omni-{_fusion}", audio=_TINY_AUDIO, text=_OMNI_TEXT,
+        decoder=dataclasses.replace(_base.decoder, vocab_size=261))
+
 # Llama 3.2 90B Vision: the 11B's vision tower and tiling on a Llama 3.1 70B decoder (80 self-attention
 # layers) with 20 cross-attention layers (HF stack indices 3, 8, ..., 98).
 PRESETS["llama-3.2-90b-vision"] = dataclasses.replace(

@@ -29,8 +29,8 @@ import torch
 from omnifuse.config import ModelConfig
 from omnifuse.planner.arch import CacheBytes, cache_bytes, from_model_config
 
-__all__ = ["CacheBytes", "ImageCost", "RequestCost", "count_parameters", "cross_kv_bytes_per_state", "image_cost",
-           "images_seen_at_decode", "kv_bytes_per_token", "model_info", "request_cost"]
+__all__ = ["AudioCost", "CacheBytes", "ImageCost", "RequestCost", "audio_cost", "count_parameters",
+           "cross_kv_bytes_per_state", "image_cost", "images_seen_at_decode", "kv_bytes_per_token", "model_info", "request_cost"]
 
 
 def _fusion(config: ModelConfig):
@@ -45,10 +45,16 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
 
     with torch.device("meta"):
         model = build_model(config)
-    parts = {"vision_encoder": model.vision_encoder, "connector": model.connector, "cross_attention": model.cross_layers}
-    counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    counts["decoder"] = counts["total"] - sum(counts[k] for k in parts)
+    def n(module) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    counts = {"vision_encoder": n(model.vision_encoder), "connector": n(model.connectors),
+              "cross_attention": n(model.cross_layers)}
+    if "audio" in model.encoders:
+        counts["audio_encoder"] = n(model.encoders["audio"])
+    media = sum(counts.values())
+    counts["total"] = n(model)
+    counts["decoder"] = counts["total"] - media  # what is left: embeddings, layers, head
     return counts
 
 
@@ -76,6 +82,37 @@ class ImageCost:
     cross_attention_states_prefill: int
     cross_attention_states_decode: int
 
+    @property
+    def media_tokens(self) -> int:
+        return self.visual_tokens
+
+
+@dataclass(frozen=True)
+class AudioCost:
+    """What one clip of ``num_samples`` samples at the model's rate costs a model."""
+
+    seconds: float
+    chunks: int  # chunks the encoder runs (audio.chunk_seconds each, the last one padded)
+    media_tokens: int  # tokens the encoder and connector keep (AudioProcessor.num_tokens)
+    context_tokens: int
+    cross_attention_states_prefill: int
+    cross_attention_states_decode: int
+
+
+def audio_cost(config: ModelConfig, num_samples: int, processor=None) -> AudioCost:
+    """``processor``: the config's audio processor, if one is built already."""
+    if processor is None:
+        from omnifuse.modalities import build_audio_processor
+
+        processor = build_audio_processor(config)
+    n = processor.num_tokens_for_samples(num_samples)
+    fusion = _fusion(config)
+    a = config.audio
+    return AudioCost(seconds=num_samples / a.sampling_rate, chunks=-(-num_samples // a.chunk_samples),
+                     media_tokens=n, context_tokens=fusion.context_tokens(n),
+                     cross_attention_states_prefill=fusion.cross_states(n),
+                     cross_attention_states_decode=fusion.cross_states(n))
+
 
 def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:
     """``processor``: the config's image processor, if one is built already."""
@@ -91,16 +128,18 @@ def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> 
                      cross_attention_states_decode=fusion.cross_states(processor.num_attended_tokens(width, height)))
 
 
-def images_seen_at_decode(config: ModelConfig, prompt_ids: Sequence[int], placeholder_id: int,
+def images_seen_at_decode(config: ModelConfig, prompt_ids: Sequence[int], placeholder_id: int | Sequence[int],
                           num_images: int) -> list[bool]:
-    """Which of the prompt's images the last prompt token attends to. Decode tokens attend to the
-    same ones. The model's own rule is ``visible_images``: every image before it, or only the latest
-    placeholder group for Llama 3.2 Vision's ``latest`` span."""
+    """Which of the prompt's media items (in prompt order; ``placeholder_id``: the placeholder ids
+    of every modality) the last prompt token attends to. Decode tokens attend to the same ones. The
+    model's own rule is ``visible_images``: every item before it, or only the latest placeholder
+    group for Llama 3.2 Vision's ``latest`` span."""
     if not num_images:
         return []
     from omnifuse.fusion import visible_images
 
-    placeholders = torch.tensor([list(prompt_ids)]) == placeholder_id  # (1, T)
+    ids = [placeholder_id] if isinstance(placeholder_id, int) else list(placeholder_id)
+    placeholders = torch.isin(torch.tensor([list(prompt_ids)]), torch.tensor(ids))  # (1, T)
     seen = visible_images(placeholders, num_images, config.fusion.cross_attention_span)[0, -1]  # (N,)
     return [bool(s) for s in seen]
 
@@ -111,20 +150,22 @@ class RequestCost:
     cross_attention_states_prefill: int
     cross_attention_states_decode: int
     kv_cache_bytes: CacheBytes
+    media_tokens: int = 0  # all media, images included
 
 
-def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost] = (), dtype_bytes: float = 4,
-                 seen: Sequence[bool] | None = None) -> RequestCost:
-    """One request: ``sequence_tokens`` context positions (prompt and output, visual tokens
-    included for early fusion) and its images. ``seen``: the images the last prompt token attends
-    to (``images_seen_at_decode``). None means all of them, which holds when they sit together before
-    the text, as the pipeline places them in a prompt without placeholders."""
+def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost | AudioCost] = (),
+                 dtype_bytes: float = 4, seen: Sequence[bool] | None = None) -> RequestCost:
+    """One request: ``sequence_tokens`` context positions (prompt and output, media tokens
+    included for early fusion) and its media items, in prompt order. ``seen``: the items the last
+    prompt token attends to (``images_seen_at_decode``). None means all of them, which holds when
+    they sit together before the text, as the pipeline places them in a prompt without placeholders."""
     seen = [True] * len(images) if seen is None else list(seen)
     if len(seen) != len(images):
         raise ValueError(f"seen names {len(seen)} images but the request has {len(images)}")
     prefill = sum(i.cross_attention_states_prefill for i in images)
     decode = sum(i.cross_attention_states_decode for i, s in zip(images, seen) if s)
-    return RequestCost(visual_tokens=sum(i.visual_tokens for i in images), cross_attention_states_prefill=prefill,
+    return RequestCost(visual_tokens=sum(i.media_tokens for i in images if isinstance(i, ImageCost)),
+                       media_tokens=sum(i.media_tokens for i in images), cross_attention_states_prefill=prefill,
                        cross_attention_states_decode=decode,
                        kv_cache_bytes=cache_bytes(from_model_config(config).decoder, sequence_tokens, prefill, decode,
                                                   dtype_bytes))
@@ -141,6 +182,12 @@ def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int,
         if config.image.mode == "tiles":
             info["tile_canvas"] = {"rows": cost.tile_canvas[0], "cols": cost.tile_canvas[1]}
         info.update(visual_tokens_per_image=cost.visual_tokens, context_tokens_per_image=cost.context_tokens)
+    if config.audio is not None:
+        a = config.audio
+        second, chunk = audio_cost(config, a.sampling_rate), audio_cost(config, a.chunk_samples)
+        info.update(audio_sampling_rate=a.sampling_rate, audio_tokens_per_second=second.media_tokens,
+                    audio_chunk_seconds=a.chunk_seconds, audio_tokens_per_chunk=chunk.media_tokens,
+                    audio_max_seconds=a.max_seconds)
     info.update(context_length=config.decoder.max_position, cache_dtype_bytes=dtype_bytes,
                 kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
     if config.vision is None:

@@ -4,10 +4,13 @@ One set of rules for every place that builds a prompt, so that training and infe
 same one: the pipeline (``omnifuse generate``), training collation (``training/collate.py``), the
 LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``.
 
-- A prompt without placeholders gets one per image in front: ``<image>\\ntext`` (LLaVA's
-  convention) or ``<|image|>text`` (Mllama's processor puts nothing between). A prompt with
-  placeholders must have one per image; anything else is a ``FeatureCountError`` naming both
-  counts. A conversation counts its user turns and gets the images in front of its first one.
+- Each modality has its placeholder (``text.placeholder_tokens``: ``<image>``, ``<audio>``, ...);
+  the k-th placeholder of a modality stands for its k-th item, and the items reach the model in
+  prompt order (``encode_with_order``). A modality whose placeholders the prompt lacks gets one per
+  item in front, images first: ``<image>\\ntext`` (LLaVA's convention) or ``<|image|>text`` (Mllama's
+  processor puts nothing between). A prompt with placeholders of a modality must have one per item
+  of it; anything else is a ``FeatureCountError`` naming both counts. A conversation counts its
+  user turns and gets the media in front of its first one.
 - Mllama's bos rule (``text.bos_after_leading_images``; transformers' ``build_string_from_input``):
   a plain prompt without the bos string gets it after its leading image tokens, and the tokenizer's
   own bos goes first as well, ``<bos><|image|><bos>text``, as the reference runs the model. A chat
@@ -16,11 +19,14 @@ LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``
   early fusion one per media token (the model writes the features over them), cross-attention one
   per image.
 - A text-only model takes the prompt as text: ``<image>`` there is ordinary text.
+
+Media counts are given per modality, ``{"image": [tokens of each image], "audio": [...]}``; a plain
+list means images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omnifuse.config import ModelConfig, TextConfig
@@ -35,25 +41,24 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def media_count_error(placeholders: int, images: int, where: str = "the prompt",
-                      token: str | None = None) -> FeatureCountError:
+_ITEM_NOUN = {"image": "image", "audio": "audio clip", "video": "video"}
+
+MediaCounts = Mapping[str, Sequence[int]]  # modality -> token count of each of its items, in order
+
+
+def media_count_error(placeholders: int, items: int, where: str = "the prompt", token: str | None = None,
+                      modality: str = "image") -> FeatureCountError:
     """The one message for "placeholders and media disagree", with both counts."""
     mark = f" ({token})" if token else ""
-    return FeatureCountError(f"{where} has {_plural(placeholders, 'image placeholder')}{mark} but "
-                             f"{_plural(images, 'image')} {'was' if images == 1 else 'were'} given")
+    noun = _ITEM_NOUN.get(modality, f"{modality} item")
+    return FeatureCountError(f"{where} has {_plural(placeholders, f'{modality} placeholder')}{mark} but "
+                             f"{_plural(items, noun)} {'was' if items == 1 else 'were'} given")
 
 
-def _positions(ids: list[int], placeholder_id: int, token_counts: Sequence[int],
-               placeholder_tokens: Callable[[int], int]) -> list[int]:
-    """Prompt positions each id takes: image i's placeholder ``placeholder_tokens(token_counts[i])``
-    (the fusion's rule), any other id one."""
-    n = ids.count(placeholder_id)
-    if n != len(token_counts):
-        raise media_count_error(n, len(token_counts))
-    if any(c < 1 for c in token_counts):
-        raise FeatureCountError(f"every image needs at least one token, got counts {list(token_counts)}")
-    counts = iter(token_counts)
-    return [placeholder_tokens(next(counts)) if i == placeholder_id else 1 for i in ids]
+def _counts(media: MediaCounts | Sequence[int]) -> dict[str, list[int]]:
+    if isinstance(media, Mapping):
+        return {m: [int(c) for c in v] for m, v in media.items() if len(v)}
+    return {"image": [int(c) for c in media]} if len(media) else {}
 
 
 def _repeat(values: Sequence, repeats: Sequence[int]) -> list:
@@ -63,17 +68,20 @@ def _repeat(values: Sequence, repeats: Sequence[int]) -> list:
 class PromptLayout:
     """The prompt rules of one model and tokenizer (``PromptLayout.for_model(config, tokenizer)``).
 
-    ``token_counts`` arguments are the images' token counts, in prompt order (``ProcessedImage.
-    num_tokens``): their number is the number of images, and early fusion expands by them.
+    ``media`` arguments are the items' token counts per modality, each modality's in its prompt
+    order (``MediaItem.num_tokens``): their number is the number of items, and early fusion expands
+    by them. A plain list of counts means images.
     """
 
-    def __init__(self, tokenizer: Tokenizer, text: TextConfig, fusion: Fusion, has_media: bool = True,
-                 model_name: str = "this model") -> None:
+    def __init__(self, tokenizer: Tokenizer, text: TextConfig, fusion: Fusion,
+                 modalities: Sequence[str] = ("image",), model_name: str = "this model") -> None:
         self.tokenizer = tokenizer
         self.text = text
+        self.modalities = tuple(modalities)
+        self.tokens = {m: text.placeholder_tokens[m] for m in self.modalities}  # placeholder strings
         self.image_token = text.image_token
         self.fusion = fusion  # the only thing asked of it: placeholder_tokens
-        self.has_media = has_media
+        self.has_media = bool(self.modalities)
         self.model_name = model_name
         # Between leading images and the text of a prompt that had no placeholders: LLaVA's
         # "<image>\ntext"; Mllama's processor adds nothing ("<|image|>text").
@@ -81,62 +89,107 @@ class PromptLayout:
 
     @classmethod
     def for_model(cls, config: ModelConfig, tokenizer: Tokenizer) -> PromptLayout:
-        return cls(tokenizer, config.text, fusion_strategy(config.fusion), config.has_media, config.name)
+        return cls(tokenizer, config.text, fusion_strategy(config.fusion), config.modalities, config.name)
 
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.image_token_id
 
-    # ------------------------------------------------------------------ placeholders in text
-    def place_media(self, prompt: str, n_images: int) -> str:
-        """``prompt`` with one placeholder per image: put in front when it has none, else checked."""
-        return self._place([{"role": "user", "content": prompt}], n_images, "the prompt")[0]["content"]
+    def placeholder_ids(self) -> dict[int, str]:
+        """Placeholder token id -> its modality, for the modalities this model takes."""
+        return {self.tokenizer.placeholder_id(m): m for m in self.modalities}
 
-    def place_media_in_messages(self, messages: Sequence[dict[str, Any]], n_images: int) -> list[dict[str, Any]]:
+    # ------------------------------------------------------------------ placeholders in text
+    def place_media(self, prompt: str, n_items: int | Mapping[str, int]) -> str:
+        """``prompt`` with one placeholder per item: put in front for a modality it has none of, else
+        checked. ``n_items``: items per modality (an int: images)."""
+        return self._place([{"role": "user", "content": prompt}], n_items, "the prompt")[0]["content"]
+
+    def place_media_in_messages(self, messages: Sequence[dict[str, Any]],
+                                n_items: int | Mapping[str, int]) -> list[dict[str, Any]]:
         """The same for a conversation (``[{"role": ..., "content": str}]``): placeholders are counted
         over the user turns; a conversation without any gets them in front of its first user turn."""
-        return self._place(messages, n_images, "the conversation")
+        return self._place(messages, n_items, "the conversation")
 
-    def _place(self, messages: Sequence[dict[str, Any]], n_images: int, where: str) -> list[dict[str, Any]]:
+    def _place(self, messages: Sequence[dict[str, Any]], n_items: int | Mapping[str, int],
+               where: str) -> list[dict[str, Any]]:
         messages = list(messages)
-        if not self.has_media:
-            self._check_no_media(n_images)
-            return messages
+        wanted = {"image": n_items} if isinstance(n_items, int) else dict(n_items)
+        self.check_modalities({m: n for m, n in wanted.items() if n})
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        marks = sum(messages[i]["content"].count(self.image_token) for i in users)
-        if marks == 0 and n_images and users:
+        front = ""
+        for modality, token in self.tokens.items():
+            n = wanted.get(modality, 0)
+            marks = sum(messages[i]["content"].count(token) for i in users)
+            if marks == 0 and n and users:
+                front += token * n
+            elif marks != n:
+                raise media_count_error(marks, n, where, token, modality)
+        if front:
             first = messages[users[0]]
-            messages[users[0]] = {**first, "content": self.image_token * n_images + self.separator + first["content"]}
-        elif marks != n_images:
-            raise media_count_error(marks, n_images, where, self.image_token)
+            messages[users[0]] = {**first, "content": front + self.separator + first["content"]}
         return messages
 
-    def _check_no_media(self, n_images: int) -> None:
-        if n_images:
-            raise FeatureCountError(f"{self.model_name} is a text-only model; it takes no images ({n_images} given)")
+    def check_modalities(self, given: Mapping[str, Any]) -> None:
+        """Refuse media of a modality the model does not take (``given``: modality -> count or items)."""
+        other = [m for m in given if m not in self.tokens]
+        if not other:
+            return
+        m = other[0]
+        n = len(given[m]) if isinstance(given[m], Sequence) else given[m]
+        kind = {"image": "images", "video": "videos"}.get(m, m)
+        if not self.has_media:
+            raise FeatureCountError(f"{self.model_name} is a text-only model; it takes no {kind} ({n} given)")
+        raise FeatureCountError(f"{self.model_name} takes {' and '.join(self.modalities)} input, not {m} "
+                                f"({n} {kind} given)")
 
     # ------------------------------------------------------------------ ids
-    def encode(self, prompt: str, token_counts: Sequence[int] = (), chat: bool = False) -> list[int]:
-        """Token ids of ``prompt`` and its images: media placed, the chat template applied as one user
+    def encode(self, prompt: str, media: MediaCounts | Sequence[int] = (), chat: bool = False) -> list[int]:
+        """Token ids of ``prompt`` and its media: media placed, the chat template applied as one user
         turn when ``chat`` (else Mllama's bos rule where the tokenizer has it), placeholders expanded
         as the fusion needs."""
-        prompt = self.place_media(prompt, len(token_counts))
+        return self.encode_with_order(prompt, media, chat)[0]
+
+    def encode_with_order(self, prompt: str, media: MediaCounts | Sequence[int] = (),
+                          chat: bool = False) -> tuple[list[int], list[tuple[str, int]]]:
+        """(ids as ``encode``, the media in prompt order as (modality, index within the modality)):
+        the order in which the model takes the items."""
+        counts = _counts(media)
+        prompt = self.place_media(prompt, {m: len(c) for m, c in counts.items()})
         if chat:
-            return self.encode_conversation([{"role": "user", "content": prompt}], token_counts)
-        if not self.has_media:
-            return self.tokenizer.encode(prompt)
-        if self.text.bos_after_leading_images:
+            messages = self.place_media_in_messages([{"role": "user", "content": prompt}],
+                                                    {m: len(c) for m, c in counts.items()})
+            ids = self.tokenize(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        elif not self.has_media:
+            ids = self.tokenizer.encode(prompt)
+        elif self.text.bos_after_leading_images:
             ids = self._bos_after_leading_images(prompt)
         else:
             ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
-        return self.expand(ids, token_counts)
+        return self.expand(ids, counts), self.media_order(ids)
 
-    def encode_conversation(self, messages: Sequence[dict[str, Any]], token_counts: Sequence[int] = ()) -> list[int]:
+    def encode_conversation(self, messages: Sequence[dict[str, Any]],
+                            media: MediaCounts | Sequence[int] = ()) -> list[int]:
         """Ids for generating the next assistant turn: media placed, the chat template rendered with
         the generation prompt, tokenized as :meth:`tokenize` does a first piece, expanded."""
-        messages = self.place_media_in_messages(messages, len(token_counts))
+        counts = _counts(media)
+        messages = self.place_media_in_messages(messages, {m: len(c) for m, c in counts.items()})
         rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.expand(self.tokenize(rendered), token_counts)
+        return self.expand(self.tokenize(rendered), counts)
+
+    def media_order(self, ids: Sequence[int]) -> list[tuple[str, int]]:
+        """The placeholders of unexpanded ``ids`` in order, as (modality, index within the modality)."""
+        if not self.has_media:
+            return []
+        of = self.placeholder_ids()
+        seen: dict[str, int] = {}
+        order = []
+        for i in ids:
+            m = of.get(int(i))
+            if m is not None:
+                order.append((m, seen.get(m, 0)))
+                seen[m] = seen.get(m, 0) + 1
+        return order
 
     def tokenize(self, rendered: str, first: bool = True) -> list[int]:
         """Ids of rendered text (a chat template's output, or a piece of it): the first piece gets the
@@ -158,22 +211,32 @@ class PromptLayout:
             ids.insert(0, self.tokenizer.bos_token_id)
         return ids
 
-    def context_positions(self, ids: Sequence[int], token_counts: Sequence[int]) -> list[int]:
-        """How many prompt positions each of ``ids`` takes: an image's placeholder one per media token
-        (early fusion) or one (cross-attention), any other id one. Raises ``FeatureCountError`` when
-        the placeholders in ``ids`` and the images disagree."""
+    def context_positions(self, ids: Sequence[int], media: MediaCounts | Sequence[int]) -> list[int]:
+        """How many prompt positions each of ``ids`` takes: a media item's placeholder one per media
+        token (early fusion) or one (cross-attention), any other id one. Raises ``FeatureCountError``
+        when the placeholders in ``ids`` and the items of a modality disagree."""
         ids = [int(i) for i in ids]
+        counts = _counts(media)
+        self.check_modalities(counts)
         if not self.has_media:
-            self._check_no_media(len(token_counts))
             return [1] * len(ids)
-        return _positions(ids, self.image_token_id, token_counts, self.fusion.placeholder_tokens)
+        of = self.placeholder_ids()
+        for m in self.modalities:
+            n, given = sum(1 for i in ids if of.get(i) == m), counts.get(m, [])
+            if n != len(given):
+                raise media_count_error(n, len(given), modality=m)
+            if any(c < 1 for c in given):
+                raise FeatureCountError(f"every {m} item needs at least one token, got counts {given}")
+        its = {m: iter(c) for m, c in counts.items()}
+        return [self.fusion.placeholder_tokens(next(its[of[i]])) if i in of else 1 for i in ids]
 
-    def expand(self, ids: Sequence[int], token_counts: Sequence[int]) -> list[int]:
-        """``ids`` with each image placeholder repeated to the positions it takes in the context."""
+    def expand(self, ids: Sequence[int], media: MediaCounts | Sequence[int]) -> list[int]:
+        """``ids`` with each media placeholder repeated to the positions it takes in the context."""
         ids = [int(i) for i in ids]
-        return _repeat(ids, self.context_positions(ids, token_counts))
+        return _repeat(ids, self.context_positions(ids, media))
 
-    def media_span(self, token_counts: Sequence[int]) -> list[int]:
-        """The ids a run of images takes in the context: one placeholder per media token (early
-        fusion) or per image (cross-attention)."""
-        return [self.image_token_id] * sum(self.fusion.placeholder_tokens(c) for c in token_counts)
+    def media_span(self, token_counts: Sequence[int], modality: str = "image") -> list[int]:
+        """The ids a run of items of one modality takes in the context: one placeholder per media
+        token (early fusion) or per item (cross-attention)."""
+        pid = self.tokenizer.placeholder_id(modality)
+        return [pid] * sum(self.fusion.placeholder_tokens(c) for c in token_counts)
