@@ -154,3 +154,40 @@ def save_llama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2
                          chat_template="{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} "
                                        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     return folder
+
+
+def save_qwen2_audio(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, mel_bins: int = 32,
+                     chunk_seconds: int = 2, audio_layers: int = 2, text_layers: int = 2, vocab: int = 320,
+                     audio_token_id: int = 300, layout: str = "v5") -> Path:
+    """A tiny Qwen2-Audio checkpoint: Whisper encoder over ``chunk_seconds`` windows, Qwen2 decoder,
+    its processor (WhisperFeatureExtractor + tokenizer) saved beside it."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration, Qwen2Config
+
+    ac = Qwen2AudioEncoderConfig(num_mel_bins=mel_bins, encoder_layers=audio_layers, encoder_attention_heads=2,
+                                 encoder_ffn_dim=64, d_model=32, max_source_positions=chunk_seconds * 50)
+    tc = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                     rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=2, tie_word_embeddings=False)
+    cfg = Qwen2AudioConfig(audio_config=ac, text_config=tc, audio_token_index=audio_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    positions = model.model.audio_tower.embed_positions.weight.detach().clone()  # Whisper's sinusoids
+    randomise(model, seed=seed)
+    with torch.no_grad():
+        model.model.audio_tower.embed_positions.weight.copy_(positions)
+    model.save_pretrained(folder)
+    specials = {"<unk>": 0, "<|endoftext|>": 1, "<|im_end|>": 2, "<|audio_bos|>": 298, "<|audio_eos|>": 299,
+                "<|AUDIO|>": audio_token_id}
+    write_word_tokenizer(folder, vocab, specials, bos="<|endoftext|>", eos="<|im_end|>", add_bos=False,
+                         chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                       "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    from transformers import WhisperFeatureExtractor
+
+    features = WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=chunk_seconds)
+    if layout == "v5":
+        from transformers import AutoTokenizer, Qwen2AudioProcessor
+
+        Qwen2AudioProcessor(feature_extractor=features, tokenizer=AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    elif layout == "v4":
+        features.save_pretrained(folder)
+    return folder

@@ -356,6 +356,7 @@ class DecoderConfig:
     max_position: int = 4096  # the context length
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on q/k/v/o projections (HF LlamaConfig.attention_bias)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     extra_embeddings: int = 0  # input-only token rows past vocab_size (Mllama's <|image|> and 7 more)
     # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1 long-context scaling).
     rope_type: str = "default"

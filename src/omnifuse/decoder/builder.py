@@ -21,7 +21,8 @@ __all__ = ["ATTENTION", "FEED_FORWARD", "build_decoder", "build_layer"]
 
 
 def _full_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
-    return Attention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, bias=d.attention_bias)
+    return Attention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, bias=d.attention_bias or d.qkv_bias,
+                     out_bias=d.attention_bias)
 
 
 def _dense(d: DecoderConfig, spec: LayerSpec) -> nn.Module:

@@ -50,8 +50,8 @@ class WhisperEncoder(nn.Module):
         self.conv1 = nn.Conv1d(num_mel_bins, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Parameter(torch.zeros(self.positions, dim))
-        self.layers = nn.ModuleList(ViTLayer(dim, num_heads, hidden, activation, eps, qkv_bias=True)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(ViTLayer(dim, num_heads, hidden, activation, eps, qkv_bias=True, key_bias=False)
+                                    for _ in range(num_layers))  # Whisper's keys have no bias
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def init_parameters(self, std: float) -> None:

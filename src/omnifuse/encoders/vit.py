@@ -13,10 +13,11 @@ from omnifuse.nn.mlp import ViTMLP
 class ViTLayer(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, activation: str, eps: float, qkv_bias: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, hidden: int, activation: str, eps: float, qkv_bias: bool,
+                 key_bias: bool | None = None) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = Attention(dim, num_heads, bias=qkv_bias)  # bidirectional
+        self.self_attn = Attention(dim, num_heads, bias=qkv_bias, key_bias=key_bias)  # bidirectional
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = ViTMLP(dim, hidden, activation)
 

@@ -243,8 +243,9 @@ def stop_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...] | No
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def image_token_text(folder: Path, token_id: int) -> str:
-    """The text of the image placeholder token ``token_id`` in the folder's tokenizer.json."""
+def placeholder_text(folder: Path, token_id: int, default: str = "<image>") -> str:
+    """The text of the placeholder token ``token_id`` in the folder's tokenizer.json (``default``
+    when it has none)."""
     tok = read_json_if_present(folder / "tokenizer.json")
     for added in tok.get("added_tokens", []):
         if added.get("id") == token_id:
@@ -254,4 +255,4 @@ def image_token_text(folder: Path, token_id: int) -> str:
         for text, i in vocab.items():
             if i == token_id:
                 return text
-    return "<image>"
+    return default

@@ -29,11 +29,11 @@ from omnifuse.config import (
 )
 from omnifuse.interop.hf import (
     KeyMap,
-    image_token_text,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
     per_channel,
+    placeholder_text,
     read_image_processor_config,
     warn_processor_defaults,
 )
@@ -120,7 +120,7 @@ def llava_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
         connector=ConnectorConfig(type="mlp", bias=bool(hf.get("multimodal_projector_bias", True))),
         fusion=FusionConfig(type="early"),
         decoder=DecoderConfig(**llama_decoder_kwargs(text)),
-        text=TextConfig(tokenizer="file", placeholder_tokens={"image": image_token_text(folder, image_token_id)},
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": placeholder_text(folder, image_token_id)},
                         placeholder_ids={"image": image_token_id}),
     )
     return config

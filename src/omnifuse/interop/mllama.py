@@ -30,10 +30,10 @@ from omnifuse.config import (
 from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
 from omnifuse.interop.hf import (
     KeyMap,
-    image_token_text,
     llama_decoder_kwargs,
     load_mapped,
     per_channel,
+    placeholder_text,
     read_image_processor_config,
     warn_processor_defaults,
 )
@@ -117,7 +117,7 @@ def mllama_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
         fusion=FusionConfig(type="cross", cross_attention_layers=tuple(s - j for j, s in enumerate(cross_stack)),
                             cross_attention_span="latest", text_before_media="attend_all"),
         decoder=DecoderConfig(**decoder),
-        text=TextConfig(tokenizer="file", placeholder_tokens={"image": image_token_text(folder, image_token_id)},
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": placeholder_text(folder, image_token_id)},
                         placeholder_ids={"image": image_token_id},
                         bos_token="<|begin_of_text|>", bos_after_leading_images=True),
     )

@@ -317,7 +317,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
                             "has no cost formula in planner/arch.py yet")
     decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
-                          tied=d.tie_embeddings, qkv_bias=d.attention_bias, extra_embeddings=d.extra_embeddings,
+                          tied=d.tie_embeddings, qkv_bias=d.attention_bias or d.qkv_bias, extra_embeddings=d.extra_embeddings,
                           cross_layers=sum(s.cross_attention for s in specs) + int(config.final_cross_attention))
     if v is None:  # a text-only model
         return Architecture(name=config.name, decoder=decoder, source=f"omnifuse config {config.name}")
