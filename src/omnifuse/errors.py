@@ -27,6 +27,7 @@ __all__ = [
     "TokenRuleError",
     "TokenizerError",
     "TruncationError",
+    "VideoError",
 ]
 
 
@@ -67,6 +68,11 @@ class ImageError(OmnifuseError):
 class AudioError(OmnifuseError):
     """An audio source cannot be used: missing, empty, without an audio stream, undecodable, with a
     bad sample rate or longer than allowed. The message names the source and the numbers involved."""
+
+
+class VideoError(OmnifuseError):
+    """A video source cannot be used: missing, empty, without a video stream, undecodable, without
+    frames, with frames too large, or giving more frames than allowed; the message names the source."""
 
 
 class DataFormatError(OmnifuseError):

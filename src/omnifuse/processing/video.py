@@ -1,0 +1,146 @@
+"""Video sources -> the frames a model sees, with their times.
+
+The sampling contract, one for every model and file:
+
+- Sample times are ``start + k / fps`` for k = 0, 1, ... while before the end: ``end`` if given,
+  else the end of the video (the last frame's time plus its duration).
+- The frame taken at a sample time is the frame on screen then: the last frame whose presentation
+  time is at or before it (the first frame for times before it). Variable frame rate files follow
+  the same rule, so a frame shown for two seconds can be taken twice at 1 fps.
+- A file whose frames end well before the duration its header gives (cut short, damaged) is an
+  error, not a shorter video.
+- More than ``max_frames`` sample times is an error naming the count (lower ``fps`` or raise
+  ``max_frames``); nothing is dropped silently. The count is checked against the container's
+  duration before decoding when it has one, and while decoding otherwise.
+
+The same file and settings always give the same frames: decoding runs in presentation order with
+PyAV (FFmpeg) on one thread, and frames are converted to RGB there.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from omnifuse.errors import VideoError
+
+__all__ = ["VideoError", "VideoFrames", "VideoSource", "load_video", "sample_times"]
+
+VideoSource = str | Path | bytes
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    frames: tuple[Image.Image, ...]  # RGB, one per sample time
+    timestamps: tuple[float, ...]  # the sample times, seconds from the start of the video
+    frame_indices: tuple[int, ...]  # which decoded frame (0-based, presentation order) each one is
+    duration: float  # of the video, seconds
+    fps: float  # the sampling rate asked for
+
+
+def sample_times(start: float, end: float, fps: float) -> list[float]:
+    """``start + k / fps`` for every k with the time before ``end``."""
+    n = max(0, math.ceil((end - start) * fps - 1e-9))
+    return [start + k / fps for k in range(n)]
+
+
+def _describe(source: VideoSource) -> str:
+    if isinstance(source, (str, Path)):
+        return f"video file {str(source)!r}"
+    return f"video data ({len(source)} bytes)"
+
+
+def _too_many(name: str, n: int, fps: float, max_frames: int) -> VideoError:
+    return VideoError(f"{name} gives {n} frames at {fps:g} fps, more than max_frames {max_frames}; "
+                      "lower the fps or raise max_frames")
+
+
+def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, start: float = 0.0,
+               end: float | None = None, max_pixels: int = 64_000_000) -> VideoFrames:
+    """The frames of ``source`` (a path or a file's bytes) at ``fps`` between ``start`` and ``end``
+    seconds, by the sampling contract above. Raises ``VideoError`` naming the source for a missing
+    or empty file, one without a video stream or that FFmpeg cannot decode, no frames, a start
+    past the end, frames larger than ``max_pixels``, or more than ``max_frames`` frames."""
+    import av
+
+    name = _describe(source)
+    if not (fps > 0 and math.isfinite(fps)):
+        raise VideoError(f"fps must be a positive number, got {fps}")
+    if max_frames < 1:
+        raise VideoError(f"max_frames must be at least 1, got {max_frames}")
+    if start < 0 or (end is not None and end <= start):
+        raise VideoError(f"the video range must have 0 <= start < end, got start {start} and end {end}")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise VideoError(f"{name} not found")
+        data = path.read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        raise VideoError(f"a video source is a path or bytes, got {type(source).__name__}")
+    if not data:
+        raise VideoError(f"{name} is empty")
+    try:
+        container = av.open(io.BytesIO(data))
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot decode {name}: {e}") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoError(f"{name} has no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        stream.thread_type = "SLICE"  # no frame threading: the same order and frames on every run
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w and h and w * h > max_pixels:
+            raise VideoError(f"{name} has {w} x {h} frames, more than the {max_pixels:,} pixels allowed")
+        known = float(container.duration) / av.time_base if container.duration else None
+        if known is not None:
+            stop = min(end, known) if end is not None else known
+            if len(sample_times(start, stop, fps)) > max_frames:
+                raise _too_many(name, len(sample_times(start, stop, fps)), fps, max_frames)
+        step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+        picked: list[tuple[float, int, Image.Image]] = []
+        k = 0  # the next sample time is start + k / fps
+
+        def take(index: int, frame) -> None:
+            nonlocal k
+            image = picked[-1][2] if picked and picked[-1][1] == index else frame.to_image().convert("RGB")
+            picked.append((start + k / fps, index, image))
+            k += 1
+            if len(picked) > max_frames:
+                raise _too_many(name, len(picked), fps, max_frames)
+
+        current = None  # (index, frame) of the frame on screen
+        index, last_end = -1, 0.0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                index += 1
+                t = float(frame.time)
+                while start + k / fps < t and (end is None or start + k / fps < end):
+                    take(*(current or (index, frame)))  # before the first frame: the first frame
+                current = (index, frame)
+                last_end = t + (float(frame.duration * frame.time_base) if frame.duration else step)
+                if end is not None and start + k / fps >= end:
+                    break
+        except av.FFmpegError as e:
+            raise VideoError(f"cannot decode {name}: {e}") from None
+        if current is None:
+            raise VideoError(f"{name} has no video frames")
+        wanted = known if end is None else min(end, known) if known is not None else None
+        if wanted is not None and last_end + 2 * max(step, 0.04) < wanted:
+            raise VideoError(f"{name} is cut short or damaged: its header says {known:.2f} s but its frames "
+                             f"end at {last_end:.2f} s")
+        stop = last_end if end is None else min(end, last_end)
+        if start >= stop:
+            raise VideoError(f"{name} is {last_end:.2f} s long; start {start:g} s is past its end")
+        while start + k / fps < stop:
+            take(*current)
+    return VideoFrames(frames=tuple(f for _, _, f in picked), timestamps=tuple(round(s, 6) for s, _, _ in picked),
+                       frame_indices=tuple(i for _, i, _ in picked), duration=last_end, fps=fps)
