@@ -95,7 +95,7 @@ def test_placeholders_and_clips_that_disagree_are_named(capsys, media):
                      "--prompt", "<audio><audio> twice?")
     assert rc == 1 and "the prompt has 2 audio placeholders (<audio>) but 1 audio clip was given" in err
     rc, _, err = run(capsys, "generate", "--preset", "tiny-early", "--audio", media["wav"], "--prompt", "hi")
-    assert rc == 1 and "tiny-early takes image input, not audio (1 audio given)" in err
+    assert rc == 1 and "tiny-early takes image input, not audio (1 audio clip given)" in err
     with pytest.raises(FeatureCountError, match="1 audio placeholder"):
         Pipeline.from_preset("tiny-omni-cross").generate("<audio>", audio=[])
 

@@ -73,7 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     result = pipe.generate(args.prompt, args.image or [], sampling, chat=args.chat,
-                           on_token=on_token if stream else None, audio=args.audio or [])
+                           on_token=on_token if stream else None, audio=args.audio or [], video=args.video or [],
+                           fps=args.fps, max_frames=args.max_frames)
     elapsed = time.perf_counter() - t0
     if args.json:
         out = {
@@ -89,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "kv_cache_bytes_by_kind": result.kv_cache_bytes_by_kind,
             "images": result.images,
             "audio": result.audio,
+            "videos": result.videos,
             "seconds": round(elapsed, 4),
         }
         print(json.dumps(out, ensure_ascii=False))
@@ -101,9 +103,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if result.cross_attention_states_prefill != result.cross_attention_states_decode:
                 media += f" ({result.cross_attention_states_prefill} encoded at prefill)"
         elif pipe.model.config.has_media:
-            kinds = [(result.visual_tokens, "visual")] if result.images or not result.audio else []
+            kinds = [(result.visual_tokens, "visual")] if result.images or not (result.audio or result.videos) else []
             if result.audio:
                 kinds.append((sum(a["tokens"] for a in result.audio), "audio"))
+            if result.videos:
+                kinds.append((sum(v["tokens"] for v in result.videos), "video"))
             detail = f"{kinds[0][0]} of them {kinds[0][1]}" if len(kinds) == 1 else \
                 " + ".join(f"{n} {kind}" for n, kind in kinds)
             media = f"{result.prompt_tokens} prompt tokens ({detail})"
@@ -216,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--image", action="append", help="an image file; repeat for several images")
     g.add_argument("--audio", action="append", help="an audio file (WAV, FLAC, OGG, MP3, M4A, ...); repeat for several")
+    g.add_argument("--video", action="append", help="a video file (MP4, WebM, ...); repeat for several")
+    g.add_argument("--fps", type=float, help="video frames per second to take (default: the model's, 1)")
+    g.add_argument("--max-frames", type=int, help="refuse videos giving more frames (default: the model's)")
     g.add_argument("--prompt", required=True,
-                   help="the prompt; <image> / <audio> mark where each image / clip goes (else they go in front)")
+                   help="the prompt; <image> / <audio> / <video> mark where each item goes (else they go in front)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

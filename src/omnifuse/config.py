@@ -27,6 +27,7 @@ __all__ = [
     "LoudDefaultWarning",
     "ModelConfig",
     "TextConfig",
+    "VideoConfig",
     "VisionConfig",
     "config_from_dict",
     "config_to_dict",
@@ -256,6 +257,24 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    """Video input: frames sampled at ``fps`` (at most ``max_frames``; processing/video.py's
+    contract), each through the image processor and the vision encoder, plus a learned temporal
+    embedding per frame group; ``temporal_patch`` frames in a group share one set of tokens (1:
+    every frame its own, the seed's design; 2: pairs of frames merged, as Qwen2.5-VL's temporal
+    patches). The image connector projects them."""
+
+    fps: float = 1.0
+    max_frames: int = 32
+    temporal_patch: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.fps > 0, f"video.fps must be positive, got {self.fps}")
+        _check(self.max_frames >= 1, f"video.max_frames must be at least 1, got {self.max_frames}")
+        _check(self.temporal_patch in (1, 2), f"video.temporal_patch must be 1 or 2, got {self.temporal_patch}")
+
+
+@dataclass(frozen=True)
 class ConnectorConfig:
     """Projects vision features to the decoder width: ``linear`` or ``mlp`` (two layers, GELU).
 
@@ -455,6 +474,7 @@ class ModelConfig:
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig | None = None
+    video: VideoConfig | None = None
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -466,6 +486,10 @@ class ModelConfig:
             _check(dataclasses.is_dataclass(getattr(self, name)), f"{name} must be a config object")
         _check(self.vision is None or dataclasses.is_dataclass(self.vision), "vision must be a config object or null")
         _check(self.audio is None or dataclasses.is_dataclass(self.audio), "audio must be a config object or null")
+        _check(self.video is None or dataclasses.is_dataclass(self.video), "video must be a config object or null")
+        if self.video is not None:
+            _check(self.vision is not None and self.vision.type == "vit" and self.image.mode == "fixed",
+                   "video frames go through the vision encoder: video needs a vit vision encoder and image.mode fixed")
         for modality in self.modalities:
             _check(modality in self.text.placeholder_tokens,
                    f"a model that takes {modality} needs text.placeholder_tokens.{modality} (e.g. '<{modality}>')")

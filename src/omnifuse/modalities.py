@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from omnifuse.processing.image import ImageProcessor
 
 __all__ = ["MODALITIES", "Modality", "build_audio_encoder", "build_audio_processor", "build_image_processor",
-           "build_vision_encoder"]
+           "build_video_encoder", "build_video_processor", "build_vision_encoder"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class Modality:
     section: str
     processor: Callable[[ModelConfig], Any]  # source -> media item (processing.media.MediaItem)
     encoder: Callable[[ModelConfig], nn.Module]  # encoder(**item.inputs) -> features
-    connector: Callable[[ModelConfig], nn.Module]  # features -> (..., tokens, decoder width)
+    connector: Callable[[ModelConfig], nn.Module] | None  # features -> (..., tokens, decoder width)
+    shares_connector: str | None = None  # no connector of its own: that modality's
 
 
 # --------------------------------------------------------------------------------------------- image
@@ -107,9 +108,31 @@ def _audio_connector(config: ModelConfig) -> nn.Module:
     return CONNECTORS[config.audio.connector](config.audio.hidden_size, config.decoder.hidden_size)
 
 
+# --------------------------------------------------------------------------------------------- video
+
+
+def build_video_encoder(config: ModelConfig) -> nn.Module:
+    from omnifuse.encoders.video import VideoEncoder
+
+    v = config.video
+    return VideoEncoder(feature_dim=config.vision.feature_dim, max_groups=-(-v.max_frames // v.temporal_patch),
+                        temporal_patch=v.temporal_patch)
+
+
+def build_video_processor(config: ModelConfig):
+    from omnifuse.processing.video import VideoProcessor
+
+    if config.video is None:
+        return None
+    return VideoProcessor(config.video, build_image_processor(config))
+
+
 MODALITIES: dict[str, Modality] = {
     "image": Modality(section="vision", processor=build_image_processor, encoder=build_vision_encoder,
                       connector=_image_connector),
     "audio": Modality(section="audio", processor=build_audio_processor, encoder=build_audio_encoder,
                       connector=_audio_connector),
+    # Frames are images: the image encoder (attached, not copied) and the image connector.
+    "video": Modality(section="video", processor=build_video_processor, encoder=build_video_encoder,
+                      connector=None, shares_connector="image"),
 }

@@ -31,11 +31,17 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
         self.processors: dict = {}
+        self.connector_of: dict[str, str] = {}  # modality -> the key of the connector it uses
         for modality in config.modalities:  # the registry builds each modality's parts (modalities.py)
             parts = MODALITIES[modality]
             self.encoders[modality] = parts.encoder(config)
-            self.connectors[modality] = parts.connector(config)
+            if parts.connector is not None:
+                self.connectors[modality] = parts.connector(config)
+            self.connector_of[modality] = parts.shares_connector or modality
             self.processors[modality] = parts.processor(config)
+        for encoder in self.encoders.values():  # encoders that use another modality's (video: image)
+            if hasattr(encoder, "attach"):
+                encoder.attach(self.encoders)
         # Registered after the encoders and connectors: parameter order (which a saved optimizer
         # state follows) is the same as before the decoder was a module of its own.
         self.decoder: TextDecoder = build_decoder(config)
@@ -132,7 +138,8 @@ class MultimodalModel(nn.Module):
         for i, (item, f) in enumerate(zip(items, feats)):
             groups.setdefault((item.modality, tuple(f.shape[1:])), []).append(i)
         for (modality, _), idx in groups.items():  # outputs of one shape share the connector's batch
-            tokens = self.connectors[modality](torch.cat([feats[i].to(self.device) for i in idx]))  # (N, ..., D)
+            connector = self.connectors[self.connector_of[modality]]
+            tokens = connector(torch.cat([feats[i].to(self.device) for i in idx]))  # (N, ..., D)
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 f = f.reshape(-1, f.shape[-1])
                 keep = items[i].keep

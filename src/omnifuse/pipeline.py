@@ -21,6 +21,7 @@ from omnifuse.planner.costs import (
     image_cost,
     images_seen_at_decode,
     request_cost,
+    video_cost,
 )
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
@@ -42,6 +43,7 @@ class GenerationResult:
     kv_cache_bytes: int
     images: list[dict] = field(default_factory=list)  # per image: size, tokens, tiles
     audio: list[dict] = field(default_factory=list)  # per clip: seconds, chunks, tokens
+    videos: list[dict] = field(default_factory=list)  # per video: seconds, fps, frames, timestamps, tokens
     cross_attention_states_prefill: int = 0  # encoded and cached at prefill (Mllama: padding tiles too)
     cross_attention_states_decode: int = 0  # attended at decode: all the decode cache keeps
     # self_attention, cross_attention_prefill, cross_attention_decode
@@ -124,12 +126,13 @@ class Pipeline:
         ids, order = self.layout.encode_with_order(prompt, counts, chat)
         return ids, [media[m][k] for m, k in order]
 
-    def process(self, modality: str, sources: Sequence) -> list:
-        """Media items of ``modality`` from sources (paths, bytes, PIL images, (samples, rate) audio)."""
+    def process(self, modality: str, sources: Sequence, **options) -> list:
+        """Media items of ``modality`` from sources (paths, bytes, PIL images, (samples, rate) audio;
+        ``options``: the processor's, e.g. ``fps`` and ``max_frames`` for video)."""
         if not sources:
             return []
         self.layout.check_modalities({modality: sources})
-        return [self.model.processors[modality](s) for s in sources]
+        return [self.model.processors[modality](s, **options) for s in sources]
 
     def process_images(self, sources: Sequence) -> list[ProcessedImage]:
         return self.process("image", sources)
@@ -139,8 +142,14 @@ class Pipeline:
         ``plan``): prompt and output positions, and the cross-attention states its media items (in
         prompt order) give at prefill and its last prompt token attends to at decode."""
         config = self.model.config
-        costs = [image_cost(config, *item.original_size, self.processor) if item.modality == "image"
-                 else audio_cost(config, item.num_samples, self.model.processors["audio"]) for item in images]
+        def cost(item):
+            if item.modality == "image":
+                return image_cost(config, *item.original_size, self.processor)
+            if item.modality == "video":
+                return video_cost(config, item.duration, *item.size, item.fps, self.model.processors["video"])
+            return audio_cost(config, item.num_samples, self.model.processors["audio"])
+
+        costs = [cost(item) for item in images]
         seen = None
         if not self.model.fusion.in_sequence:  # which items the decode cache keeps
             seen = images_seen_at_decode(config, prompt_ids, list(self.model.placeholder_ids.values()), len(images))
@@ -155,16 +164,21 @@ class Pipeline:
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None,
                        sampling: SamplingConfig | None = None, chat: bool = False,
                        on_token: Callable[[int, int], None] | None = None,
-                       audio: Sequence[Sequence] | None = None) -> list[GenerationResult]:
+                       audio: Sequence[Sequence] | None = None, video: Sequence[Sequence] | None = None,
+                       fps: float | None = None, max_frames: int | None = None) -> list[GenerationResult]:
         """Generate for several prompts at once (left-padded). ``images[i]`` are prompt i's image
         sources (paths, bytes or PIL images), ``audio[i]`` its clips (paths, bytes or (samples,
-        rate)). ``on_token(row, id)`` is called as tokens arrive (streaming)."""
+        rate)), ``video[i]`` its videos (paths or bytes; sampled at ``fps``, at most ``max_frames``,
+        the config's by default). ``on_token(row, id)`` is called as tokens arrive (streaming)."""
         sampling = sampling or self.sampling()
-        sources = {"image": images or [[] for _ in prompts], "audio": audio or [[] for _ in prompts]}
+        empty = [[] for _ in prompts]
+        sources = {"image": images or empty, "audio": audio or empty, "video": video or empty}
         for modality, lists in sources.items():
             if len(lists) != len(prompts):
                 raise RequestError(f"{len(prompts)} prompts but {len(lists)} {modality} lists")
-        media = [{m: self.process(m, lists[r]) for m, lists in sources.items()} for r in range(len(prompts))]
+        options = {"video": {k: v for k, v in (("fps", fps), ("max_frames", max_frames)) if v is not None}}
+        media = [{m: self.process(m, lists[r], **options.get(m, {})) for m, lists in sources.items()}
+                 for r in range(len(prompts))]
         encoded = [self.prompt_and_media(p, row, chat) for p, row in zip(prompts, media)]
         rows = [ids for ids, _ in encoded]
         processed = [items for _, items in encoded]
@@ -200,6 +214,9 @@ class Pipeline:
                 audio=[{"seconds": round(clip.seconds, 4), "samples": clip.num_samples,
                         "chunks": int(clip.inputs["audio_frames"].shape[0]), "tokens": clip.num_tokens}
                        for clip in imgs if clip.modality == "audio"],
+                videos=[{"seconds": round(v.duration, 4), "fps": v.fps, "frames": len(v.timestamps),
+                         "timestamps": list(v.timestamps), "width": v.size[0], "height": v.size[1],
+                         "tokens": v.num_tokens} for v in imgs if v.modality == "video"],
                 cross_attention_states_prefill=cost.cross_attention_states_prefill,
                 cross_attention_states_decode=cost.cross_attention_states_decode,
                 kv_cache_bytes_by_kind=cost.kv_cache_bytes.as_dict(),
@@ -208,6 +225,8 @@ class Pipeline:
 
     def generate(self, prompt: str, images: Sequence = (), sampling: SamplingConfig | None = None,
                  chat: bool = False, on_token: Callable[[int], None] | None = None,
-                 audio: Sequence = ()) -> GenerationResult:
+                 audio: Sequence = (), video: Sequence = (), fps: float | None = None,
+                 max_frames: int | None = None) -> GenerationResult:
         callback = (lambda _row, tok: on_token(tok)) if on_token is not None else None
-        return self.generate_batch([prompt], [list(images)], sampling, chat, callback, [list(audio)])[0]
+        return self.generate_batch([prompt], [list(images)], sampling, chat, callback, [list(audio)], [list(video)],
+                                   fps, max_frames)[0]

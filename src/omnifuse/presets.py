@@ -18,6 +18,7 @@ from omnifuse.config import (
     ImageConfig,
     ModelConfig,
     TextConfig,
+    VideoConfig,
     VisionConfig,
 )
 
@@ -87,16 +88,22 @@ PRESETS: dict[str, ModelConfig] = {
                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", bos_after_leading_images=True),
     ),
 }
-# Images and audio (Gemini-style inputs) on the tiny models: a Whisper-style audio encoder pooled
-# to 25 tokens per second (Qwen2-Audio's rate), 10 s chunks, early or cross fusion.
+# Images, audio and video (Gemini-style inputs) on the tiny models: a Whisper-style audio encoder
+# pooled to 25 tokens per second (Qwen2-Audio's rate), 10 s chunks; video at 1 frame per second
+# through the vision encoder with a temporal embedding; early or cross fusion.
 _TINY_AUDIO = AudioConfig(encoder="whisper", chunk_seconds=10.0, max_seconds=120.0, num_mel_bins=80, hidden_size=64,
                           num_layers=2, num_heads=4, intermediate_size=128, pool=2, connector="mlp")
-_OMNI_TEXT = TextConfig(tokenizer="bytes", placeholder_tokens={"image": "<image>", "audio": "<audio>"})
+_OMNI_TEXT = TextConfig(tokenizer="bytes", placeholder_tokens={"image": "<image>", "audio": "<audio>",
+                                                                 "video": "<video>"})
+_TINY_VIDEO = VideoConfig(fps=1.0, max_frames=16, temporal_patch=1)
 for _fusion in ("early", "cross"):
     _base = PRESETS[f"tiny-{_fusion}"]
+    # Video frames take the vision encoder one crop each: tiny-cross's tiles become fixed crops.
+    _image = _base.image if _base.image.mode == "fixed" else ImageConfig(mode="fixed", image_size=_base.image.image_size,
+                                                                         resize="pad")
     PRESETS[f"tiny-omni-{_fusion}"] = dataclasses.replace(
-        _base, name=f"tiny-omni-{_fusion}", audio=_TINY_AUDIO, text=_OMNI_TEXT,
-        decoder=dataclasses.replace(_base.decoder, vocab_size=261))
+        _base, name=f"tiny-omni-{_fusion}", image=_image, audio=_TINY_AUDIO, video=_TINY_VIDEO, text=_OMNI_TEXT,
+        decoder=dataclasses.replace(_base.decoder, vocab_size=262))
 
 # Llama 3.2 90B Vision: the 11B's vision tower and tiling on a Llama 3.1 70B decoder (80 self-attention
 # layers) with 20 cross-attention layers (HF stack indices 3, 8, ..., 98).

@@ -29,8 +29,22 @@ import torch
 from omnifuse.config import ModelConfig
 from omnifuse.planner.arch import CacheBytes, cache_bytes, from_model_config
 
-__all__ = ["AudioCost", "CacheBytes", "ImageCost", "RequestCost", "audio_cost", "count_parameters",
-           "cross_kv_bytes_per_state", "image_cost", "images_seen_at_decode", "kv_bytes_per_token", "model_info", "request_cost"]
+__all__ = [
+    "AudioCost",
+    "CacheBytes",
+    "ImageCost",
+    "RequestCost",
+    "VideoCost",
+    "audio_cost",
+    "count_parameters",
+    "cross_kv_bytes_per_state",
+    "image_cost",
+    "images_seen_at_decode",
+    "kv_bytes_per_token",
+    "model_info",
+    "request_cost",
+    "video_cost",
+]
 
 
 def _fusion(config: ModelConfig):
@@ -50,8 +64,9 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
 
     counts = {"vision_encoder": n(model.vision_encoder), "connector": n(model.connectors),
               "cross_attention": n(model.cross_layers)}
-    if "audio" in model.encoders:
-        counts["audio_encoder"] = n(model.encoders["audio"])
+    for modality in ("audio", "video"):  # the video encoder's own: its temporal embedding (frames use the vision encoder)
+        if modality in model.encoders:
+            counts[f"{modality}_encoder"] = n(model.encoders[modality])
     media = sum(counts.values())
     counts["total"] = n(model)
     counts["decoder"] = counts["total"] - media  # what is left: embeddings, layers, head
@@ -114,6 +129,34 @@ def audio_cost(config: ModelConfig, num_samples: int, processor=None) -> AudioCo
                      cross_attention_states_decode=fusion.cross_states(n))
 
 
+@dataclass(frozen=True)
+class VideoCost:
+    """What a ``seconds``-long ``width x height`` video sampled at ``fps`` costs a model."""
+
+    seconds: float
+    fps: float
+    frames: int  # frames taken (processing/video.py's sampling contract)
+    media_tokens: int
+    context_tokens: int
+    cross_attention_states_prefill: int
+    cross_attention_states_decode: int
+
+
+def video_cost(config: ModelConfig, seconds: float, width: int, height: int, fps: float | None = None,
+               processor=None) -> VideoCost:
+    """``processor``: the config's video processor, if one is built already."""
+    if processor is None:
+        from omnifuse.modalities import build_video_processor
+
+        processor = build_video_processor(config)
+    fps = fps or config.video.fps
+    n = processor.num_tokens(seconds, width, height, fps)
+    fusion = _fusion(config)
+    return VideoCost(seconds=seconds, fps=fps, frames=processor.num_frames(seconds, fps), media_tokens=n,
+                     context_tokens=fusion.context_tokens(n), cross_attention_states_prefill=fusion.cross_states(n),
+                     cross_attention_states_decode=fusion.cross_states(n))
+
+
 def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:
     """``processor``: the config's image processor, if one is built already."""
     if processor is None:
@@ -153,7 +196,7 @@ class RequestCost:
     media_tokens: int = 0  # all media, images included
 
 
-def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost | AudioCost] = (),
+def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost | AudioCost | VideoCost] = (),
                  dtype_bytes: float = 4, seen: Sequence[bool] | None = None) -> RequestCost:
     """One request: ``sequence_tokens`` context positions (prompt and output, media tokens
     included for early fusion) and its media items, in prompt order. ``seen``: the items the last
@@ -188,6 +231,12 @@ def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int,
         info.update(audio_sampling_rate=a.sampling_rate, audio_tokens_per_second=second.media_tokens,
                     audio_chunk_seconds=a.chunk_seconds, audio_tokens_per_chunk=chunk.media_tokens,
                     audio_max_seconds=a.max_seconds)
+    if config.video is not None:
+        v, side = config.video, config.image.image_size
+        group = video_cost(config, v.temporal_patch / v.fps, side, side)  # one group of frames
+        info.update(video_fps=v.fps, video_max_frames=v.max_frames, video_temporal_patch=v.temporal_patch,
+                    video_tokens_per_frame=group.media_tokens / v.temporal_patch,
+                    video_tokens_per_second=video_cost(config, 1.0, side, side).media_tokens)
     info.update(context_length=config.decoder.max_position, cache_dtype_bytes=dtype_bytes,
                 kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
     if config.vision is None:

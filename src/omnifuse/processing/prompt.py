@@ -141,7 +141,7 @@ class PromptLayout:
         if not self.has_media:
             raise FeatureCountError(f"{self.model_name} is a text-only model; it takes no {kind} ({n} given)")
         raise FeatureCountError(f"{self.model_name} takes {' and '.join(self.modalities)} input, not {m} "
-                                f"({n} {kind} given)")
+                                f"({_plural(n, _ITEM_NOUN.get(m, f'{m} item'))} given)")
 
     # ------------------------------------------------------------------ ids
     def encode(self, prompt: str, media: MediaCounts | Sequence[int] = (), chat: bool = False) -> list[int]:

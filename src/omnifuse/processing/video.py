@@ -28,7 +28,7 @@ from PIL import Image
 
 from omnifuse.errors import VideoError
 
-__all__ = ["VideoError", "VideoFrames", "VideoSource", "load_video", "sample_times"]
+__all__ = ["ProcessedVideo", "VideoError", "VideoFrames", "VideoProcessor", "VideoSource", "load_video", "sample_times"]
 
 VideoSource = str | Path | bytes
 
@@ -144,3 +144,66 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
             take(*current)
     return VideoFrames(frames=tuple(f for _, _, f in picked), timestamps=tuple(round(s, 6) for s, _, _ in picked),
                        frame_indices=tuple(i for _, i, _ in picked), duration=last_end, fps=fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing
+
+
+@dataclass(frozen=True)
+class ProcessedVideo:
+    """A clip as a media item (``omnifuse.processing.media.MediaItem``)."""
+
+    inputs: dict  # pixel_values (groups, temporal_patch, 3, H, W), group_ids (groups,)
+    num_tokens: int
+    timestamps: tuple[float, ...]  # of the frames taken
+    frame_indices: tuple[int, ...]
+    duration: float
+    fps: float
+    size: tuple[int, int]  # (width, height) of the frames
+    attendable: object = None
+    features: object = None
+    keep: object = None
+    modality: str = "video"
+
+
+class VideoProcessor:
+    """Turns video sources into ``ProcessedVideo`` items: frames by the sampling contract, each
+    through ``image_processor`` (one crop per frame), grouped ``temporal_patch`` at a time (the
+    last group repeats its last frame when the count is odd, as Qwen2.5-VL pads)."""
+
+    def __init__(self, config, image_processor) -> None:
+        if image_processor.config.mode != "fixed":
+            raise VideoError("video frames need image.mode fixed (one crop per frame)")
+        self.config = config
+        self.image_processor = image_processor
+
+    def num_frames(self, seconds: float, fps: float | None = None) -> int:
+        return len(sample_times(0.0, seconds, fps or self.config.fps))
+
+    def num_tokens(self, seconds: float, width: int, height: int, fps: float | None = None) -> int:
+        """Tokens of a ``seconds``-long ``width x height`` video at ``fps`` (the config's by default)."""
+        frames = self.num_frames(seconds, fps)
+        if frames > self.config.max_frames:
+            raise VideoError(f"a {seconds:g} s video gives {frames} frames at {fps or self.config.fps:g} fps, "
+                             f"more than max_frames {self.config.max_frames}")
+        groups = -(-frames // self.config.temporal_patch)
+        return groups * self.image_processor.num_tokens(width, height)
+
+    def __call__(self, source: VideoSource, fps: float | None = None, max_frames: int | None = None) -> ProcessedVideo:
+        import torch
+
+        fps = fps or self.config.fps
+        max_frames = min(max_frames or self.config.max_frames, self.config.max_frames)
+        clip = load_video(source, fps=fps, max_frames=max_frames, max_pixels=self.image_processor.config.max_pixels)
+        pixels = torch.cat([self.image_processor(frame).pixel_values for frame in clip.frames])  # (F, 3, H, W)
+        p = self.config.temporal_patch
+        if pixels.shape[0] % p:
+            pixels = torch.cat([pixels, pixels[-1:].expand(p - pixels.shape[0] % p, *pixels.shape[1:])])
+        groups = pixels.shape[0] // p
+        width, height = clip.frames[0].size
+        tokens = groups * self.image_processor.num_tokens(width, height)  # = num_tokens(duration, ...)
+        return ProcessedVideo(inputs={"pixel_values": pixels.view(groups, p, *pixels.shape[1:]),
+                                      "group_ids": torch.arange(groups)},
+                              num_tokens=tokens, timestamps=clip.timestamps, frame_indices=clip.frame_indices,
+                              duration=clip.duration, fps=fps, size=(width, height))
