@@ -253,8 +253,9 @@ def test_contrastive_stage_lowers_its_loss(tmp_path):
 
 @pytest.mark.slow
 def test_arena_quick_writes_report_and_plots(tmp_path):
-    proc = _run_cli(["arena", "--quick", "--out-dir", str(tmp_path)])
+    proc = _run_cli(["arena", "--quick", "--seeds", "2", "--out-dir", str(tmp_path)])
     report = (tmp_path / "report.md").read_text()
+    assert "the mean over 2 training seeds (0, 1)" in report and "## What the intervals show" in report
     for skill in ("colour", "shape", "spatial", "counting", "ocr", "compare"):
         assert skill in report
     assert (tmp_path / "accuracy_per_skill.png").stat().st_size > 1000
@@ -263,6 +264,7 @@ def test_arena_quick_writes_report_and_plots(tmp_path):
     assert results["pretrain_steps"] == 15  # as run: --quick pre-trains for half its 30 steps, not the config's 300
     assert "pre-trained contrastively for 15 steps" in report
     early, cross = results["strategies"]
+    assert results["seeds"] == [0, 1] and len(early["accuracy_runs"]) == 2 and early["count"] == 2 * results["test_size"]
     assert early["visual_tokens_per_image"] == cross["visual_tokens_per_image"] == 64
     assert early["context_tokens_per_sample"] - cross["context_tokens_per_sample"] > 60  # visual tokens in context
     assert early["kv_cache_bytes_per_sample"] > cross["kv_cache_bytes_per_sample"]

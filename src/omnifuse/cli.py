@@ -202,7 +202,7 @@ def cmd_arena(args: argparse.Namespace) -> int:
     if chosen:  # every training run of the arena (pre-training too) on that device and dtype
         config = dataclasses.replace(config, train={**config.train, **chosen},
                                      pretrain={**config.pretrain, **chosen} if config.pretrain else {})
-    run_arena(config, quick=args.quick)
+    run_arena(config, quick=args.quick, seeds=getattr(args, "seeds", 1))
     print(f"report: {config.out_dir}/report.md")
     return 0
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", help="arena YAML (default: the packaged omnifuse/configs/arena.yaml)")
     a.add_argument("--quick", action="store_true", help="a few steps per strategy, to check the pipeline")
     a.add_argument("--out-dir", help="where report.md and the plots go (default: runs/arena)")
+    a.add_argument("--seeds", type=int, default=1,
+                   help="train every strategy this many times (seeds seed, seed+1, ...): means, spreads, pooled intervals")
     _add_device_args(a, training=True)
     a.set_defaults(func=cmd_arena)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["print_summary", "write_report"]
+__all__ = ["add_intervals", "print_summary", "write_report"]
 
 _COST_COLUMNS = [
     ("parameters", "params", "{:,.0f}"),
@@ -36,8 +36,29 @@ def _acc(r: dict, skill: str) -> float:
     return r.get(f"accuracy/{skill}", float("nan"))
 
 
+def add_intervals(report: dict) -> None:
+    """Each strategy's 95% Wilson interval per skill and overall (``interval``), from its pooled
+    test answers (every seed's)."""
+    from omnifuse.arena.stats import wilson
+
+    for r in report["strategies"]:
+        keys = [(s, f"accuracy/{s}", f"count/{s}") for s in report["skills"]] + [("overall", "accuracy", "count")]
+        r["interval"] = {name: wilson(r[acc] * r.get(n, 0), r.get(n, 0)) for name, acc, n in keys}
+
+
+def _cell(r: dict, skill: str, key: str) -> str:
+    lo, hi = r["interval"][skill]
+    sd = r.get(f"{key}_sd")
+    spread = f" ±{sd:.1%} sd" if sd is not None else ""
+    return f"{r[key]:.1%} [{100 * lo:.1f}–{100 * hi:.1f}]{spread}"
+
+
 def write_report(report: dict, out: Path) -> None:
+    from omnifuse.arena.stats import findings
+
+    add_intervals(report)
     skills, chance, rows = report["skills"], report["chance"], report["strategies"]
+    seeds = report.get("seeds") or [report["train"]["seed"]]
     plot_accuracy(report, out / "accuracy_per_skill.png")
     plot_accuracy_vs_cache(report, out / "accuracy_vs_kv_cache.png")
     t = report["train"]
@@ -54,13 +75,22 @@ def write_report(report: dict, out: Path) -> None:
         "",
         "## Accuracy per skill",
         "",
+        "Each cell: accuracy [95% Wilson interval]"
+        + (f", the mean over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) ± their standard deviation, "
+           "the interval from all seeds' answers pooled." if len(seeds) > 1 else
+           f" (one training seed, {seeds[0]}; `omnifuse arena --seeds N` repeats training to show the spread)."),
+        "",
         "| strategy | " + " | ".join(skills) + " | overall |",
         "|---|" + "---:|" * (len(skills) + 1),
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{_acc(r, s):.1%}" for s in skills) + f" | {r['accuracy']:.1%} |")
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(r, s, f"accuracy/{s}") for s in skills)
+                     + f" | {_cell(r, 'overall', 'accuracy')} |")
     lines.append("| *chance* | " + " | ".join(f"{chance[s]:.1%}" for s in skills) + " | |")
-    lines += ["", "![accuracy per skill](accuracy_per_skill.png)", "", "## Cost", "",
+    lines += ["", "![accuracy per skill](accuracy_per_skill.png)", "", "## What the intervals show", "",
+              "A difference is claimed only where the 95% intervals do not overlap (against chance: the "
+              "interval's lower end is above it).", "", *[f"- {f}" for f in findings(rows, skills, chance)],
+              "", "## Cost", "",
               "| strategy | fusion | " + " | ".join(h for _, h, _ in _COST_COLUMNS) + " |",
               "|---|---|" + "---:|" * len(_COST_COLUMNS)]
     for r in rows:
@@ -69,9 +99,6 @@ def write_report(report: dict, out: Path) -> None:
               "cross-attention states of its images for cross-attention models (float32). Prefill: one sample, "
               "batch 1; decode: batch 1, tokens per second after the first.", "",
               "![accuracy against KV cache](accuracy_vs_kv_cache.png)", ""]
-    below = [(r["name"], s) for r in rows for s in skills if not _acc(r, s) > chance[s]]
-    lines.append("Every strategy beats chance on every skill." if not below else
-                 "At or below chance: " + ", ".join(f"{n} on {s}" for n, s in below) + ".")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -86,15 +113,19 @@ def plot_accuracy(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.4 * len(skills) + 2, 4))
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(skills))]
-        bars = ax.bar(xs, [_acc(r, s) for s in skills], width, label=f"{r['name']} ({r['fusion']})")
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        acc = [_acc(r, s) for s in skills]
+        err = [[max(0.0, a - r["interval"][s][0]) for a, s in zip(acc, skills)],  # rounding at 0 and 1
+               [max(0.0, r["interval"][s][1] - a) for a, s in zip(acc, skills)]]
+        bars = ax.bar(xs, acc, width, yerr=err, capsize=2, error_kw={"elinewidth": 0.8},
+                      label=f"{r['name']} ({r['fusion']})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=6)
     for j, s in enumerate(skills):
         ax.hlines(report["chance"][s], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
                   label="chance" if j == 0 else None)
     ax.set_xticks(range(len(skills)), skills)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy (exact match)")
-    ax.set_title("Accuracy per skill")
+    ax.set_title("Accuracy per skill (whiskers: 95% Wilson intervals)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(rows) + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -132,7 +132,26 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
     }
 
 
-def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
+def _pool(runs: list[dict], skills: list[str]) -> dict:
+    """One strategy over several seeds: mean accuracies, their spread (sample standard deviation),
+    pooled sample counts (the test answers of every seed), costs of the first run."""
+    first = dict(runs[0])
+    if len(runs) == 1:
+        return first
+    for key in ["accuracy", *(f"accuracy/{s}" for s in skills)]:
+        values = [r[key] for r in runs]
+        first[key] = statistics.mean(values)
+        first[f"{key}_sd"] = statistics.stdev(values)
+        first[f"{key}_runs"] = values
+    for key in ["count", *(f"count/{s}" for s in skills)]:
+        first[key] = sum(r[key] for r in runs)
+    first["train_seconds"] = statistics.mean(r["train_seconds"] for r in runs)
+    return first
+
+
+def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int = 1) -> dict:
+    """Train and test every strategy (``seeds`` times, with seeds ``seed``, ``seed + 1``, ...: the
+    report gives means, spreads and pooled intervals), write the report and return it."""
     import sys
 
     from rich.console import Console
@@ -151,34 +170,42 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None) -> dict:
     low, high = min(params.values()), max(params.values())
     if high > low * (1 + config.param_tolerance):
         raise ConfigError(f"strategies' parameter counts differ by more than {config.param_tolerance:.0%}: {params}")
-    results = []
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    runs: dict[str, list[dict]] = {s.name: [] for s, _ in plans}
     t_start = time.perf_counter()
     encoder, pretrain_steps = _pretrain_encoder(config, plans, quick, console) if config.pretrain else (None, 0)
     # Every strategy starts from the same pre-trained encoder; while it stays frozen its output for
     # a training image is the same in every strategy, so each image is encoded once for all.
     shared_features: dict | None = {} if encoder is not None else None
-    for strategy, tc in plans:
-        console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
-                      f"{tc.batch_size * tc.grad_accum} samples")
-        trainer = Trainer(tc, shared_features=shared_features)
-        if encoder is not None:
-            trainer.model.vision_encoder.load_state_dict(encoder)
-        t0 = time.perf_counter()
-        summary = trainer.run()
-        train_seconds = time.perf_counter() - t0
-        test = DiagnosticSource("test", config.test_size, tc)
-        scores = trainer.evaluate(test)
-        results.append({"name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
-                        "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
-                        "final_train_loss": summary["loss"], **scores, **_measure(trainer, test, config)})
+    for k in range(seeds):
+        for strategy, base in plans:
+            tc = base if seeds == 1 else dataclasses.replace(base, seed=base.seed + k,
+                                                             out_dir=str(Path(base.out_dir) / f"seed-{base.seed + k}"))
+            console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
+                          f"{tc.batch_size * tc.grad_accum} samples" + (f", seed {tc.seed}" if seeds > 1 else ""))
+            trainer = Trainer(tc, shared_features=shared_features)
+            if encoder is not None:
+                trainer.model.vision_encoder.load_state_dict(encoder)
+            t0 = time.perf_counter()
+            summary = trainer.run()
+            train_seconds = time.perf_counter() - t0
+            test = DiagnosticSource("test", config.test_size, base)  # one test set for every seed
+            scores = trainer.evaluate(test)
+            measured = _measure(trainer, test, config) if k == 0 else {}
+            runs[strategy.name].append({
+                "name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
+                "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
+                "final_train_loss": summary["loss"], **scores, **measured})
     skills = list(plans[0][1].skills)
+    results = [_pool(runs[s.name], skills) for s, _ in plans]
     report = {"strategies": results, "chance": {k: chance_level(k) for k in skills}, "skills": skills,
               "quick": quick, "seconds": time.perf_counter() - t_start,
               "train": {k: v for k, v in dataclasses.asdict(plans[0][1]).items()
                         if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder",
                                  "encoder_lr_scale", "skill_weights")},
               "pretrain_steps": pretrain_steps,  # as run (--quick runs fewer than the config's)
-              "test_size": config.test_size}
+              "test_size": config.test_size, "seeds": [plans[0][1].seed + k for k in range(seeds)]}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     write_report(report, out)
     print_summary(report, console)

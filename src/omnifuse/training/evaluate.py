@@ -20,7 +20,7 @@ __all__ = ["evaluate"]
 def evaluate(model, tokenizer, reader: ExampleReader, source, max_new_tokens: int, size: int | None = None,
              batch_size: int = 32, precision: Precision | None = None) -> dict:
     """``val_loss``: next-token loss per answer token over the records (None when no row fit
-    ``max_length``); ``accuracy`` and ``accuracy/<skill>``: the share of records whose greedy
+    ``max_length``); ``accuracy`` and ``accuracy/<skill>`` (over ``count`` and ``count/<skill>`` records): the share of records whose greedy
     answer (at most ``max_new_tokens``, lower-cased, stripped) equals ``meta["answer"]``. The
     first ``size`` records (all by default), ``batch_size`` at a time, each forward pass in
     ``precision`` (the run's; default plain float32)."""
@@ -58,6 +58,8 @@ def evaluate(model, tokenizer, reader: ExampleReader, source, max_new_tokens: in
             answer = tokenizer.decode(out).strip().lower()
             correct.setdefault(r[2].get("skill", "all"), []).append(int(answer == str(r[2]["answer"]).strip().lower()))
     result = {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(correct.items())}
+    result.update({f"count/{k}": len(v) for k, v in sorted(correct.items())})  # the samples behind each
     result["accuracy"] = sum(sum(v) for v in correct.values()) / max(1, sum(len(v) for v in correct.values()))
+    result["count"] = sum(len(v) for v in correct.values())
     result["val_loss"] = loss_sum / loss_tokens if loss_tokens else None  # None: no row fit max_length
     return result

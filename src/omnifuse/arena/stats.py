@@ -1,0 +1,54 @@
+"""How sure the arena's accuracies are: 95% Wilson score intervals, and which differences (between
+strategies, and against chance) are larger than their intervals.
+
+A difference counts only when the intervals do not overlap: a conservative reading (non-overlapping
+95% intervals mean a difference well past the 5% level), so "beats chance" is never claimed for a
+result within sampling noise of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["Z95", "findings", "wilson"]
+
+Z95 = 1.959963984540054
+
+
+def wilson(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of ``correct`` successes out of ``n`` (``correct`` may be a pooled
+    mean times ``n``). (0, 1) when there are no samples."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def findings(rows: list[dict], skills: list[str], chance: dict[str, float]) -> list[str]:
+    """Sentences on what the intervals support: per skill, which strategies are above chance and
+    which pairs of strategies differ."""
+    out = []
+    for s in skills:
+        above, unsure, below = [], [], []
+        for r in rows:
+            lo, hi = r["interval"][s]
+            (above if lo > chance[s] else below if hi < chance[s] else unsure).append(r["name"])
+        parts = []
+        if above:
+            parts.append(f"{', '.join(above)} above chance ({chance[s]:.0%})")
+        if unsure:
+            parts.append(f"{', '.join(unsure)} not distinguishable from chance ({chance[s]:.0%})")
+        if below:
+            parts.append(f"{', '.join(below)} below chance ({chance[s]:.0%})")
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                (alo, ahi), (blo, bhi) = a["interval"][s], b["interval"][s]
+                if alo > bhi or blo > ahi:
+                    hi, lo = (a, b) if alo > bhi else (b, a)
+                    parts.append(f"{hi['name']} beats {lo['name']}")
+        if len(rows) > 1 and not any(" beats " in p for p in parts):
+            parts.append("no difference between strategies beyond the intervals")
+        out.append(f"**{s}**: " + "; ".join(parts) + ".")
+    return out

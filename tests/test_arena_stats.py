@@ -1,0 +1,44 @@
+"""The arena's statistics: Wilson intervals, what they allow the report to claim, pooled seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from omnifuse.arena.run import _pool
+from omnifuse.arena.stats import findings, wilson
+
+
+def test_wilson_intervals_match_the_formula_at_known_points():
+    lo, hi = wilson(30, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.2189, 0.3958)
+    assert wilson(0, 20)[0] == 0.0 and 0.16 < wilson(0, 20)[1] < 0.17  # never below 0, not degenerate
+    assert wilson(20, 20)[1] == 1.0 and wilson(20, 20)[0] > 0.83
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def row(name, acc, n=100):
+    return {"name": name, "interval": {"s": wilson(acc * n, n)}}
+
+
+def test_thirty_percent_against_a_quarter_on_a_hundred_samples_is_not_above_chance():
+    text = findings([row("early", 0.30), row("cross", 0.27)], ["s"], {"s": 0.25})[0]
+    assert "early, cross not distinguishable from chance (25%)" in text
+    assert "no difference between strategies beyond the intervals" in text
+
+
+def test_clear_differences_are_claimed_and_named():
+    text = findings([row("early", 0.90), row("cross", 0.45, n=300)], ["s"], {"s": 0.25})[0]
+    assert "early, cross above chance (25%)" in text and "early beats cross" in text
+
+
+def test_seeds_pool_their_answers_and_report_the_spread():
+    runs = [{"name": "e", "accuracy": a, "accuracy/s": a, "count": 50, "count/s": 50, "train_seconds": 1.0}
+            for a in (0.4, 0.6)]
+    pooled = _pool(runs, ["s"])
+    assert pooled["accuracy"] == pytest.approx(0.5) and pooled["accuracy_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert pooled["count/s"] == 100 and pooled["accuracy/s_runs"] == [0.4, 0.6]
+
+
+def test_an_interval_below_chance_is_called_below_chance():
+    text = findings([row("early", 0.25, n=300)], ["s"], {"s": 0.5})[0]
+    assert text == "**s**: early below chance (50%)."
