@@ -206,7 +206,7 @@ def test_llava_image_marks_become_the_models_placeholder(tmp_path, folder):
 
     settings = SimpleNamespace(image_folder=str(folder), on_error="raise")
     path = write(tmp_path, GOOD)
-    source = LlavaSource(str(path), settings, image_token="<|image|>")
+    source = LlavaSource(str(path), settings, placeholder_tokens={"image": "<|image|>"})
     turns, images, _ = source[0]
     assert len(images) == 1
     assert turns[:2] == [("user", "<|image|>\nWhat colour?"), ("assistant", "Red.")]

@@ -33,7 +33,7 @@ def test_demo_runs_the_packaged_default(monkeypatch, tmp_path):
     from omnifuse.cli import main
 
     seen = []
-    monkeypatch.setattr(omnifuse.arena, "run_arena", lambda config, quick: seen.append((config, quick)))
+    monkeypatch.setattr(omnifuse.arena, "run_arena", lambda config, quick, **options: seen.append((config, quick)))
     assert main(["demo", "--quick", "--out-dir", str(tmp_path)]) == 0
     ((config, quick),) = seen
     assert quick and config.out_dir == str(tmp_path)
@@ -91,7 +91,7 @@ def test_installed_wheel_runs_arena_quick_outside_the_checkout(tmp_path):
     probe = ("import json, omnifuse, omnifuse.arena, omnifuse.cli\n"
              "from omnifuse.arena.run import DEFAULT_CONFIG\n"
              "seen = []\n"
-             "omnifuse.arena.run_arena = lambda config, quick: seen.append(config)\n"
+             "omnifuse.arena.run_arena = lambda config, quick, **options: seen.append(config)\n"
              "assert omnifuse.cli.main(['demo', '--quick']) == 0\n"
              "print(json.dumps([omnifuse.__file__, str(DEFAULT_CONFIG), *[s.model for s in seen[0].strategies]]))\n")
     package, *configs = json.loads(_run([str(python), "-c", probe], work).stdout.splitlines()[-1])

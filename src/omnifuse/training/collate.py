@@ -26,8 +26,18 @@ __all__ = ["Example", "ExampleBuilder", "TruncationError", "collate", "length_gr
 class Example:
     input_ids: list[int]
     labels: list[int]
-    images: list[ProcessedImage]
+    images: list[ProcessedImage]  # the row's media items (any modality), in prompt order
     meta: dict = field(default_factory=dict)  # e.g. {"skill": "colour", "answer": "red"}
+
+
+_POSSESSIVE = {"image": "an image's", "audio": "an audio clip's", "video": "a video's"}
+
+
+def by_modality(media) -> dict[str, list]:
+    """A record's media as {modality: items}: a plain list means images."""
+    if isinstance(media, dict):
+        return {m: list(v) for m, v in media.items() if v}
+    return {"image": list(media)} if media else {}
 
 
 class ExampleBuilder:
@@ -43,8 +53,8 @@ class ExampleBuilder:
         self.dropped = 0  # rows dropped by truncation
         self.last_drop = ""  # why the latest one was
 
-    def _messages(self, turns, n_images: int) -> list[dict]:
-        return self.layout.place_media_in_messages([{"role": role, "content": text} for role, text in turns], n_images)
+    def _messages(self, turns, counts: dict[str, int]) -> list[dict]:
+        return self.layout.place_media_in_messages([{"role": role, "content": text} for role, text in turns], counts)
 
     def _segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """(text, is_answer) pieces whose concatenation is the rendered conversation."""
@@ -61,22 +71,27 @@ class ExampleBuilder:
             done = full
         return [(t, a) for t, a in pieces if t]
 
-    def build(self, turns, images: list[ProcessedImage], meta: dict | None = None) -> Example | None:
-        """One training row, or None when truncation dropped it (``dropped`` counts these)."""
+    def build(self, turns, media, meta: dict | None = None) -> Example | None:
+        """One training row, or None when truncation dropped it (``dropped`` counts these).
+        ``media``: the record's processed items, {modality: items} or a list of images."""
+        media = by_modality(media)
         ids: list[int] = []
         labels: list[int] = []
-        for text, is_answer in self._segments(self._messages(turns, len(images))):
+        for text, is_answer in self._segments(self._messages(turns, {m: len(v) for m, v in media.items()})):
             piece = self.layout.tokenize(text, first=not ids)
             ids += piece
             labels += piece if is_answer else [IGNORE] * len(piece)
-        repeats = self.layout.context_positions(ids, [img.num_tokens for img in images])
+        order = self.layout.media_order(ids)
+        repeats = self.layout.context_positions(ids, {m: [x.num_tokens for x in v] for m, v in media.items()})
         ids = [tok for tok, r in zip(ids, repeats) for _ in range(r)]
         labels = [lab for lab, r in zip(labels, repeats) for _ in range(r)]  # media positions carry no loss
         if len(ids) > self.max_length:
-            cut_media = bool(images) and self.layout.image_token_id in ids[self.max_length:]
+            of = self.layout.placeholder_ids() if media else {}
+            cut = next((of[t] for t in ids[self.max_length:] if t in of), None)
             no_answer = all(lab == IGNORE for lab in labels[:self.max_length])
-            if cut_media or no_answer:
-                why = "would cut an image's tokens" if cut_media else "would remove every answer token"
+            if cut or no_answer:
+                why = f"would cut {_POSSESSIVE.get(cut, 'a media item' + chr(39) + 's')} tokens" if cut \
+                    else "would remove every answer token"
                 message = f"a row of {len(ids)} tokens exceeds max_length {self.max_length} and truncating it {why}"
                 if self.truncation == "error":
                     raise TruncationError(message)
@@ -84,12 +99,22 @@ class ExampleBuilder:
                 self.last_drop = message
                 return None
             ids, labels = ids[:self.max_length], labels[:self.max_length]
-        return Example(ids, labels, list(images), dict(meta or {}))
+        return Example(ids, labels, [media[m][k] for m, k in order], dict(meta or {}))
 
-    def prompt(self, turns, images: list[ProcessedImage]) -> list[int]:
+    def prompt(self, turns, media) -> list[int]:
         """Ids for generation: the conversation so far plus the assistant prompt (eval uses this)."""
-        messages = [{"role": role, "content": text} for role, text in turns]
-        return self.layout.encode_conversation(messages, [img.num_tokens for img in images])
+        return self.prompt_and_media(turns, media)[0]
+
+    def prompt_and_media(self, turns, media) -> tuple[list[int], list]:
+        """(``prompt``'s ids, the media items in prompt order, as the model takes them)."""
+        media = by_modality(media)
+        messages = self.layout.place_media_in_messages([{"role": role, "content": text} for role, text in turns],
+                                                       {m: len(v) for m, v in media.items()})
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.layout.tokenize(rendered)
+        order = self.layout.media_order(ids)
+        return self.layout.expand(ids, {m: [x.num_tokens for x in v] for m, v in media.items()}), \
+            [media[m][k] for m, k in order]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:

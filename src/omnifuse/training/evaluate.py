@@ -34,7 +34,7 @@ def evaluate(model, tokenizer, reader: ExampleReader, source, max_new_tokens: in
         records, images = [], []
         for i in range(start, min(n, start + batch_size)):
             record = source[i]
-            imgs = reader.images(record, i)
+            imgs = reader.media(record, i)
             if imgs is not None:
                 records.append(record)
                 images.append(imgs)
@@ -50,8 +50,9 @@ def evaluate(model, tokenizer, reader: ExampleReader, source, max_new_tokens: in
                                images=batch["images"])
                 loss_sum += float(next_token_loss(logits, labels, reduction="sum"))
                 loss_tokens += int((labels[:, 1:] != IGNORE).sum())
-            prompts = [reader.builder.prompt(r[0][:-1], imgs) for r, imgs in zip(records, images)]
-            outs = generate(model, prompts, images if any(images) else None,
+            laid_out = [reader.builder.prompt_and_media(r[0][:-1], media) for r, media in zip(records, images)]
+            prompts, items = [ids for ids, _ in laid_out], [row for _, row in laid_out]
+            outs = generate(model, prompts, items if any(items) else None,
                             SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=eos),
                             pad_id=tokenizer.pad_token_id)
         for r, out in zip(records, outs):

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from omnifuse.errors import DataFormatError, ImageError
-from omnifuse.training.collate import Example, ExampleBuilder
+from omnifuse.errors import AudioError, DataFormatError, ImageError, VideoError
+from omnifuse.training.collate import Example, ExampleBuilder, by_modality
 
 __all__ = ["ExampleReader"]
 
@@ -32,13 +32,20 @@ class ExampleReader:
         self.shared_features = shared_features
         self.skipped_media: dict[str, str] = {}  # "record N" -> why its media could not be used
 
-    def images(self, record, i: int) -> list | None:
-        """The record's processed images, or None when one cannot be used (skipped, and named on
-        stderr the first time) under ``on_error: skip``."""
-        _turns, image_sources, meta = record
+    def media(self, record, i: int) -> dict | None:
+        """The record's processed media, {modality: items}, or None when one cannot be used
+        (skipped, and named on stderr the first time) under ``on_error: skip``."""
+        _turns, sources, meta = record
         try:
-            return [self.model.image_processor(s) for s in image_sources]
-        except ImageError as e:
+            out = {}
+            for modality, srcs in by_modality(sources).items():
+                processor = self.model.processors.get(modality)
+                if processor is None:
+                    raise DataFormatError(f"{self.data_name}: record {meta.get('index', i)} has {modality} but "
+                                          f"{self.model.config.name} takes {', '.join(self.model.config.modalities) or 'no media'}")
+                out[modality] = [processor(s) for s in srcs]
+            return out
+        except (ImageError, AudioError, VideoError) as e:
             where = f"record {meta.get('index', i)}"
             if self.on_error == "raise":
                 raise DataFormatError(f"{self.data_name}: {where}: {e}") from None
@@ -52,8 +59,8 @@ class ExampleReader:
         out, rows = [], []
         for i in indices:
             record = source[i]
-            images = self.images(record, i)
-            ex = self.builder.build(record[0], images, record[2]) if images is not None else None
+            media = self.media(record, i)
+            ex = self.builder.build(record[0], media, record[2]) if media is not None else None
             if ex is not None:
                 out.append(ex)
                 rows.append(i)
@@ -64,16 +71,17 @@ class ExampleReader:
 
     @torch.no_grad()
     def _reuse_features(self, fingerprint: tuple, rows: list[int], examples: list[Example]) -> None:
-        """Give every image of ``examples`` its frozen encoder output from ``shared_features``,
-        encoding (in one batch) the images seen for the first time."""
+        """Give every image of ``examples`` its frozen vision encoder output from ``shared_features``,
+        encoding (in one batch) the images seen for the first time. Other media are encoded as they
+        come (their encoders may learn)."""
         cache = self.shared_features
         new = [((fingerprint, i, j), img) for i, ex in zip(rows, examples) for j, img in enumerate(ex.images)
-               if (fingerprint, i, j) not in cache]
+               if img.modality == "image" and (fingerprint, i, j) not in cache]
         if new:
             for (key, _), feats in zip(new, self.model.media_features([img for _, img in new])):
                 cache[key] = feats
         for i, ex in zip(rows, examples):
-            ex.images = [dataclasses.replace(img, features=cache[(fingerprint, i, j)])
+            ex.images = [dataclasses.replace(img, features=cache[(fingerprint, i, j)]) if img.modality == "image" else img
                          for j, img in enumerate(ex.images)]
 
     def unusable_reasons(self) -> str:

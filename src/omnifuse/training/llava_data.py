@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 IMAGE_TOKEN = "<image>"  # LLaVA's placeholder; the prompt layout expands it to visual tokens
+# Each media field of a record and its mark in the text ("audio" and "video" extend LLaVA's format).
+MEDIA_FIELDS = {"image": ("image", IMAGE_TOKEN), "audio": ("audio", "<audio>"), "video": ("video", "<video>")}
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _LABELS = {role: label for label, role in _ROLES.items()}  # messages use the file's own words
 _ON_ERROR = ("skip", "raise")
@@ -56,6 +58,12 @@ class Conversation:
     # it (none: the prompt layout puts the images in front of the first user turn)
     index: int  # record index in the file (0-based)
     id: str | None = None  # the record's "id", if it had one
+    audio: tuple[str, ...] = ()  # audio paths (the record's "audio"), resolved the same way
+    video: tuple[str, ...] = ()  # video paths (the record's "video")
+
+    @property
+    def media(self) -> dict[str, tuple[str, ...]]:
+        return {m: v for m, v in (("image", self.images), ("audio", self.audio), ("video", self.video)) if v}
 
 
 class _BadRecord(Exception):
@@ -106,17 +114,17 @@ def _image_root(path: PathLike, image_folder: PathLike | None) -> Path:
     return Path(image_folder) if image_folder not in (None, "") else Path(path).parent
 
 
-def _resolve_image(value: Any, root: Path, check: bool) -> str:
+def _resolve_image(value: Any, root: Path, check: bool, kind: str = "image") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _BadRecord(f"image path must be a non-empty string, got {value!r}")
+        raise _BadRecord(f"{kind} path must be a non-empty string, got {value!r}")
     resolved = root / value  # an absolute `value` replaces `root`
     if check:
-        # Existence and size only: decoding hundreds of thousands of images here would take longer
-        # than the first epoch; a corrupt file surfaces as an ImageError when it is loaded.
+        # Existence and size only: decoding hundreds of thousands of files here would take longer
+        # than the first epoch; a corrupt file surfaces (ImageError, AudioError, VideoError) when loaded.
         if not resolved.is_file():
-            raise _BadRecord(f"image file not found: {resolved}")
+            raise _BadRecord(f"{kind} file not found: {resolved}")
         if resolved.stat().st_size == 0:
-            raise _BadRecord(f"image file is empty (0 bytes): {resolved}")
+            raise _BadRecord(f"{kind} file is empty (0 bytes): {resolved}")
     return str(resolved)
 
 
@@ -181,14 +189,14 @@ def _parse_turns(conversations: Any) -> list[tuple[str, str]]:
     return turns
 
 
-def _parse_images(record: dict, root: Path, check: bool) -> list[str]:
-    value = record.get("image")
+def _parse_images(record: dict, root: Path, check: bool, field: str = "image") -> list[str]:
+    value = record.get(field)
     if value is None:
         return []
     paths = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
-        raise _BadRecord("'image' is an empty list; leave it out for a text-only record")
-    return [_resolve_image(p, root, check) for p in paths]
+        raise _BadRecord(f"'{field}' is an empty list; leave it out for a record without {field}")
+    return [_resolve_image(p, root, check, field) for p in paths]
 
 
 def _parse_conversation(record: Any, index: int, root: Path, check: bool) -> Conversation:
@@ -197,16 +205,19 @@ def _parse_conversation(record: Any, index: int, root: Path, check: bool) -> Con
     if "conversations" not in record:
         raise _BadRecord("has no 'conversations'")
     turns = _parse_turns(record["conversations"])
-    images = _parse_images(record, root, check)
-
-    for role, text in turns:
-        if role != "user" and IMAGE_TOKEN in text:
-            raise _BadRecord(f"a {_LABELS[role]} turn contains {IMAGE_TOKEN!r}; images belong in human turns")
-    placed = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
-    if placed != len(images) and not (placed == 0 and images):  # none placed: the layout places them
-        raise _BadRecord(str(media_count_error(placed, len(images), "the conversation", IMAGE_TOKEN)),
-                         FeatureCountError)
-    return Conversation(images=tuple(images), turns=tuple(turns), index=index, id=_record_id(record))
+    media = {}
+    for modality, (field, mark) in MEDIA_FIELDS.items():
+        items = _parse_images(record, root, check, field)
+        for role, text in turns:
+            if role != "user" and mark in text:
+                raise _BadRecord(f"a {_LABELS[role]} turn contains {mark!r}; media belong in human turns")
+        placed = sum(text.count(mark) for role, text in turns if role == "user")
+        if placed != len(items) and not (placed == 0 and items):  # none placed: the layout places them
+            raise _BadRecord(str(media_count_error(placed, len(items), "the conversation", mark, modality)),
+                             FeatureCountError)
+        media[modality] = tuple(items)
+    return Conversation(images=media["image"], turns=tuple(turns), index=index, id=_record_id(record),
+                        audio=media["audio"], video=media["video"])
 
 
 def read_llava_json(path: PathLike, image_folder: PathLike | None, on_error: str = "skip",

@@ -90,9 +90,11 @@ class Trainer:
 
             self.head = ContrastiveHead(self.model_config.vision.feature_dim, self.model_config.decoder.hidden_size,
                                         loss=cfg.contrastive_loss).to(self.world.device)
-        self.train_source, self.val_source = build_sources(cfg, self.model_config.text.image_token)
-        encoder_learns = any(p.requires_grad for p in self.model.vision_encoder.parameters())
-        per_crop = self.model_config.vision.type == "vit"  # the tiled Mllama encoder sees whole images
+        self.train_source, self.val_source = build_sources(cfg, dict(self.model_config.text.placeholder_tokens))
+        vision = self.model.vision_encoder
+        encoder_learns = vision is not None and any(p.requires_grad for p in vision.parameters())
+        # The tiled Mllama encoder sees whole images, not crops: its output is not shared per crop.
+        per_crop = self.model_config.vision is not None and self.model_config.vision.type == "vit"
         self.builder = ExampleBuilder(PromptLayout.for_model(self.model_config, self.tokenizer), cfg.max_length,
                                       cfg.truncation)
         self.reader = ExampleReader(self.model, self.builder, cfg.on_error, cfg.data_path or cfg.data,

@@ -37,15 +37,17 @@ class DiagnosticSource:
 
 
 class LlavaSource:
-    """LLaVA-format conversations. Their ``<image>`` marks become the model's image placeholder
-    (``image_token``, e.g. ``<|image|>`` for Llama 3.2 Vision), so the images stay where the file
-    puts them whatever the model."""
+    """LLaVA-format conversations (with ``audio`` and ``video`` fields beside ``image``). Their
+    ``<image>`` / ``<audio>`` / ``<video>`` marks become the model's placeholders
+    (``placeholder_tokens``, e.g. ``<|image|>`` for Llama 3.2 Vision), so the media stay where the
+    file puts them whatever the model."""
 
-    def __init__(self, path: str, cfg: TrainConfig, image_token: str | None = None) -> None:
-        from omnifuse.training.llava_data import IMAGE_TOKEN, read_llava_json
+    def __init__(self, path: str, cfg: TrainConfig, placeholder_tokens: dict[str, str] | None = None) -> None:
+        from omnifuse.training.llava_data import MEDIA_FIELDS, read_llava_json
 
         self.records, self.warnings = read_llava_json(path, cfg.image_folder, on_error=cfg.on_error)
-        self.marks = (IMAGE_TOKEN, image_token or IMAGE_TOKEN)
+        tokens = placeholder_tokens or {}
+        self.marks = [(mark, tokens.get(m, mark)) for m, (_, mark) in MEDIA_FIELDS.items() if tokens.get(m, mark) != mark]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,8 +55,15 @@ class LlavaSource:
     def __getitem__(self, i: int) -> Record:
         r = self.records[i]
         answer = next((t for role, t in reversed(r.turns) if role == "assistant"), "")
-        turns = [(role, text.replace(*self.marks)) if role == "user" else (role, text) for role, text in r.turns]
-        return turns, list(r.images), {"skill": "instruct", "answer": answer, "index": r.index}
+        turns = [(role, self._marks(text)) if role == "user" else (role, text) for role, text in r.turns]
+        media = r.media
+        sources = list(r.images) if set(media) <= {"image"} else {m: list(v) for m, v in media.items()}
+        return turns, sources, {"skill": "instruct", "answer": answer, "index": r.index}
+
+    def _marks(self, text: str) -> str:
+        for mark, token in self.marks:
+            text = text.replace(mark, token)
+        return text
 
 
 class CaptionSource:
@@ -73,16 +82,17 @@ class CaptionSource:
         return [("user", ""), ("assistant", caption)], [image], {"skill": "caption", "answer": caption}
 
 
-def build_sources(cfg: TrainConfig, image_token: str | None = None):
-    """(train, val) sources for a run; val may be None (no held-out data given). ``image_token``:
-    the model's image placeholder, which LLaVA-format ``<image>`` marks become."""
+def build_sources(cfg: TrainConfig, placeholder_tokens: dict[str, str] | None = None):
+    """(train, val) sources for a run; val may be None (no held-out data given).
+    ``placeholder_tokens``: the model's, which LLaVA-format ``<image>`` / ``<audio>`` / ``<video>``
+    marks become."""
     if cfg.data == "diagnostic":
         captions = cfg.stage == "contrastive"
         return (DiagnosticSource("train", cfg.train_size, cfg, captions),
                 DiagnosticSource("val", cfg.val_size, cfg, captions))
     if cfg.data == "llava":
-        train = LlavaSource(cfg.data_path, cfg, image_token)
-        val = LlavaSource(cfg.val_path, cfg, image_token) if cfg.val_path else None
+        train = LlavaSource(cfg.data_path, cfg, placeholder_tokens)
+        val = LlavaSource(cfg.val_path, cfg, placeholder_tokens) if cfg.val_path else None
     else:
         train = CaptionSource(cfg.data_path, cfg)
         val = CaptionSource(cfg.val_path, cfg) if cfg.val_path else None
