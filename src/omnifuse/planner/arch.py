@@ -246,6 +246,7 @@ class MediaWork:
     cross_states_decode: int = 0
     patches_per_crop: int | None = None
     encoder_positions: int = 0  # feature vectors the encoder hands the connector (0: crops x patches)
+    flops: int | None = None  # encoder + connector FLOPs when worked out already (omnifuse audio, video)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ class Architecture:
                 "vision_encoder": enc, "connector": con, "decoder": dec}
 
     def encoder_flops(self, media: MediaWork) -> int:
+        if media.flops is not None:
+            return media.flops
         if self.encoder is None:
             return 0
         flops = self.encoder.flops(media.crops, media.patches_per_crop)

@@ -208,8 +208,6 @@ def _measure(args, workload, options, given) -> int:
     if total > MEASURE_MAX_PARAMETERS:
         raise PlanError(f"--measure builds {args.preset} in float32 here ({total * 4 / 2 ** 30:.1f} GiB); "
                         f"it is for presets under {MEASURE_MAX_PARAMETERS / 1e9:g}B parameters")
-    if workload.audio_seconds or workload.video_seconds:
-        raise PlanError("--measure runs images and text only")
     if workload.text_tokens < 1:
         raise PlanError("--measure needs --text-tokens of at least 1 (the prompt)")
     workload = dataclasses.replace(workload, output_tokens=max(1, workload.output_tokens))  # decode at least once
@@ -217,7 +215,9 @@ def _measure(args, workload, options, given) -> int:
     predicted = plan(model, workload, options, cpu, None, dtype="fp32", kv_dtype="fp32")
     ignored = ignored_options(model, workload, given)
     predicted["notes"] += ignored
-    measured = measure_request(model.config, list(workload.images), workload.text_tokens, workload.output_tokens)
+    measured = measure_request(model.config, list(workload.images), workload.text_tokens, workload.output_tokens,
+                               audio_seconds=workload.audio_seconds, video_seconds=workload.video_seconds,
+                               video_size=workload.video_size, fps=workload.fps)
     result = _compare(predicted, measured)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -241,7 +241,7 @@ def _compare(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, A
     kv_pred = predicted["kv_cache_bytes"]
     lat = predicted["latency"]
     rows = [
-        ("visual tokens per image", str(visual_pred), str(measured["visual_tokens"]),
+        ("media tokens per item", str(visual_pred), str(measured["visual_tokens"]),
          exact(visual_pred, measured["visual_tokens"])),
         ("context tokens", predicted["context_tokens"], measured["context_tokens"],
          exact(predicted["context_tokens"], measured["context_tokens"])),

@@ -36,6 +36,7 @@ __all__ = [
     "RequestCost",
     "VideoCost",
     "audio_cost",
+    "audio_encoder_flops",
     "count_parameters",
     "cross_kv_bytes_per_state",
     "image_cost",
@@ -44,6 +45,7 @@ __all__ = [
     "model_info",
     "request_cost",
     "video_cost",
+    "video_encoder_flops",
 ]
 
 
@@ -155,6 +157,45 @@ def video_cost(config: ModelConfig, seconds: float, width: int, height: int, fps
     return VideoCost(seconds=seconds, fps=fps, frames=processor.num_frames(seconds, fps), media_tokens=n,
                      context_tokens=fusion.context_tokens(n), cross_attention_states_prefill=fusion.cross_states(n),
                      cross_attention_states_decode=fusion.cross_states(n))
+
+
+def _connector_flops(kind: str, positions: int, d_in: int, d_out: int) -> int:
+    if kind == "mlp":
+        return 2 * positions * (d_in * d_out + d_out * d_out)
+    return 2 * positions * d_in * d_out  # linear
+
+
+def audio_encoder_flops(config: ModelConfig, num_samples: int) -> int:
+    """FLOPs of the audio encoder and its connector on a clip (every chunk, padding included: it
+    is computed, then dropped), counted as torch's FLOP counter counts them (matmuls, convolutions,
+    attention)."""
+    a = config.audio
+    chunks = max(1, -(-num_samples // a.chunk_samples))
+    d, f = a.hidden_size, a.chunk_frames
+    if a.encoder == "patch":
+        n = (f // a.patch_frames) * (a.num_mel_bins // a.patch_mels)
+        stem = 2 * n * a.patch_mels * a.patch_frames * d
+        out = n
+    else:
+        n = (f - 1) // 2 + 1
+        stem = 2 * a.num_mel_bins * 3 * d * f + 2 * d * 3 * d * n
+        out = n if a.pool == 1 else n // a.pool
+    layers = a.num_layers * (n * (2 * 4 * d * d + 2 * 2 * d * a.intermediate_size) + 4 * d * n * n)
+    return chunks * (stem + layers + _connector_flops(a.connector, out, d, config.decoder.hidden_size))
+
+
+def video_encoder_flops(config: ModelConfig, frames: int) -> int:
+    """FLOPs of a video of ``frames`` frames: each frame (the last repeated to fill a temporal
+    patch) through the vision encoder, the temporal merge, the image connector."""
+    arch = from_model_config(config)
+    v = config.video
+    groups = -(-frames // v.temporal_patch)
+    per_crop = config.tokens_per_crop
+    flops = arch.encoder.flops(groups * v.temporal_patch)
+    if v.temporal_patch > 1:
+        dv = config.vision.feature_dim
+        flops += 2 * groups * per_crop * v.temporal_patch * dv * dv
+    return flops + arch.connector.flops(groups * per_crop)
 
 
 def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:

@@ -40,12 +40,45 @@ def _noise_image(width: int, height: int, seed: int):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
+def _noise_audio(seconds: float, rate: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).uniform(-0.5, 0.5, round(seconds * rate)).astype(np.float32), rate
+
+
+def _noise_video(seconds: float, width: int, height: int, seed: int, rate: int = 10) -> bytes:
+    """An MP4 of noise frames at ``rate`` fps lasting ``seconds`` (made with PyAV, in memory)."""
+    import io
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, rate)
+        for i in range(max(1, round(seconds * rate))):
+            pixels = rng.integers(0, 256, (stream.height, stream.width, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 @torch.inference_mode()
 def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], text_tokens: int,
-                    output_tokens: int, repeats: int = 3) -> dict[str, Any]:
-    """Run one request (random weights, noise images, ``text_tokens`` prompt tokens) and return
-    the measured counts: visual tokens, context tokens, cache bytes, prefill and decode FLOPs,
-    and the median prefill and decode latency."""
+                    output_tokens: int, repeats: int = 3, audio_seconds: float = 0.0, video_seconds: float = 0.0,
+                    video_size: tuple[int, int] = (64, 64), fps: float | None = None) -> dict[str, Any]:
+    """Run one request (random weights, noise images, a noise clip of ``audio_seconds``, a noise
+    video of ``video_seconds``, ``text_tokens`` prompt tokens) and return the measured counts:
+    media tokens (images, then the clip, then the video), context tokens, cache bytes, prefill and
+    decode FLOPs, and the median prefill and decode latency."""
     from omnifuse.model import build_model
     from omnifuse.nn.packed import pack_linears
     from omnifuse.processing.prompt import PromptLayout
@@ -56,14 +89,20 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     layout = PromptLayout.for_model(config, load_tokenizer(config.text))
     processor = model.image_processor
     images = [processor(_noise_image(w, h, i)) for i, (w, h) in enumerate(image_sizes)]
+    if audio_seconds:
+        images.append(model.processors["audio"](_noise_audio(audio_seconds, config.audio.sampling_rate, 7)))
+    if video_seconds:
+        images.append(model.processors["video"](_noise_video(video_seconds, *video_size, 8), fps=fps))
     features = model.encode_media(images)
     visual = [int(f.shape[0]) for f in features]
-    placeholder = layout.image_token_id
+    placeholders = set(model.placeholder_ids.values())
     text = torch.randint(1, config.decoder.vocab_size, (text_tokens,)).tolist()
-    text = [t if t != placeholder else t + 1 for t in text]
-    # Images in front of a prompt without placeholders (PromptLayout.place_media), after the first
-    # id, which stands for bos; the span is one position per visual token (early) or per image (cross).
-    ids = text[:1] + layout.media_span(visual) + text[1:]
+    text = [t if t not in placeholders else (t + 1) % config.decoder.vocab_size for t in text]
+    # Media in front of a prompt without placeholders (PromptLayout.place_media: images, then audio,
+    # then video), after the first id, which stands for bos; each item's span is one position per
+    # media token (early) or one per item (cross).
+    spans = [layout.media_span([n], item.modality) for item, n in zip(images, visual)]
+    ids = text[:1] + [i for span in spans for i in span] + text[1:]
     prompt = torch.tensor([ids])
     total = len(ids) + output_tokens
 

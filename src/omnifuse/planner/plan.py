@@ -209,22 +209,39 @@ def count_inputs(model: PlanModel, workload: Workload, options: rules.TokenOptio
         inputs.append(_input("image", w, h, None, c.context_tokens, c.cross_states_prefill, c.cross_states_decode,
                              c.note))
         work += _media_work(model, c)
-    if workload.audio_seconds:
-        if model.rule is None:
+    if workload.audio_seconds and model.rule is None:
+        from omnifuse.planner.costs import audio_cost, audio_encoder_flops
+
+        if model.config is None or model.config.audio is None:
             raise PlanError(f"{model.name} has no audio encoder")
+        samples = round(workload.audio_seconds * model.config.audio.sampling_rate)
+        c = audio_cost(model.config, samples)
+        inputs.append(_input("audio", None, None, workload.audio_seconds, c.context_tokens, c.cross_attention_states_prefill,
+                             c.cross_attention_states_decode,
+                             f"{c.chunks} chunk(s) of {model.config.audio.chunk_seconds:g} s, {c.media_tokens} tokens "
+                             "(omnifuse audio processor)"))
+        work.append(MediaWork(crops=0, context_tokens=c.context_tokens, cross_states_prefill=c.cross_attention_states_prefill,
+                              cross_states_decode=c.cross_attention_states_decode,
+                              flops=audio_encoder_flops(model.config, samples)))
+    elif workload.audio_seconds:
         c = rules.audio_tokens(model.name, workload.audio_seconds, options)
         inputs.append(_input("audio", None, None, workload.audio_seconds, c.context_tokens, c.cross_states_prefill,
                              c.cross_states_decode, c.note))
     if workload.video_seconds:
         w, h = workload.video_size
-        if model.rule is None:  # omnifuse models: frames as images
-            frames = max(1, math.floor(workload.video_seconds * workload.fps + 0.5))  # as the vendor rules round
-            entry, item = _own_image(model.config, w, h)
-            inputs.append(_input("video", w, h, workload.video_seconds, entry["tokens"] * frames,
-                                 entry["cross_attention_states_prefill"] * frames,
-                                 entry["cross_attention_states_decode"] * frames,
-                                 f"{frames} frames at {workload.fps:g} fps, each {entry['note']}"))
-            work += [item] * frames
+        if model.rule is None:  # omnifuse models: the video processor's sampling contract
+            from omnifuse.planner.costs import video_cost, video_encoder_flops
+
+            if model.config is None or model.config.video is None:
+                raise PlanError(f"{model.name} takes no video (its config has no video section)")
+            c = video_cost(model.config, workload.video_seconds, w, h, workload.fps)
+            inputs.append(_input("video", w, h, workload.video_seconds, c.context_tokens, c.cross_attention_states_prefill,
+                                 c.cross_attention_states_decode,
+                                 f"{c.frames} frames at {workload.fps:g} fps (k / fps), {c.media_tokens} tokens "
+                                 "(omnifuse video processor)"))
+            work.append(MediaWork(crops=0, context_tokens=c.context_tokens, cross_states_prefill=c.cross_attention_states_prefill,
+                                  cross_states_decode=c.cross_attention_states_decode,
+                                  flops=video_encoder_flops(model.config, c.frames)))
         else:
             c = rules.video_tokens(model.name, workload.video_seconds, workload.fps, w, h, options=options)
             inputs.append(_input("video", w, h, workload.video_seconds, c.context_tokens, c.cross_states_prefill,
