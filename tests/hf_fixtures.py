@@ -191,3 +191,35 @@ def save_qwen2_audio(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: i
     elif layout == "v4":
         features.save_pretrained(folder)
     return folder
+
+
+def save_llava_next_video(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, feature_layer=-2,
+                          strategy: str = "default", image_size: int = 42, patch: int = 7, stride: int = 2,
+                          vocab: int = 320, video_token_id: int = 301, image_token_id: int = 300) -> Path:
+    """A tiny LLaVA-NeXT-Video checkpoint. Its video processor needs torchvision, which cannot run
+    here, so its settings are written as ``processor.save_pretrained`` writes them (a
+    ``video_processor`` section of CLIP resize + centre crop + normalise), and tests prepare the
+    reference's frames with ``CLIPImageProcessorPil``, which does the same per frame."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                          image_size=image_size, patch_size=patch, projection_dim=16)
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                     bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    cfg = LlavaNextVideoConfig(vision_config=vc, text_config=tc, video_token_index=video_token_id,
+                               image_token_index=image_token_id, vision_feature_layer=feature_layer,
+                               vision_feature_select_strategy=strategy, spatial_pool_stride=stride)
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id,
+                                         "<video>": video_token_id})
+    settings = {"video_processor": {
+        "video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "resample": 3, "do_convert_rgb": True}, "processor_class": "LlavaNextVideoProcessor"}
+    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    return folder

@@ -18,17 +18,22 @@ def colour(i: int) -> np.ndarray:
 
 
 def make_video(path, times, codec: str = "mpeg4", time_base: Fraction = Fraction(1, 1000),
-               rate: Fraction | None = None) -> None:
+               rate: Fraction | None = None, size: tuple[int, int] = (48, 32)) -> None:
     """Frames 0..n-1 shown from ``times[i]`` seconds (Fractions), encoded with PyAV."""
     import av
 
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=rate or 25)
-        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         stream.codec_context.time_base = time_base
         stream.time_base = time_base
         for i, t in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(colour(i), format="rgb24")
+            picture = colour(i)
+            if size != (48, 32):  # other sizes get some structure too: a moving bright square
+                picture = np.resize(picture, (size[1], size[0], 3))
+                x = (4 * i) % max(1, size[0] - 12)
+                picture[4:16, x:x + 12] = 250
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
             frame.pts = int(t / time_base)
             frame.time_base = time_base
             for packet in stream.encode(frame):

@@ -267,8 +267,11 @@ class VideoConfig:
     fps: float = 1.0
     max_frames: int = 32
     temporal_patch: int = 1
+    temporal_embedding: bool = True  # False: frames carry no time of their own (LLaVA-NeXT-Video)
+    spatial_pool: int = 1  # average-pool each frame's patch grid by this stride (LLaVA-NeXT-Video: 2)
 
     def __post_init__(self) -> None:
+        _check(self.spatial_pool >= 1, f"video.spatial_pool must be at least 1, got {self.spatial_pool}")
         _check(self.fps > 0, f"video.fps must be positive, got {self.fps}")
         _check(self.max_frames >= 1, f"video.max_frames must be at least 1, got {self.max_frames}")
         _check(self.temporal_patch in (1, 2), f"video.temporal_patch must be 1 or 2, got {self.temporal_patch}")
@@ -475,6 +478,9 @@ class ModelConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig | None = None
     video: VideoConfig | None = None
+    # The media the model takes; empty: every modality whose section is set. A video-only model
+    # (LLaVA-NeXT-Video read without its image path) still builds the vision encoder its frames use.
+    inputs: tuple[str, ...] = ()
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -490,6 +496,17 @@ class ModelConfig:
         if self.video is not None:
             _check(self.vision is not None and self.vision.type == "vit" and self.image.mode == "fixed",
                    "video frames go through the vision encoder: video needs a vit vision encoder and image.mode fixed")
+            if self.video.spatial_pool > 1:
+                side = self.image.image_size // self.vision.patch_size
+                _check(self.vision.cls_tokens == 0 and side % self.video.spatial_pool == 0,
+                       f"video.spatial_pool {self.video.spatial_pool} needs patch features without a class token "
+                       f"on a grid it divides ({side} x {side})")
+        _set(self, "inputs", tuple(self.inputs))
+        from omnifuse.modalities import MODALITIES
+
+        for m in self.inputs:
+            _check(m in MODALITIES and getattr(self, MODALITIES[m].section) is not None,
+                   f"inputs names {m!r}, which needs its config section ({MODALITIES[m].section if m in MODALITIES else 'unknown'})")
         for modality in self.modalities:
             _check(modality in self.text.placeholder_tokens,
                    f"a model that takes {modality} needs text.placeholder_tokens.{modality} (e.g. '<{modality}>')")
@@ -521,7 +538,19 @@ class ModelConfig:
         config section is set. Each has an encoder, a connector, a processor and a placeholder."""
         from omnifuse.modalities import MODALITIES
 
-        return tuple(m for m, spec in MODALITIES.items() if getattr(self, spec.section) is not None)
+        return tuple(m for m, spec in MODALITIES.items()
+                     if getattr(self, spec.section) is not None and (not self.inputs or m in self.inputs))
+
+    @property
+    def media_parts(self) -> tuple[str, ...]:
+        """The modalities whose encoder and connector the model builds: those it takes, and those
+        they use (video uses the image encoder and connector)."""
+        from omnifuse.modalities import MODALITIES
+
+        needed = set(self.modalities)
+        for m in self.modalities:
+            needed |= set(MODALITIES[m].needs)
+        return tuple(m for m in MODALITIES if m in needed)
 
     @property
     def has_media(self) -> bool:

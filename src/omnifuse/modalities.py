@@ -32,6 +32,7 @@ class Modality:
     encoder: Callable[[ModelConfig], nn.Module]  # encoder(**item.inputs) -> features
     connector: Callable[[ModelConfig], nn.Module] | None  # features -> (..., tokens, decoder width)
     shares_connector: str | None = None  # no connector of its own: that modality's
+    needs: tuple[str, ...] = ()  # modalities whose parts it uses (built even when not taken as input)
 
 
 # --------------------------------------------------------------------------------------------- image
@@ -115,8 +116,10 @@ def build_video_encoder(config: ModelConfig) -> nn.Module:
     from omnifuse.encoders.video import VideoEncoder
 
     v = config.video
+    side = config.image.image_size // config.vision.patch_size
     return VideoEncoder(feature_dim=config.vision.feature_dim, max_groups=-(-v.max_frames // v.temporal_patch),
-                        temporal_patch=v.temporal_patch)
+                        temporal_patch=v.temporal_patch, temporal_embedding=v.temporal_embedding,
+                        spatial_pool=v.spatial_pool, grid=side if v.spatial_pool > 1 else 0)
 
 
 def build_video_processor(config: ModelConfig):
@@ -124,7 +127,16 @@ def build_video_processor(config: ModelConfig):
 
     if config.video is None:
         return None
-    return VideoProcessor(config.video, build_image_processor(config))
+    return VideoProcessor(config.video, build_image_processor(config), video_frame_tokens(config))
+
+
+def video_frame_tokens(config: ModelConfig) -> int:
+    """Tokens of one frame group: the image tokens of a crop, spatially pooled."""
+    v = config.video
+    if v.spatial_pool == 1:
+        return config.tokens_per_crop
+    side = config.image.image_size // config.vision.patch_size // v.spatial_pool
+    return side * side
 
 
 MODALITIES: dict[str, Modality] = {
@@ -134,5 +146,5 @@ MODALITIES: dict[str, Modality] = {
                       connector=_audio_connector),
     # Frames are images: the image encoder (attached, not copied) and the image connector.
     "video": Modality(section="video", processor=build_video_processor, encoder=build_video_encoder,
-                      connector=None, shares_connector="image"),
+                      connector=None, shares_connector="image", needs=("image",)),
 }

@@ -32,13 +32,14 @@ class MultimodalModel(nn.Module):
         self.connectors = nn.ModuleDict()
         self.processors: dict = {}
         self.connector_of: dict[str, str] = {}  # modality -> the key of the connector it uses
-        for modality in config.modalities:  # the registry builds each modality's parts (modalities.py)
+        for modality in config.media_parts:  # the registry builds each modality's parts (modalities.py)
             parts = MODALITIES[modality]
             self.encoders[modality] = parts.encoder(config)
             if parts.connector is not None:
                 self.connectors[modality] = parts.connector(config)
             self.connector_of[modality] = parts.shares_connector or modality
-            self.processors[modality] = parts.processor(config)
+            if modality in config.modalities:  # an input the model takes (else only its parts are used)
+                self.processors[modality] = parts.processor(config)
         for encoder in self.encoders.values():  # encoders that use another modality's (video: image)
             if hasattr(encoder, "attach"):
                 encoder.attach(self.encoders)
@@ -47,7 +48,7 @@ class MultimodalModel(nn.Module):
         self.decoder: TextDecoder = build_decoder(config)
         self.fusion = fusion_strategy(config.fusion)
         text = config.text
-        missing = [m for m in self.encoders if m not in text.placeholder_ids]
+        missing = [m for m in config.modalities if m not in text.placeholder_ids]
         if missing:
             m = missing[0]
             raise ConfigError(f"text.placeholder_ids has no id for the {m} placeholder "
@@ -88,7 +89,7 @@ class MultimodalModel(nn.Module):
     def placeholder_ids(self) -> dict[str, int]:
         """Modality -> id of its placeholder token, for the modalities this model takes (config.text)."""
         ids = self.config.text.placeholder_ids
-        return {m: ids[m] for m in self.encoders}
+        return {m: ids[m] for m in self.config.modalities}
 
     @property
     def cross_layers(self) -> nn.ModuleDict:

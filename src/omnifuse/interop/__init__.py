@@ -8,12 +8,14 @@ from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.llama import llama_config, load_llama
 from omnifuse.interop.llava import llava_config, load_llava
+from omnifuse.interop.llava_next_video import llava_next_video_config, load_llava_next_video
 from omnifuse.interop.mllama import load_mllama, mllama_config
 from omnifuse.interop.qwen2_audio import load_qwen2_audio, qwen2_audio_config
 
 __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model", "read_any_config"]
 
-ARCHITECTURES = {"llama": load_llama, "llava": load_llava, "mllama": load_mllama, "qwen2_audio": load_qwen2_audio}
+ARCHITECTURES = {"llama": load_llama, "llava": load_llava, "llava_next_video": load_llava_next_video,
+                 "mllama": load_mllama, "qwen2_audio": load_qwen2_audio}
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:
@@ -23,8 +25,8 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
         return False
 
 
-CONFIG_READERS = {"llama": llama_config, "llava": llava_config, "mllama": mllama_config,
-                  "qwen2_audio": qwen2_audio_config}
+CONFIG_READERS = {"llama": llama_config, "llava": llava_config, "llava_next_video": llava_next_video_config,
+                  "mllama": mllama_config, "qwen2_audio": qwen2_audio_config}
 
 
 def _check_supported(folder: Path, hf: dict) -> str:

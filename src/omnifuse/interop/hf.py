@@ -193,7 +193,7 @@ def read_json_if_present(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def read_image_processor_config(folder: Path) -> tuple[dict[str, Any], str | None]:
+def read_image_processor_config(folder: Path, section: str = "image_processor") -> tuple[dict[str, Any], str | None]:
     """(image processor settings, the file they came from) of a Hugging Face folder.
 
     transformers 5's ``processor.save_pretrained`` nests them in ``processor_config.json`` under
@@ -201,10 +201,10 @@ def read_image_processor_config(folder: Path) -> tuple[dict[str, Any], str | Non
     ``preprocessor_config.json``. The nested section wins when both exist, as in transformers' own
     loader. ``({}, None)`` when the folder has neither: the caller must say which defaults it uses.
     """
-    nested = read_json_if_present(folder / "processor_config.json").get("image_processor")
+    nested = read_json_if_present(folder / "processor_config.json").get(section)
     if nested is not None:
         if not isinstance(nested, dict):
-            raise CheckpointError(f"{folder / 'processor_config.json'}: image_processor must be a JSON object")
+            raise CheckpointError(f"{folder / 'processor_config.json'}: {section} must be a JSON object")
         return nested, "processor_config.json"
     if (folder / "preprocessor_config.json").is_file():
         return read_json_if_present(folder / "preprocessor_config.json"), "preprocessor_config.json"

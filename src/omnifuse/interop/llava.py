@@ -52,11 +52,11 @@ _PROCESSOR_DEFAULTS = dict(resample=3, size={"shortest_edge": 224}, crop_size={"
                            do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
-def _image_config(folder: Path, image_size: int) -> ImageConfig:
-    """The reference image processor's settings (``processor_config.json`` or
+def _image_config(folder: Path, image_size: int, section: str = "image_processor") -> ImageConfig:
+    """The reference image processor's settings (``processor_config.json``'s ``section``, or
     ``preprocessor_config.json``) as an ImageConfig; a folder with neither gets LLaVA-1.5's CLIP
     processing at the vision tower's resolution, with a warning."""
-    pre, source = read_image_processor_config(folder)
+    pre, source = read_image_processor_config(folder, section)
     if source is None:
         warn_processor_defaults(folder, f"CLIP defaults (shortest edge {image_size} + centre crop, "
                                         f"mean {CLIP_MEAN}, std {CLIP_STD})")
@@ -92,7 +92,7 @@ def _image_config(folder: Path, image_size: int) -> ImageConfig:
                        std=per_channel(pre["image_std"], f"{where}: image_std"))
 
 
-def llava_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
+def llava_config(hf: dict[str, Any], folder: str | Path, processor_section: str = "image_processor") -> ModelConfig:
     """The omnifuse config of a LLaVA ``config.json`` (its image token id among the placeholders)."""
     folder = Path(folder)
     vision = {**_CLIP_DEFAULTS, **(hf.get("vision_config") or {})}
@@ -116,7 +116,7 @@ def llava_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
             patch_bias=False, qkv_bias=True, feature_layer=tuple(layer) if isinstance(layer, list) else int(layer),
             feature_select=strategy,
         ),
-        image=_image_config(folder, vision["image_size"]),
+        image=_image_config(folder, vision["image_size"], processor_section),
         connector=ConnectorConfig(type="mlp", bias=bool(hf.get("multimodal_projector_bias", True))),
         fusion=FusionConfig(type="early"),
         decoder=DecoderConfig(**llama_decoder_kwargs(text)),

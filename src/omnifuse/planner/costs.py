@@ -187,10 +187,12 @@ def audio_encoder_flops(config: ModelConfig, num_samples: int) -> int:
 def video_encoder_flops(config: ModelConfig, frames: int) -> int:
     """FLOPs of a video of ``frames`` frames: each frame (the last repeated to fill a temporal
     patch) through the vision encoder, the temporal merge, the image connector."""
+    from omnifuse.modalities import video_frame_tokens
+
     arch = from_model_config(config)
     v = config.video
     groups = -(-frames // v.temporal_patch)
-    per_crop = config.tokens_per_crop
+    per_crop = video_frame_tokens(config)  # after spatial pooling (no FLOPs counted for the pooling itself)
     flops = arch.encoder.flops(groups * v.temporal_patch)
     if v.temporal_patch > 1:
         dv = config.vision.feature_dim

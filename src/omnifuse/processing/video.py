@@ -172,11 +172,14 @@ class VideoProcessor:
     through ``image_processor`` (one crop per frame), grouped ``temporal_patch`` at a time (the
     last group repeats its last frame when the count is odd, as Qwen2.5-VL pads)."""
 
-    def __init__(self, config, image_processor) -> None:
+    def __init__(self, config, image_processor, frame_tokens: int | None = None) -> None:
+        """``frame_tokens``: tokens of one frame group after the encoder (default: the image
+        processor's tokens of one crop)."""
         if image_processor.config.mode != "fixed":
             raise VideoError("video frames need image.mode fixed (one crop per frame)")
         self.config = config
         self.image_processor = image_processor
+        self.frame_tokens = frame_tokens
 
     def num_frames(self, seconds: float, fps: float | None = None) -> int:
         return len(sample_times(0.0, seconds, fps or self.config.fps))
@@ -188,7 +191,7 @@ class VideoProcessor:
             raise VideoError(f"a {seconds:g} s video gives {frames} frames at {fps or self.config.fps:g} fps, "
                              f"more than max_frames {self.config.max_frames}")
         groups = -(-frames // self.config.temporal_patch)
-        return groups * self.image_processor.num_tokens(width, height)
+        return groups * (self.frame_tokens or self.image_processor.num_tokens(width, height))
 
     def __call__(self, source: VideoSource, fps: float | None = None, max_frames: int | None = None) -> ProcessedVideo:
         import torch
@@ -202,7 +205,7 @@ class VideoProcessor:
             pixels = torch.cat([pixels, pixels[-1:].expand(p - pixels.shape[0] % p, *pixels.shape[1:])])
         groups = pixels.shape[0] // p
         width, height = clip.frames[0].size
-        tokens = groups * self.image_processor.num_tokens(width, height)  # = num_tokens(duration, ...)
+        tokens = groups * (self.frame_tokens or self.image_processor.num_tokens(width, height))  # = num_tokens(...)
         return ProcessedVideo(inputs={"pixel_values": pixels.view(groups, p, *pixels.shape[1:]),
                                       "group_ids": torch.arange(groups)},
                               num_tokens=tokens, timestamps=clip.timestamps, frame_indices=clip.frame_indices,
