@@ -26,6 +26,10 @@ def wilson(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _pct(p: float) -> str:
+    return f"{p:.1%}" if p < 0.1 else f"{p:.0%}"
+
+
 def findings(rows: list[dict], skills: list[str], chance: dict[str, float]) -> list[str]:
     """Sentences on what the intervals support: per skill, which strategies are above chance and
     which pairs of strategies differ."""
@@ -37,11 +41,11 @@ def findings(rows: list[dict], skills: list[str], chance: dict[str, float]) -> l
             (above if lo > chance[s] else below if hi < chance[s] else unsure).append(r["name"])
         parts = []
         if above:
-            parts.append(f"{', '.join(above)} above chance ({chance[s]:.0%})")
+            parts.append(f"{', '.join(above)} above chance ({_pct(chance[s])})")
         if unsure:
-            parts.append(f"{', '.join(unsure)} not distinguishable from chance ({chance[s]:.0%})")
+            parts.append(f"{', '.join(unsure)} not distinguishable from chance ({_pct(chance[s])})")
         if below:
-            parts.append(f"{', '.join(below)} below chance ({chance[s]:.0%})")
+            parts.append(f"{', '.join(below)} below chance ({_pct(chance[s])})")
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:
                 (alo, ahi), (blo, bhi) = a["interval"][s], b["interval"][s]
