@@ -164,6 +164,7 @@ def wav_bytes(seconds: float, rate: int = RATE) -> bytes:
     ((np.zeros((2, 3, 4), np.float32), RATE), "shape .2, 3, 4."),
     ((np.array([0.0, np.nan], np.float32), RATE), "non-finite"),
     ((np.zeros(10), RATE, 1), r"\(samples, sampling rate\)"),
+    ([0.0, 0.1], r"a path, bytes or \(samples, rate\), got list"),
 ])
 def test_bad_audio_is_named(tmp_path, source, words):
     if source == "missing.wav":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from omnifuse.errors import AudioError
+from omnifuse.processing.media import open_av_stream, read_media_bytes
 
 if TYPE_CHECKING:
     from omnifuse.config import AudioConfig
@@ -81,15 +82,8 @@ def _read_soundfile(data: bytes, name: str, max_seconds: float | None) -> tuple[
 def _read_av(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av
 
-    try:
-        container = av.open(io.BytesIO(data))
-    except av.FFmpegError as e:
-        raise AudioError(f"cannot decode {name}: {e}") from None
+    container, stream = open_av_stream(data, "audio", name, AudioError)
     with container:
-        if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise AudioError(f"{name} has no audio stream (streams: {', '.join(kinds)})")
-        stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
         if not rate or rate <= 0:
             raise AudioError(f"{name} has sample rate {rate}")
@@ -142,20 +136,9 @@ def load_audio(source: AudioSource, sampling_rate: int, max_seconds: float | Non
         if max_seconds is not None and x.shape[0] > max_seconds * rate:
             raise _too_long(name, x.shape[0] / rate, max_seconds)
     else:
-        if isinstance(source, (str, Path)):
-            path = Path(source)
-            if not path.is_file():
-                raise AudioError(f"{name} not found")
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise AudioError(f"cannot read {name}: {e}") from None
-        elif isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        else:
+        if not isinstance(source, (str, Path, bytes, bytearray)):
             raise AudioError(f"an audio source is a path, bytes or (samples, rate), got {type(source).__name__}")
-        if not data:
-            raise AudioError(f"{name} is empty")
+        data = read_media_bytes(source, name, AudioError, "audio")
         read = _read_soundfile(data, name, max_seconds) or _read_av(data, name, max_seconds)
         x, rate = read
     if x.shape[0] == 0:

@@ -28,3 +28,45 @@ class MediaItem(Protocol):
     attendable: torch.Tensor | None  # (num_tokens,) bool: tokens text may attend to; None = all
     # The encoder's output when a frozen encoder already computed it (training reuses it).
     features: torch.Tensor | None
+
+
+def read_media_bytes(source, name: str, error: type[Exception], kind: str) -> bytes:
+    """The bytes of a media ``source`` (a path or the bytes themselves); ``error`` names the source
+    when it is missing, unreadable, empty or of another type."""
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise error(f"{name} not found")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise error(f"cannot read {name}: {e}") from None
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        raise error(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} source is a path or bytes, got {type(source).__name__}")
+    if not data:
+        raise error(f"{name} is empty")
+    return data
+
+
+def open_av_stream(data: bytes, kind: str, name: str, error: type[Exception]):
+    """(container, its first ``kind`` stream: "audio" or "video") of a file's bytes, through PyAV;
+    ``error`` names the file when FFmpeg cannot open it or it has no such stream. The caller
+    closes the container (``with container:``)."""
+    import io
+
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data))
+    except av.FFmpegError as e:
+        raise error(f"cannot decode {name}: {e}") from None
+    streams = getattr(container.streams, kind)
+    if not streams:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise error(f"{name} has no {kind} stream (streams: {', '.join(kinds)})")
+    return container, streams[0]

@@ -19,7 +19,6 @@ PyAV (FFmpeg) on one thread, and frames are converted to RGB there.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from omnifuse.errors import VideoError
+from omnifuse.processing.media import open_av_stream, read_media_bytes
 
 __all__ = ["ProcessedVideo", "VideoError", "VideoFrames", "VideoProcessor", "VideoSource", "load_video", "sample_times"]
 
@@ -74,26 +74,9 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
         raise VideoError(f"max_frames must be at least 1, got {max_frames}")
     if start < 0 or (end is not None and end <= start):
         raise VideoError(f"the video range must have 0 <= start < end, got start {start} and end {end}")
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise VideoError(f"{name} not found")
-        data = path.read_bytes()
-    elif isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    else:
-        raise VideoError(f"a video source is a path or bytes, got {type(source).__name__}")
-    if not data:
-        raise VideoError(f"{name} is empty")
-    try:
-        container = av.open(io.BytesIO(data))
-    except av.FFmpegError as e:
-        raise VideoError(f"cannot decode {name}: {e}") from None
+    data = read_media_bytes(source, name, VideoError, "video")
+    container, stream = open_av_stream(data, "video", name, VideoError)
     with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoError(f"{name} has no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
         stream.thread_type = "SLICE"  # no frame threading: the same order and frames on every run
         w, h = stream.codec_context.width, stream.codec_context.height
         if w and h and w * h > max_pixels:
