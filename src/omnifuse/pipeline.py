@@ -59,7 +59,6 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.layout = PromptLayout.for_model(model.config, tokenizer)
         self.processor = model.image_processor
-        self.image_token = model.config.text.image_token
         for modality, token_id in model.placeholder_ids.items():  # the model's ids are the tokenizer's
             if tokenizer.placeholder_id(modality) != token_id:
                 raise TokenizerError(f"the model's {modality} token id {token_id} differs from the tokenizer's "

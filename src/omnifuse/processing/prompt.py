@@ -27,6 +27,7 @@ list means images.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 from omnifuse.config import ModelConfig, TextConfig
@@ -95,9 +96,13 @@ class PromptLayout:
     def image_token_id(self) -> int:
         return self.tokenizer.image_token_id
 
+    @cached_property
+    def _modality_of(self) -> dict[int, str]:
+        return {self.tokenizer.placeholder_id(m): m for m in self.modalities}
+
     def placeholder_ids(self) -> dict[int, str]:
         """Placeholder token id -> its modality, for the modalities this model takes."""
-        return {self.tokenizer.placeholder_id(m): m for m in self.modalities}
+        return self._modality_of
 
     # ------------------------------------------------------------------ placeholders in text
     def place_media(self, prompt: str, n_items: int | Mapping[str, int]) -> str:
@@ -155,12 +160,10 @@ class PromptLayout:
         """(ids as ``encode``, the media in prompt order as (modality, index within the modality)):
         the order in which the model takes the items."""
         counts = _counts(media)
-        prompt = self.place_media(prompt, {m: len(c) for m, c in counts.items()})
+        prompt = self.place_media(prompt, {m: len(c) for m, c in counts.items()})  # errors name "the prompt"
         if chat:
-            messages = self.place_media_in_messages([{"role": "user", "content": prompt}],
-                                                    {m: len(c) for m, c in counts.items()})
-            ids = self.tokenize(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        elif not self.has_media:
+            return self.encode_conversation_with_order([{"role": "user", "content": prompt}], counts)
+        if not self.has_media:
             ids = self.tokenizer.encode(prompt)
         elif self.text.bos_after_leading_images:
             ids = self._bos_after_leading_images(prompt)
@@ -172,10 +175,15 @@ class PromptLayout:
                             media: MediaCounts | Sequence[int] = ()) -> list[int]:
         """Ids for generating the next assistant turn: media placed, the chat template rendered with
         the generation prompt, tokenized as :meth:`tokenize` does a first piece, expanded."""
+        return self.encode_conversation_with_order(messages, media)[0]
+
+    def encode_conversation_with_order(self, messages: Sequence[dict[str, Any]], media: MediaCounts | Sequence[int] = (),
+                                       ) -> tuple[list[int], list[tuple[str, int]]]:
+        """(ids as ``encode_conversation``, the media in prompt order as ``encode_with_order``)."""
         counts = _counts(media)
         messages = self.place_media_in_messages(messages, {m: len(c) for m, c in counts.items()})
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.expand(self.tokenize(rendered), counts)
+        ids = self.tokenize(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return self.expand(ids, counts), self.media_order(ids)
 
     def media_order(self, ids: Sequence[int]) -> list[tuple[str, int]]:
         """The placeholders of unexpanded ``ids`` in order, as (modality, index within the modality)."""

@@ -83,9 +83,9 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
             raise VideoError(f"{name} has {w} x {h} frames, more than the {max_pixels:,} pixels allowed")
         known = float(container.duration) / av.time_base if container.duration else None
         if known is not None:
-            stop = min(end, known) if end is not None else known
-            if len(sample_times(start, stop, fps)) > max_frames:
-                raise _too_many(name, len(sample_times(start, stop, fps)), fps, max_frames)
+            n = len(sample_times(start, min(end, known) if end is not None else known, fps))
+            if n > max_frames:
+                raise _too_many(name, n, fps, max_frames)
         step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
         picked: list[tuple[float, int, Image.Image]] = []
         k = 0  # the next sample time is start + k / fps
@@ -182,7 +182,11 @@ class VideoProcessor:
         fps = fps or self.config.fps
         max_frames = min(max_frames or self.config.max_frames, self.config.max_frames)
         clip = load_video(source, fps=fps, max_frames=max_frames, max_pixels=self.image_processor.config.max_pixels)
-        pixels = torch.cat([self.image_processor(frame).pixel_values for frame in clip.frames])  # (F, 3, H, W)
+        done: dict[int, torch.Tensor] = {}  # a frame taken at several times is processed once
+        for index, frame in zip(clip.frame_indices, clip.frames):
+            if index not in done:
+                done[index] = self.image_processor(frame).pixel_values
+        pixels = torch.cat([done[index] for index in clip.frame_indices])  # (F, 3, H, W)
         p = self.config.temporal_patch
         if pixels.shape[0] % p:
             pixels = torch.cat([pixels, pixels[-1:].expand(p - pixels.shape[0] % p, *pixels.shape[1:])])

@@ -108,13 +108,9 @@ class ExampleBuilder:
     def prompt_and_media(self, turns, media) -> tuple[list[int], list]:
         """(``prompt``'s ids, the media items in prompt order, as the model takes them)."""
         media = by_modality(media)
-        messages = self.layout.place_media_in_messages([{"role": role, "content": text} for role, text in turns],
-                                                       {m: len(v) for m, v in media.items()})
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.layout.tokenize(rendered)
-        order = self.layout.media_order(ids)
-        return self.layout.expand(ids, {m: [x.num_tokens for x in v] for m, v in media.items()}), \
-            [media[m][k] for m, k in order]
+        ids, order = self.layout.encode_conversation_with_order(
+            [{"role": role, "content": text} for role, text in turns], {m: [x.num_tokens for x in v] for m, v in media.items()})
+        return ids, [media[m][k] for m, k in order]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
