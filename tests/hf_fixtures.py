@@ -216,10 +216,14 @@ def save_llava_next_video(folder: Path, *, seed: int = 0, heads: int = 4, kv_hea
     model.save_pretrained(folder)
     write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id,
                                          "<video>": video_token_id})
-    settings = {"video_processor": {
-        "video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-        "resample": 3, "do_convert_rgb": True}, "processor_class": "LlavaNextVideoProcessor"}
+    # The frame settings as transformers serialises them (CLIP's resize, crop and normalisation,
+    # which is what the video processor does per frame), under the section its save writes.
+    from transformers import CLIPImageProcessorPil
+
+    frames = json.loads(CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}).to_json_string())
+    frames.pop("image_processor_type")
+    settings = {"video_processor": {**frames, "video_processor_type": "LlavaNextVideoVideoProcessor"},
+                "processor_class": "LlavaNextVideoProcessor"}
     (folder / "processor_config.json").write_text(json.dumps(settings, indent=2))
     return folder
