@@ -507,11 +507,10 @@ class ModelConfig:
         for m in self.inputs:
             _check(m in MODALITIES and getattr(self, MODALITIES[m].section) is not None,
                    f"inputs names {m!r}, which needs its config section ({MODALITIES[m].section if m in MODALITIES else 'unknown'})")
+        rows = self.decoder.vocab_size + self.decoder.extra_embeddings
         for modality in self.modalities:
             _check(modality in self.text.placeholder_tokens,
                    f"a model that takes {modality} needs text.placeholder_tokens.{modality} (e.g. '<{modality}>')")
-        rows = self.decoder.vocab_size + self.decoder.extra_embeddings
-        for modality in self.modalities:
             i = self.text.placeholder_ids.get(modality, 0)
             _check(i < rows, f"text.placeholder_ids.{modality} {i} is outside the decoder's {rows} embeddings")
         if not self.modalities:
@@ -535,7 +534,8 @@ class ModelConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         """The media this model takes: the registered modalities (``omnifuse.modalities``) whose
-        config section is set. Each has an encoder, a connector, a processor and a placeholder."""
+        config section is set, limited to ``inputs`` when it is given. Each has a processor and a
+        placeholder; its encoder and connector are among ``media_parts``."""
         from omnifuse.modalities import MODALITIES
 
         return tuple(m for m, spec in MODALITIES.items()
