@@ -173,6 +173,14 @@ def test_bad_audio_is_named(tmp_path, source, words):
         load_audio(source, RATE)
 
 
+def test_an_unsupported_codec_is_named():
+    data = bytearray(wav_bytes(1.0))
+    fmt = data.index(b"fmt ")
+    data[fmt + 8:fmt + 10] = (0x7777).to_bytes(2, "little")  # a WAV format tag no decoder knows
+    with pytest.raises(AudioError, match="its audio codec is not supported"):
+        load_audio(bytes(data), RATE)
+
+
 def test_a_truncated_file_is_refused(tmp_path):
     with pytest.raises(AudioError, match="cannot decode"):
         load_audio(wav_bytes(1.0)[:30], RATE)  # the header cut short

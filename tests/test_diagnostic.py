@@ -13,7 +13,7 @@ from omnifuse.training.diagnostic import (
     OCR_ALPHABET,
     OCR_LENGTH,
     SHAPES,
-    SKILLS,
+    IMAGE_SKILLS,
     DiagnosticSet,
     Sample,
     answer_set,
@@ -84,7 +84,7 @@ def test_skills_round_robin_answers_in_answer_set_and_images_shaped():
     seen = Counter()
     for i in range(len(data)):
         s = data[i]
-        assert s.skill == SKILLS[i % len(SKILLS)]
+        assert s.skill == IMAGE_SKILLS[i % len(IMAGE_SKILLS)]
         assert s.answer in answer_set(s.skill) and s.answer == s.answer.lower()
         assert "<image>" not in s.question
         assert len(s.images) == (2 if s.skill == "compare" else 1)
@@ -92,7 +92,7 @@ def test_skills_round_robin_answers_in_answer_set_and_images_shaped():
             assert img.mode == "RGB" and img.size == (48, 48)
             assert components(img) >= 1  # something is drawn
         seen[s.skill] += 1
-    assert set(seen) == set(SKILLS) and len(set(seen.values())) == 1
+    assert set(seen) == set(IMAGE_SKILLS) and len(set(seen.values())) == 1
 
 
 def test_skills_subset():
@@ -102,7 +102,7 @@ def test_skills_subset():
 
 def test_colour_and_shape_answers_match_the_pixels():
     data = DiagnosticSet("train", 240, seed=5)
-    for i in range(0, 240, len(SKILLS)):
+    for i in range(0, 240, len(IMAGE_SKILLS)):
         s = data[i]
         assert s.skill == "colour"
         assert dominant_colour(s.images[0]) == COLOURS[s.answer]
@@ -116,9 +116,9 @@ def test_colour_and_shape_answers_match_the_pixels():
 
 
 def test_counting_answer_is_the_number_of_blobs():
-    data = DiagnosticSet("test", 6 * 80, seed=2, skills=SKILLS)
+    data = DiagnosticSet("test", 6 * 80, seed=2, skills=IMAGE_SKILLS)
     counts = Counter()
-    for i in range(SKILLS.index("counting"), len(data), len(SKILLS)):
+    for i in range(IMAGE_SKILLS.index("counting"), len(data), len(IMAGE_SKILLS)):
         s = data[i]
         assert components(s.images[0]) == int(s.answer)
         counts[s.answer] += 1
@@ -128,7 +128,7 @@ def test_counting_answer_is_the_number_of_blobs():
 def test_spatial_answer_matches_the_shape_centres():
     data = DiagnosticSet("train", 6 * 60, seed=1)
     relations = Counter()
-    for i in range(SKILLS.index("spatial"), len(data), len(SKILLS)):
+    for i in range(IMAGE_SKILLS.index("spatial"), len(data), len(IMAGE_SKILLS)):
         s = data[i]
         _, relation, a, b = data.key(i)
         assert s.answer == relation and s.question == f"where is the {a[0]} relative to the {b[0]}?"
@@ -144,7 +144,7 @@ def test_spatial_answer_matches_the_shape_centres():
 
 def test_ocr_strings():
     data = DiagnosticSet("train", 6 * 40, seed=0)
-    for i in range(SKILLS.index("ocr"), len(data), len(SKILLS)):
+    for i in range(IMAGE_SKILLS.index("ocr"), len(data), len(IMAGE_SKILLS)):
         s = data[i]
         assert len(s.answer) == OCR_LENGTH and set(s.answer.upper()) <= set(OCR_ALPHABET)
         ink = np.any(np.asarray(s.images[0]) != BACKGROUND, axis=-1)  # (H, W)
@@ -154,7 +154,7 @@ def test_ocr_strings():
 def test_compare_is_balanced_and_true():
     data = DiagnosticSet("train", 6 * 200, seed=0)
     answers = Counter()
-    for i in range(SKILLS.index("compare"), len(data), len(SKILLS)):
+    for i in range(IMAGE_SKILLS.index("compare"), len(data), len(IMAGE_SKILLS)):
         s = data[i]
         a, b = (dominant_colour(img) for img in s.images)
         if "colour" in s.question:
@@ -191,10 +191,10 @@ def test_bad_arguments_fail_loudly():
 
 def test_skill_weights_give_a_skill_more_training_samples():
     data = DiagnosticSet("train", 700, seed=0, weights={"ocr": 2})
-    counts = {s: 0 for s in SKILLS}
+    counts = {s: 0 for s in IMAGE_SKILLS}
     for i in range(len(data)):
         counts[data.key(i)[0]] += 1
-    assert counts["ocr"] == 200 and all(counts[s] == 100 for s in SKILLS if s != "ocr")
+    assert counts["ocr"] == 200 and all(counts[s] == 100 for s in IMAGE_SKILLS if s != "ocr")
     answers = [data[i].answer for i in range(len(data)) if data.key(i)[0] == "compare"]
     assert answers.count("yes") == answers.count("no")  # compare stays balanced
     with pytest.raises(ValueError, match="not among the skills"):

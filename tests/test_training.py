@@ -256,16 +256,24 @@ def test_arena_quick_writes_report_and_plots(tmp_path):
     proc = _run_cli(["arena", "--quick", "--seeds", "2", "--out-dir", str(tmp_path)])
     report = (tmp_path / "report.md").read_text()
     assert "the mean over 2 training seeds (0, 1)" in report and "## What the intervals show" in report
-    for skill in ("colour", "shape", "spatial", "counting", "ocr", "compare"):
-        assert skill in report
+    from omnifuse.training.diagnostic import SKILLS, chance_level
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["skills"] == list(SKILLS)  # image, audio, video and audio-visual skills
+    assert results["chance"] == {s: chance_level(s) for s in SKILLS}
+    chance_row = next(line for line in report.splitlines() if line.startswith("| *chance*"))
+    assert "20.0%" in chance_row and "33.3%" in chance_row  # beeps (5 answers), order / flash (3 shapes)
+    assert "the audio and video encoders trained from scratch" in report
     assert (tmp_path / "accuracy_per_skill.png").stat().st_size > 1000
     assert (tmp_path / "accuracy_vs_kv_cache.png").stat().st_size > 1000
-    results = json.loads((tmp_path / "results.json").read_text())
     assert results["pretrain_steps"] == 15  # as run: --quick pre-trains for half its 30 steps, not the config's 300
     assert "pre-trained contrastively for 15 steps" in report
     early, cross = results["strategies"]
     assert results["seeds"] == [0, 1] and len(early["accuracy_runs"]) == 2 and early["count"] == 2 * results["test_size"]
     assert early["visual_tokens_per_image"] == cross["visual_tokens_per_image"] == 64
+    assert early["audio_tokens_per_second"] == cross["audio_tokens_per_second"] == 20
+    assert early["video_tokens_per_frame"] == cross["video_tokens_per_frame"] == 16
+    assert "| audio tokens / s | video tokens / frame |" in report
     assert early["context_tokens_per_sample"] - cross["context_tokens_per_sample"] > 60  # visual tokens in context
     assert early["kv_cache_bytes_per_sample"] > cross["kv_cache_bytes_per_sample"]
     assert "chance" in proc.stdout

@@ -5,11 +5,13 @@ or video span, and a tiny image + audio + video model trains on them."""
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 from test_video import make_video
 
@@ -91,3 +93,36 @@ def test_truncation_never_cuts_an_audio_or_video_span(tmp_path, folder, limit, c
     index = 0 if cut.startswith("an audio") else 2
     assert t.reader.examples(t.train_source, [index]) == []
     assert t.builder.dropped == 1 and f"would cut {cut} tokens" in t.builder.last_drop
+
+
+def test_diagnostic_media_skills_train_the_chosen_encoders_only(tmp_path):
+    from omnifuse.arena.run import DEFAULT_CONFIG
+
+    model = str(DEFAULT_CONFIG.parent / "models" / "arena-early.yaml")
+    cfg = TrainConfig(model=model, skills=("colour", "beeps", "motion", "flash"), train_encoder=["audio", "video"],
+                      train_size=64, val_size=8, batch_size=4, steps=4, warmup_steps=0, lr=3e-3,
+                      out_dir=str(tmp_path))
+    trainer = Trainer(cfg, quiet=True)
+    assert set(trainer.trainable) == {"connector", "fusion", "decoder", "encoder.audio", "encoder.video"}
+    assert trainer.trainable["encoder.audio"] > 0 and trainer.trainable["encoder.video"] > 0
+    vision = dict(trainer.model.vision_encoder.named_parameters())
+    assert not any(p.requires_grad for p in vision.values())  # the image encoder stays as it was
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    losses = [trainer.train_step(s) for s in range(4)]
+    assert all(math.isfinite(x) for x in losses)
+    after = dict(trainer.model.named_parameters())
+    changed = {n.split(".")[1] for n, p in after.items() if n.startswith("encoders.") and not torch.equal(p, before[n])}
+    assert changed == {"audio", "video"}
+    scores = trainer.evaluate(trainer.val_source)
+    assert {"accuracy/beeps", "accuracy/motion", "accuracy/flash"} <= set(scores)
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(model="tiny-early", skills=("colour", "beeps")), "skill beeps needs audio input, which tiny-early does not take"),
+    (dict(model="tiny-early", train_encoder=["video"]), "train_encoder needs video input, which tiny-early does not take"),
+    (dict(model="tiny-omni-early", stage="contrastive", skills=("colour", "pitch")), "skills .'pitch'. have no image"),
+    (dict(train_encoder=["sound"]), "a list of modalities"),
+])
+def test_media_skills_the_model_cannot_take_are_refused(tmp_path, settings, words):
+    with pytest.raises(ValueError, match=words):
+        Trainer(TrainConfig(**{"out_dir": str(tmp_path), **settings}), quiet=True)

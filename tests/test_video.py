@@ -102,7 +102,7 @@ def test_bad_video_is_named(tmp_path):
     cases = [
         (dict(source=tmp_path / "absent.mp4"), "not found"),
         (dict(source=b""), "is empty"),
-        (dict(source=[1, 2]), "a video source is a path or bytes, got list"),
+        (dict(source=[1, 2]), r"a video source is a path, bytes or \(frames, frame rate\), got list"),
         (dict(source=b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 20), "cannot decode"),
         (dict(source=wav), "has no video stream .streams: audio."),
         (dict(source=short, start=2.0), "1.00 s long; start 2 s is past its end"),
@@ -123,3 +123,50 @@ def test_a_file_cut_short_is_refused_not_shortened(tmp_path):
     with pytest.raises(VideoError, match=r"cut short or damaged: its header says 2.50 s but its frames end at"):
         load_video(data[: int(len(data) * 0.6)], fps=10)
     assert len(load_video(data, fps=10).frames) == 25
+
+
+def test_an_unsupported_codec_is_named(tmp_path):
+    path = tmp_path / "clip.mkv"
+    make_video(path, [Fraction(i, 10) for i in range(10)], time_base=Fraction(1, 10), rate=Fraction(10))
+    data = path.read_bytes()
+    assert data.count(b"V_MPEG4/ISO/ASP") == 1
+    unknown = data.replace(b"V_MPEG4/ISO/ASP", b"V_NOSUCH/CODEC/")  # a codec id no FFmpeg decoder has
+    with pytest.raises(VideoError, match="its video codec is not supported"):
+        load_video(unknown)
+    assert len(load_video(data, fps=10).frames) == 10
+
+
+def frame_pictures(n: int) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(colour(i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("rate, fps", [(10, 1.0), (10, 4.0), (2, 2.0), (2, 3.0), (25, 0.5)])
+def test_frames_in_memory_follow_the_contract_of_a_file(tmp_path, rate, fps):
+    frames = frame_pictures(3 * rate)
+    path = tmp_path / "same.mp4"
+    make_video(path, [Fraction(i, rate) for i in range(len(frames))], time_base=Fraction(1, rate), rate=Fraction(rate))
+    from_file, in_memory = load_video(path, fps=fps), load_video((frames, rate), fps=fps)
+    assert in_memory.frame_indices == from_file.frame_indices
+    assert in_memory.timestamps == from_file.timestamps and in_memory.duration == pytest.approx(from_file.duration)
+    assert [f.tobytes() for f in in_memory.frames] == [frames[i].tobytes() for i in in_memory.frame_indices]
+
+
+def test_bad_frames_in_memory_are_named():
+    from PIL import Image
+
+    frames = frame_pictures(4)
+    cases = [
+        (([], 2.0), "has no video frames"),
+        ((frames, 0), "frame rate must be a positive number, got 0"),
+        ((frames, float("nan")), "frame rate must be a positive number"),
+        ((frames + [Image.new("RGB", (8, 8))], 2.0), "the frames differ in size"),
+        (([np.zeros((4, 4, 3))], 2.0), "a sequence of PIL images"),
+        ((frames,), r"\(frames, frame_rate\), got a tuple of 1"),
+    ]
+    for source, words in cases:
+        with pytest.raises(VideoError, match=words):
+            load_video(source)
+    with pytest.raises(VideoError, match="gives 8 frames at 4 fps, more than max_frames 4"):
+        load_video((frames, 2.0), fps=4.0, max_frames=4)

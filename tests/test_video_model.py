@@ -151,3 +151,25 @@ def test_info_reports_video_rates(capsys):
     assert (info["video_fps"], info["video_tokens_per_frame"], info["video_tokens_per_second"]) == (1.0, 64, 64)
     assert info["parameters"]["video_encoder"] == 16 * 64  # its temporal embedding
     assert np.isclose(sum(v for k, v in info["parameters"].items() if k != "total"), info["parameters"]["total"])
+
+
+def test_pooled_frames_take_their_positions_pooled_from_a_positional_connector(videos):
+    from omnifuse.config import ConnectorConfig
+
+    base = omni_config("cross")
+    config = dataclasses.replace(base, connector=ConnectorConfig(type="mlp", position_embedding=True),
+                                 video=dataclasses.replace(base.video, spatial_pool=2, temporal_embedding=False))
+    model = make_model(config)
+    connector = model.connectors[model.connector_of["video"]]
+    item = model.processors["video"](videos["short"])
+    with torch.no_grad():
+        (plain,) = model.encode_media([item])  # positions start at zero
+        connector.position_embedding.normal_()
+        (placed,) = model.encode_media([item])
+    pe = connector.position_embedding.detach()
+    side = int(pe.shape[0] ** 0.5)
+    # each pooled token's position: the mean of the 2 x 2 patches' positions it averages
+    pooled = pe.view(side // 2, 2, side // 2, 2, -1).mean(dim=(1, 3)).reshape(-1, pe.shape[1])
+    frames = len(item.timestamps)
+    assert placed.shape[0] == frames * pooled.shape[0] == item.num_tokens
+    torch.testing.assert_close(placed - plain, pooled.repeat(frames, 1))

@@ -17,11 +17,9 @@ from omnifuse.model import MultimodalModel, build_model, ensure_model_fits
 from omnifuse.nn.packed import pack_linears
 from omnifuse.planner.costs import (
     RequestCost,
-    audio_cost,
-    image_cost,
     images_seen_at_decode,
+    item_cost,
     request_cost,
-    video_cost,
 )
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
@@ -141,14 +139,7 @@ class Pipeline:
         ``plan``): prompt and output positions, and the cross-attention states its media items (in
         prompt order) give at prefill and its last prompt token attends to at decode."""
         config = self.model.config
-        def cost(item):
-            if item.modality == "image":
-                return image_cost(config, *item.original_size, self.processor)
-            if item.modality == "video":
-                return video_cost(config, item.duration, *item.size, item.fps, self.model.processors["video"])
-            return audio_cost(config, item.num_samples, self.model.processors["audio"])
-
-        costs = [cost(item) for item in images]
+        costs = [item_cost(config, item, self.model.processors) for item in images]
         seen = None
         if not self.model.fusion.in_sequence:  # which items the decode cache keeps
             seen = images_seen_at_decode(config, prompt_ids, list(self.model.placeholder_ids.values()), len(images))

@@ -9,6 +9,8 @@ __all__ = ["add_intervals", "print_summary", "write_report"]
 _COST_COLUMNS = [
     ("parameters", "params", "{:,.0f}"),
     ("visual_tokens_per_image", "visual tokens / image", "{:.0f}"),
+    ("audio_tokens_per_second", "audio tokens / s", "{:.0f}"),
+    ("video_tokens_per_frame", "video tokens / frame", "{:g}"),
     ("context_tokens_per_sample", "context tokens / sample", "{:.1f}"),
     ("kv_cache_bytes_per_sample", "KV cache / sample", "{:,.0f} B"),
     ("prefill_ms", "prefill ms", "{:.1f}"),
@@ -18,10 +20,28 @@ _COST_COLUMNS = [
 
 
 def _encoder_training(t: dict) -> str:
-    if not t["train_encoder"]:
-        return "frozen"
+    chosen = t["train_encoder"]
     scale = t.get("encoder_lr_scale", 1.0)
-    return "fine-tuned" + (f" at {scale:g}x the learning rate" if scale != 1.0 else "")
+    at = f" at {scale:g}x the learning rate" if scale != 1.0 else ""
+    if chosen is True:
+        return f"fine-tuned{at} after that"
+    if not chosen:
+        return "frozen after that"
+    others = [m for m in chosen if m != "image"]
+    vision = f"fine-tuned{at} after that" if "image" in chosen else "frozen after that"
+    return vision + (f"; the {' and '.join(others)} encoders trained from scratch{at}" if others else "")
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The cost columns some strategy has (audio and video ones only for models that take them)."""
+    return [c for c in _COST_COLUMNS if any(c[0] in r for r in rows)]
+
+
+def _media_tokens(r: dict) -> str:
+    """Tokens of an image / a second of audio / a video frame, for the console table."""
+    parts = [(r.get("visual_tokens_per_image"), "img"), (r.get("audio_tokens_per_second"), "s"),
+             (r.get("video_tokens_per_frame"), "frame")]
+    return " · ".join(f"{v:g}/{unit}" for v, unit in parts if v is not None)
 
 
 def _weights(t: dict) -> str:
@@ -58,6 +78,7 @@ def write_report(report: dict, out: Path) -> None:
 
     add_intervals(report)
     skills, chance, rows = report["skills"], report["chance"], report["strategies"]
+    columns = _columns(rows)
     seeds = report.get("seeds") or [report["train"]["seed"]]
     plot_accuracy(report, out / "accuracy_per_skill.png")
     plot_accuracy_vs_cache(report, out / "accuracy_vs_kv_cache.png")
@@ -68,7 +89,7 @@ def write_report(report: dict, out: Path) -> None:
         f"Every strategy trained on the built-in diagnostic set with the same budget: {t['steps']} steps "
         f"of batch {t['batch_size']}, learning rate {t['lr']}, seed {t['seed']}, {t['image_size']} px images, "
         + (f"all from the same vision encoder, pre-trained contrastively for {report['pretrain_steps']} steps "
-           f"({_encoder_training(t)} after that); " if report.get("pretrain_steps")
+           f"({_encoder_training(t)}); " if report.get("pretrain_steps")
            else "from scratch; ") +
         f"accuracy is exact match of greedy answers on {report['test_size']} test samples (a split no training "
         f"sample comes from)." + _weights(t) + f" Total time {report['seconds']:.0f} s." + (" **Quick run: too short to compare.**" if report["quick"] else ""),
@@ -91,13 +112,16 @@ def write_report(report: dict, out: Path) -> None:
               "A difference is claimed only where the 95% intervals do not overlap (against chance: the "
               "interval's lower end is above it).", "", *[f"- {f}" for f in findings(rows, skills, chance)],
               "", "## Cost", "",
-              "| strategy | fusion | " + " | ".join(h for _, h, _ in _COST_COLUMNS) + " |",
-              "|---|---|" + "---:|" * len(_COST_COLUMNS)]
+              "| strategy | fusion | " + " | ".join(h for _, h, _ in columns) + " |",
+              "|---|---|" + "---:|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['fusion']} | " + " | ".join(f.format(r[k]) for k, _, f in _COST_COLUMNS) + " |")
-    lines += ["", "KV cache per sample counts the self-attention cache of the prompt and answer, plus the "
-              "cross-attention states of its images for cross-attention models (float32). Prefill: one sample, "
-              "batch 1; decode: batch 1, tokens per second after the first.", "",
+        lines.append(f"| {r['name']} | {r['fusion']} | "
+                     + " | ".join(f.format(r[k]) if k in r else "–" for k, _, f in columns) + " |")
+    lines += ["", "Media tokens are what the encoder and connector make; early fusion puts each in the "
+              "sequence, cross-attention fusion keeps them as cross-attention states and gives each item one "
+              "position. KV cache per sample counts the self-attention cache of the prompt and answer, plus the "
+              "cross-attention states of its media for cross-attention models (float32). Prefill: the median over "
+              "one sample of each of the first skills, batch 1; decode: batch 1, tokens per second after the first.", "",
               "![accuracy against KV cache](accuracy_vs_kv_cache.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -141,7 +165,7 @@ def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in report["strategies"]:
         ax.scatter(r["kv_cache_bytes_per_sample"] / 1024, r["accuracy"], s=60)
-        ax.annotate(f"{r['name']}\n{r['visual_tokens_per_image']} visual tokens", (r["kv_cache_bytes_per_sample"] / 1024, r["accuracy"]),
+        ax.annotate(f"{r['name']}\n{_media_tokens(r)} tokens", (r["kv_cache_bytes_per_sample"] / 1024, r["accuracy"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("KV cache per sample (KiB, float32)")
     ax.set_ylabel("overall test accuracy")
@@ -154,18 +178,25 @@ def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
 
 
 def print_summary(report: dict, console) -> None:
+    """Two tables: accuracy per skill (with chance), then what each strategy costs per sample."""
     from rich.table import Table
 
     skills = report["skills"]
-    table = Table(title="fusion arena: test accuracy per skill and cost per sample")
+    table = Table(title="fusion arena: test accuracy per skill")
     table.add_column("strategy")
     for s in skills:
         table.add_column(s, justify="right")
-    for col in ("overall", "visual tok/img", "KV cache/sample", "prefill ms", "decode tok/s"):
-        table.add_column(col, justify="right")
+    table.add_column("overall", justify="right")
     for r in report["strategies"]:
-        table.add_row(f"{r['name']} ({r['fusion']})", *[f"{_acc(r, s):.0%}" for s in skills], f"{r['accuracy']:.0%}",
-                      str(r["visual_tokens_per_image"]), f"{r['kv_cache_bytes_per_sample'] / 1024:,.0f} KiB",
-                      f"{r['prefill_ms']:.1f}", f"{r['decode_tokens_per_s']:.0f}")
-    table.add_row("chance", *[f"{report['chance'][s]:.0%}" for s in skills], "", "", "", "", "")
+        table.add_row(f"{r['name']} ({r['fusion']})", *[f"{_acc(r, s):.0%}" for s in skills], f"{r['accuracy']:.0%}")
+    table.add_row("chance", *[f"{report['chance'][s]:.0%}" for s in skills], "")
     console.print(table)
+    costs = Table(title="fusion arena: cost per sample")
+    costs.add_column("strategy")
+    for col in ("media tokens", "context tokens", "KV cache", "prefill ms", "decode tok/s"):
+        costs.add_column(col, justify="right")
+    for r in report["strategies"]:
+        costs.add_row(f"{r['name']} ({r['fusion']})", _media_tokens(r), f"{r['context_tokens_per_sample']:.0f}",
+                      f"{r['kv_cache_bytes_per_sample'] / 1024:,.0f} KiB", f"{r['prefill_ms']:.1f}",
+                      f"{r['decode_tokens_per_s']:.0f}")
+    console.print(costs)

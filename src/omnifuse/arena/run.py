@@ -90,42 +90,47 @@ def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainC
         raise ConfigError(f"strategy {strategy.name}: {e}") from None
 
 
+# What one image, one second of audio and one video frame cost in tokens (omnifuse info's figures).
+_RATES = ("visual_tokens_per_image", "audio_tokens_per_second", "video_tokens_per_frame")
+
+
 @torch.inference_mode()
 def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
-    """Visual tokens, context, KV cache bytes, prefill latency and decode speed on test prompts."""
+    """Media tokens, context, KV cache bytes, prefill latency and decode speed on test prompts."""
     from omnifuse.inference import SamplingConfig, generate_stream
-    from omnifuse.planner.costs import image_cost, request_cost
+    from omnifuse.planner.costs import item_cost, model_info, request_cost
 
     model, cfg = trainer.model.eval(), trainer.model_config
-    size = trainer.cfg.image_size
-    visual = model.image_processor.num_tokens(size, size)
-    prompts, images, answers = [], [], []
-    for i in range(min(len(test_source), 60)):
-        turns, srcs, meta = test_source[i]
-        imgs = [model.image_processor(s) for s in srcs]
-        prompts.append(trainer.builder.prompt(turns[:-1], imgs))
-        images.append(imgs)
-        answers.append(len(trainer.tokenizer.encode(meta["answer"], add_bos=False)) + 1)  # + stop token
-    kv = [request_cost(cfg, len(p) + a, [image_cost(cfg, *i.original_size, model.image_processor) for i in imgs])
-          .kv_cache_bytes.decode for p, a, imgs in zip(prompts, answers, images)]
+    rows = []  # (prompt ids, media items in prompt order, answer tokens, skill)
+    for i in range(min(len(test_source), 10 * len(set(trainer.cfg.skills)))):
+        record = test_source[i]
+        media = trainer.reader.media(record, i)
+        if media is None:
+            continue
+        ids, items = trainer.builder.prompt_and_media(record[0][:-1], media)
+        answer = len(trainer.tokenizer.encode(record[2]["answer"], add_bos=False)) + 1  # + stop token
+        rows.append((ids, items, answer, record[2]["skill"]))
+    kv = [request_cost(cfg, len(ids) + answer, [item_cost(cfg, x, model.processors) for x in items])
+          .kv_cache_bytes.decode for ids, items, answer, _ in rows]
+    first_of_skill = list({skill: (ids, items) for ids, items, _, skill in reversed(rows)}.values())
     prefill = []
-    for p, imgs in list(zip(prompts, images))[:arena.latency_prompts]:
-        cache = model.new_cache(1, len(p) + 1)
+    for ids, items in first_of_skill[:arena.latency_prompts]:
+        cache = model.new_cache(1, len(ids) + 1)
         t0 = time.perf_counter()
-        model(torch.tensor([p], device=model.device), images=[imgs], cache=cache, last_only=True)
+        model(torch.tensor([ids], device=model.device), images=[items], cache=cache, last_only=True)
         prefill.append(time.perf_counter() - t0)
     n = arena.decode_tokens
     t_steps = []
     for _ in range(2):
         t_prev, times = time.perf_counter(), []
-        for _step in generate_stream(model, [prompts[0]], [images[0]], SamplingConfig(max_new_tokens=n + 1)):
+        for _step in generate_stream(model, [rows[0][0]], [rows[0][1]], SamplingConfig(max_new_tokens=n + 1)):
             now = time.perf_counter()
             times.append(now - t_prev)
             t_prev = now
         t_steps.append(sum(times[1:]) / max(1, len(times) - 1))
     return {
-        "visual_tokens_per_image": visual,
-        "context_tokens_per_sample": statistics.mean(len(p) for p in prompts),
+        **{k: v for k, v in model_info(cfg).items() if k in _RATES},
+        "context_tokens_per_sample": statistics.mean(len(ids) for ids, *_ in rows),
         "kv_cache_bytes_per_sample": statistics.mean(kv),
         "prefill_ms": 1000 * statistics.median(prefill),
         "decode_tokens_per_s": 1 / min(t_steps),
@@ -215,14 +220,18 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
 def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> tuple[dict, int]:
     """One contrastive run (image-caption pairs of the diagnostic set): (its encoder weights, which
     seed every strategy so all start from the same place, and the steps it ran)."""
+    from omnifuse.training.diagnostic import IMAGE_SKILLS
     from omnifuse.training.loop import Trainer
 
     encoders = {json.dumps(dataclasses.asdict(_model_config(tc).vision), sort_keys=True) for _, tc in plans}
     if len(encoders) != 1:
         raise ConfigError("arena pretrain needs every strategy to use the same vision encoder config")
     first = plans[0][1]
-    fields = {"model": first.model, "seed": first.seed, "image_size": first.image_size, "skills": first.skills,
-              "skill_weights": first.skill_weights, "train_size": first.train_size, **config.pretrain, "stage": "contrastive",
+    skills = tuple(s for s in first.skills if s in IMAGE_SKILLS)  # captions describe images
+    if not skills:
+        raise ConfigError(f"arena pretrain pairs images with captions, but the arena's skills {first.skills} have no image")
+    fields = {"model": first.model, "seed": first.seed, "image_size": first.image_size, "skills": skills,
+              "skill_weights": {k: v for k, v in first.skill_weights.items() if k in skills}, "train_size": first.train_size, **config.pretrain, "stage": "contrastive",
               "out_dir": str(Path(config.out_dir) / "pretrain"), "resume": False}
     if quick:
         fields.update(steps=max(2, config.quick_steps // 2), warmup_steps=0)

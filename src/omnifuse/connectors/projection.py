@@ -5,6 +5,8 @@ features (a ``grid`` of patches plus ``extra`` class tokens), a pure function of
 processor's token counts, and so the prompt layout and every cost figure, come from it
 (ARCHITECTURE.md, contract 2). A compressing connector overrides it."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +23,20 @@ class _Positions(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None
 
     def _add_positions(self, y: torch.Tensor) -> torch.Tensor:  # (..., N, out_dim)
-        if self.position_embedding is None:
+        """Add a crop's positions. A square crop whose patch grid was average-pooled k x k before
+        the connector (a video frame, ``video.spatial_pool``) takes the positions pooled the same
+        way: each pooled token sits where the patches it averages sat."""
+        pe = self.position_embedding
+        if pe is None:
             return y
-        if y.shape[-2] != self.position_embedding.shape[0]:
-            raise ValueError(f"connector position embedding has {self.position_embedding.shape[0]} positions "
-                             f"but a crop gave {y.shape[-2]} tokens")
-        return y + self.position_embedding
+        n, p = y.shape[-2], pe.shape[0]
+        side, pooled = math.isqrt(p), math.isqrt(n)
+        if n != p and side * side == p and pooled * pooled == n and 0 < pooled < side and side % pooled == 0:
+            grid = pe.T.reshape(1, pe.shape[1], side, side)
+            pe = F.avg_pool2d(grid, side // pooled).reshape(pe.shape[1], n).T
+        if n != pe.shape[0]:
+            raise ValueError(f"connector position embedding has {p} positions but a crop gave {n} tokens")
+        return y + pe
 
 
 class LinearConnector(_Positions):

@@ -20,7 +20,7 @@ Early fusion puts every visual token in the context, so both counts are 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "cross_kv_bytes_per_state",
     "image_cost",
     "images_seen_at_decode",
+    "item_cost",
     "kv_bytes_per_token",
     "model_info",
     "request_cost",
@@ -237,6 +238,16 @@ class RequestCost:
     cross_attention_states_decode: int
     kv_cache_bytes: CacheBytes
     media_tokens: int = 0  # all media, images included
+
+
+def item_cost(config: ModelConfig, item, processors: Mapping) -> ImageCost | AudioCost | VideoCost:
+    """The cost of one processed media item (an image, audio clip or video) of ``config``'s model,
+    by the model's own ``processors`` ({modality: processor})."""
+    if item.modality == "image":
+        return image_cost(config, *item.original_size, processors["image"])
+    if item.modality == "video":
+        return video_cost(config, item.duration, *item.size, item.fps, processors["video"])
+    return audio_cost(config, item.num_samples, processors["audio"])
 
 
 def request_cost(config: ModelConfig, sequence_tokens: int, images: Sequence[ImageCost | AudioCost | VideoCost] = (),

@@ -69,4 +69,7 @@ def open_av_stream(data: bytes, kind: str, name: str, error: type[Exception]):
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
         raise error(f"{name} has no {kind} stream (streams: {', '.join(kinds)})")
+    if streams[0].codec_context is None:  # the container names a codec FFmpeg cannot decode
+        container.close()
+        raise error(f"{name}: its {kind} codec is not supported (FFmpeg has no decoder for it)")
     return container, streams[0]

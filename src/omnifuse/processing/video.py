@@ -15,11 +15,16 @@ The sampling contract, one for every model and file:
 
 The same file and settings always give the same frames: decoding runs in presentation order with
 PyAV (FFmpeg) on one thread, and frames are converted to RGB there.
+
+Frames already in memory, ``(frames, frame_rate)`` with frame ``i`` on screen from ``i /
+frame_rate`` seconds, follow the same contract: they give the frame indices a file of those frames
+at that constant rate gives.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +35,7 @@ from omnifuse.processing.media import open_av_stream, read_media_bytes
 
 __all__ = ["ProcessedVideo", "VideoError", "VideoFrames", "VideoProcessor", "VideoSource", "load_video", "sample_times"]
 
-VideoSource = str | Path | bytes
+VideoSource = str | Path | bytes | tuple[Sequence[Image.Image], float]  # the tuple: (frames, frame rate)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ def sample_times(start: float, end: float, fps: float) -> list[float]:
 def _describe(source: VideoSource) -> str:
     if isinstance(source, (str, Path)):
         return f"video file {str(source)!r}"
+    if isinstance(source, tuple):
+        return "video frames in memory"
     return f"video data ({len(source)} bytes)"
 
 
@@ -61,7 +68,7 @@ def _too_many(name: str, n: int, fps: float, max_frames: int) -> VideoError:
 
 def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, start: float = 0.0,
                end: float | None = None, max_pixels: int = 64_000_000) -> VideoFrames:
-    """The frames of ``source`` (a path or a file's bytes) at ``fps`` between ``start`` and ``end``
+    """The frames of ``source`` (a path, a file's bytes, or ``(frames, frame_rate)``) at ``fps`` between ``start`` and ``end``
     seconds, by the sampling contract above. Raises ``VideoError`` naming the source for a missing
     or empty file, one without a video stream or that FFmpeg cannot decode, no frames, a start
     past the end, frames larger than ``max_pixels``, or more than ``max_frames`` frames."""
@@ -74,6 +81,10 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
         raise VideoError(f"max_frames must be at least 1, got {max_frames}")
     if start < 0 or (end is not None and end <= start):
         raise VideoError(f"the video range must have 0 <= start < end, got start {start} and end {end}")
+    if isinstance(source, tuple):
+        return _sample_frames(source, name, fps, max_frames, start, end, max_pixels)
+    if not isinstance(source, (str, Path, bytes, bytearray)):
+        raise VideoError(f"a video source is a path, bytes or (frames, frame rate), got {type(source).__name__}")
     data = read_media_bytes(source, name, VideoError, "video")
     container, stream = open_av_stream(data, "video", name, VideoError)
     with container:
@@ -127,6 +138,36 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
             take(*current)
     return VideoFrames(frames=tuple(f for _, _, f in picked), timestamps=tuple(round(s, 6) for s, _, _ in picked),
                        frame_indices=tuple(i for _, i, _ in picked), duration=last_end, fps=fps)
+
+
+def _sample_frames(source: tuple, name: str, fps: float, max_frames: int, start: float, end: float | None,
+                   max_pixels: int) -> VideoFrames:
+    """The sampling contract over frames in memory shown at a constant rate."""
+    if len(source) != 2:
+        raise VideoError(f"video frames in memory are (frames, frame_rate), got a tuple of {len(source)}")
+    frames, rate = source
+    if not isinstance(frames, Sequence) or not all(isinstance(f, Image.Image) for f in frames):
+        raise VideoError(f"{name}: the frames must be a sequence of PIL images")
+    if not frames:
+        raise VideoError(f"{name} has no video frames")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate > 0 and math.isfinite(rate)):
+        raise VideoError(f"{name}: the frame rate must be a positive number, got {rate!r}")
+    if len({f.size for f in frames}) != 1:
+        raise VideoError(f"{name}: the frames differ in size: {sorted({f.size for f in frames})}")
+    w, h = frames[0].size
+    if w * h > max_pixels:
+        raise VideoError(f"{name} has {w} x {h} frames, more than the {max_pixels:,} pixels allowed")
+    duration = len(frames) / rate
+    stop = duration if end is None else min(end, duration)
+    if start >= stop:
+        raise VideoError(f"{name} is {duration:.2f} s long; start {start:g} s is past its end")
+    times = sample_times(start, stop, fps)
+    if len(times) > max_frames:
+        raise _too_many(name, len(times), fps, max_frames)
+    indices = [min(len(frames) - 1, math.floor(t * rate + 1e-9)) for t in times]  # the frame on screen
+    rgb = {i: frames[i].convert("RGB") for i in sorted(set(indices))}
+    return VideoFrames(frames=tuple(rgb[i] for i in indices), timestamps=tuple(round(t, 6) for t in times),
+                       frame_indices=tuple(indices), duration=duration, fps=fps)
 
 
 # ---------------------------------------------------------------------------------------------

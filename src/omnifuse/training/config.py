@@ -20,8 +20,10 @@ class TrainConfig:
     model: str = "tiny-early"  # a preset name or a model config file (YAML/JSON)
     init_checkpoint: str = ""  # start from these weights (an omnifuse checkpoint folder)
     stage: str = "instruct"  # contrastive | align | instruct
-    train_encoder: bool = False  # instruct: also train the vision encoder (needed from scratch)
-    encoder_lr_scale: float = 1.0  # the vision encoder's learning rate relative to lr (align / instruct)
+    # align / instruct: also train the encoders: true (all), or a list of modalities whose encoders
+    # learn (e.g. [audio, video]: those start from scratch while a pre-trained image encoder stays frozen)
+    train_encoder: bool | tuple[str, ...] = False
+    encoder_lr_scale: float = 1.0  # the encoders' learning rate relative to lr (align / instruct)
     contrastive_loss: str = "clip"  # clip (InfoNCE) | siglip
     # data
     data: str = "diagnostic"  # diagnostic | llava | captions
@@ -81,6 +83,26 @@ class TrainConfig:
 
         choose_dtype(self.dtype, choose_device(self.device))
         object.__setattr__(self, "skills", tuple(self.skills))
+        if not isinstance(self.train_encoder, bool):
+            from omnifuse.modalities import MODALITIES
+
+            value = self.train_encoder
+            chosen = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else (None,)
+            check(all(m in MODALITIES for m in chosen), f"train_encoder must be true, false or a list of modalities {sorted(MODALITIES)}, "
+                               f"got {self.train_encoder!r}")
+            object.__setattr__(self, "train_encoder", chosen)
+        if self.data == "diagnostic":
+            from omnifuse.training.diagnostic import IMAGE_SKILLS
+
+            media = [s for s in self.skills if s not in IMAGE_SKILLS]
+            check(self.stage != "contrastive" or not media,
+                  f"the contrastive stage pairs images with captions; skills {media} have no image")
+
+    def encoder_groups(self) -> tuple[str, ...]:
+        """The parameter groups (training/stages.py) ``train_encoder`` adds."""
+        if self.train_encoder is True:
+            return ("encoder",)
+        return tuple(f"encoder.{m}" for m in self.train_encoder or ())
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

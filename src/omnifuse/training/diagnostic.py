@@ -1,8 +1,10 @@
-"""The built-in diagnostic data set: small synthetic visual questions for comparing fusion strategies.
+"""The built-in diagnostic data set: small synthetic questions about images, audio and video for
+comparing fusion strategies.
 
-Every sample is drawn with Pillow from a handful of generating parameters, so the set needs no
-download, is reproducible from ``(split, seed, index)`` and is as large as asked. Each skill probes
-something different a fusion strategy must carry from the image to the language model:
+Every sample is drawn (Pillow shapes, numpy tones) from a handful of generating parameters, so the
+set needs no download, is reproducible from ``(split, seed, index)`` and is as large as asked. Each
+image skill probes something different a fusion strategy must carry from the image to the
+language model:
 
 - ``colour`` / ``shape``: one attribute of one object (global appearance);
 - ``spatial``: how two objects lie relative to each other (needs positions, not a bag of features);
@@ -10,11 +12,14 @@ something different a fusion strategy must carry from the image to the language 
 - ``ocr``: two large letters (fine detail, and their order);
 - ``compare``: two images, same colour or same shape (needs both images at once).
 
+The audio (``beeps``, ``pitch``), video (``motion``, ``order``) and audio-visual (``flash``) skills
+are described in ``training/diagnostic_media.py``; ``skill_media(skill)`` names what each needs.
+
 Answers are one short lowercase word, scored by exact match. They are drawn uniformly from
-``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that ignores the image and
+``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that ignores the media and
 only learns the answer prior can reach.
 
-Splits never share an image: the generating parameters of a sample (its *key*) are hashed into ten
+Splits never share a sample: the generating parameters of a sample (its *key*) are hashed into ten
 buckets, 0-7 train, 8 val, 9 test, and each split rejection-samples keys from its own buckets. This
 holds for any sizes and seeds, unlike disjoint index ranges or per-split seeds alone.
 """
@@ -31,9 +36,14 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from omnifuse.errors import ConfigError
+from omnifuse.training import diagnostic_media
+from omnifuse.training.synth import BACKGROUND, COLOURS, SHAPES, Shape, canvas, draw_shape, side_range
 
 __all__ = [
+    "BACKGROUND",
     "COLOURS",
+    "IMAGE_SKILLS",
+    "MEDIA_SKILLS",
     "SHAPES",
     "SKILLS",
     "SPLITS",
@@ -41,21 +51,14 @@ __all__ = [
     "Sample",
     "answer_set",
     "chance_level",
+    "skill_media",
 ]
 
-SKILLS = ("colour", "shape", "spatial", "counting", "ocr", "compare")
+IMAGE_SKILLS = ("colour", "shape", "spatial", "counting", "ocr", "compare")
+MEDIA_SKILLS = tuple(diagnostic_media.SKILL_MEDIA)  # beeps, pitch, motion, order, flash
+SKILLS = IMAGE_SKILLS + MEDIA_SKILLS
 SPLITS = ("train", "val", "test")
 
-# Saturated colours far apart in RGB, so a 16-pixel patch average still names one unambiguously.
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 190, 20),
-    "purple": (140, 60, 180),
-    "orange": (240, 120, 20),
-}
-SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left", "right", "above", "below")
 COUNTS = ("1", "2", "3", "4", "5", "6")
 # A small alphabet and two letters keep OCR learnable for a tiny model in the demo's budget (8**2 = 64
@@ -65,7 +68,6 @@ OCR_LENGTH = 2
 # Yellow and orange text on the light background is hard to read at 64 px; text uses darker inks.
 TEXT_COLOURS = {"black": (20, 20, 20), "red": COLOURS["red"], "green": COLOURS["green"],
                 "blue": COLOURS["blue"], "purple": COLOURS["purple"]}
-BACKGROUND = (245, 245, 240)
 
 _BUCKETS = {"train": frozenset(range(8)), "val": frozenset({8}), "test": frozenset({9})}
 _MIN_IMAGE_SIZE = 32  # below this, six counting shapes or three letters no longer fit legibly
@@ -89,6 +91,8 @@ def _check_skill(skill: str) -> None:
 def answer_set(skill: str) -> tuple[str, ...]:
     """Every answer ``skill`` can have (for ``ocr`` all 64 two-letter strings, lowercase)."""
     _check_skill(skill)
+    if skill in MEDIA_SKILLS:
+        return diagnostic_media.MEDIA_ANSWERS[skill]
     if skill == "colour":
         return tuple(COLOURS)
     if skill == "shape":
@@ -107,32 +111,30 @@ def chance_level(skill: str) -> float:
     return 1.0 / len(answer_set(skill))
 
 
+def skill_media(skill: str) -> tuple[str, ...]:
+    """The modalities a ``skill`` sample carries (and a model needs to answer it)."""
+    _check_skill(skill)
+    return diagnostic_media.SKILL_MEDIA.get(skill, ("image",))
+
+
 @dataclass(frozen=True)
 class Sample:
-    images: tuple[Image.Image, ...]  # RGB, image_size x image_size; two for "compare", else one
-    question: str  # plain text without image placeholders: the prompt builder adds those
+    images: tuple[Image.Image, ...]  # RGB, image_size x image_size; two for "compare", one for the
+    # other image skills, none for the media skills
+    question: str  # plain text without media placeholders: the prompt builder adds those
     answer: str  # one short lowercase word, a member of answer_set(skill)
     skill: str
+    audio: tuple = ()  # (waveform, sampling rate) clips
+    video: tuple = ()  # (frames, frame rate) clips, image_size x image_size frames
+
+    @property
+    def media(self) -> dict[str, list]:
+        """{modality: sources} of the modalities this sample has."""
+        return {m: list(v) for m, v in (("image", self.images), ("audio", self.audio), ("video", self.video)) if v}
 
 
 # ---------------------------------------------------------------------------------------------
 # Drawing
-
-# A shape is (name, colour, x, y, side): its bounding box is [x, x + side) x [y, y + side).
-Shape = tuple[str, str, int, int, int]
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
-    name, colour, x, y, side = shape
-    fill = COLOURS[colour]
-    x1, y1 = x + side - 1, y + side - 1  # Pillow boxes include their far edge
-    if name == "circle":
-        draw.ellipse((x, y, x1, y1), fill=fill)
-    elif name == "square":
-        draw.rectangle((x, y, x1, y1), fill=fill)
-    else:
-        draw.polygon([(x + (side - 1) // 2, y), (x, y1), (x1, y1)], fill=fill)
-
 
 @functools.cache
 def _font(size: int):
@@ -163,12 +165,9 @@ def _text_mask(text: str, size: int) -> Image.Image:
 # The data set
 
 
-def _side_range(n: int, frac: tuple[float, float]) -> tuple[int, int]:
-    return max(3, round(frac[0] * n)), max(3, round(frac[1] * n))
-
-
 class DiagnosticSet:
-    """``size`` synthetic samples of ``split``; the skills take turns: sample ``i`` has skill
+    """``size`` synthetic samples of ``split`` (the image skills unless ``skills`` names others); the
+    skills take turns: sample ``i`` has skill
     ``cycle[i % len(cycle)]``, where the cycle lists each skill ``weights.get(skill, 1)`` times (so a
     weight of 2 gives a skill twice the samples of the others).
 
@@ -176,7 +175,7 @@ class DiagnosticSet:
     """
 
     def __init__(self, split: str, size: int, seed: int = 0, image_size: int = 64,
-                 skills: Iterable[str] = SKILLS, weights: dict[str, int] | None = None):
+                 skills: Iterable[str] = IMAGE_SKILLS, weights: dict[str, int] | None = None):
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(size, int) or size < 0:
@@ -239,13 +238,15 @@ class DiagnosticSet:
 
     def _shape(self, rng: random.Random, frac, name=None, colour=None) -> Shape:
         n = self.image_size
-        lo, hi = _side_range(n, frac)
+        lo, hi = side_range(n, frac)
         side = rng.randint(lo, hi)
         margin = max(1, n // 32)
         return (name or rng.choice(SHAPES), colour or rng.choice(tuple(COLOURS)),
                 rng.randint(margin, n - margin - side), rng.randint(margin, n - margin - side), side)
 
     def _draw_key(self, skill: str, rng: random.Random, turn: int) -> tuple:
+        if skill in MEDIA_SKILLS:
+            return diagnostic_media.draw_key(skill, rng, self.image_size)
         if skill in ("colour", "shape"):
             return (skill, self._shape(rng, _BIG))
         if skill == "spatial":
@@ -270,7 +271,7 @@ class DiagnosticSet:
         margin = max(1, n // 32)
         relation = rng.choice(RELATIONS)
         name_a, name_b = rng.sample(SHAPES, 2)  # distinct, so "the circle" names one object
-        lo, hi = _side_range(n, _MEDIUM)
+        lo, hi = side_range(n, _MEDIUM)
         while True:
             s_a, s_b = rng.randint(lo, hi), rng.randint(lo, hi)
             # Along the relation's axis `a` sits in one half and `b` in the other; across it the
@@ -315,7 +316,7 @@ class DiagnosticSet:
         margin = max(1, n // 32)
         text = "".join(rng.choice(OCR_ALPHABET) for _ in range(OCR_LENGTH))
         colour = rng.choice(tuple(TEXT_COLOURS))
-        size = rng.randint(*_side_range(n, _FONT))
+        size = rng.randint(*side_range(n, _FONT))
         mask = _text_mask(text, size)
         while size > 6 and (mask.width > n - 2 * margin or mask.height > n - 2 * margin):
             size -= 1
@@ -331,43 +332,41 @@ def _bucket(key: tuple) -> int:
     return int.from_bytes(digest, "big") % 10
 
 
-def _canvas(n: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("RGB", (n, n), BACKGROUND)
-    return img, ImageDraw.Draw(img)
-
-
 def _render(key: tuple, n: int) -> Sample:
     skill = key[0]
+    if skill in MEDIA_SKILLS:
+        question, answer, audio, video = diagnostic_media.render(key, n)
+        return Sample((), question, answer, skill, audio=audio, video=video)
     if skill in ("colour", "shape"):
         shape = key[1]
-        img, draw = _canvas(n)
-        _draw_shape(draw, shape)
+        img, draw = canvas(n)
+        draw_shape(draw, shape)
         if skill == "colour":
             return Sample((img,), "what colour is the shape?", shape[1], skill)
         return Sample((img,), "what shape is it?", shape[0], skill)
     if skill == "spatial":
         _, relation, a, b = key
-        img, draw = _canvas(n)
-        _draw_shape(draw, a)
-        _draw_shape(draw, b)
+        img, draw = canvas(n)
+        draw_shape(draw, a)
+        draw_shape(draw, b)
         return Sample((img,), f"where is the {a[0]} relative to the {b[0]}?", relation, skill)
     if skill == "counting":
         _, name, colour, boxes = key
-        img, draw = _canvas(n)
+        img, draw = canvas(n)
         for x, y, side in boxes:
-            _draw_shape(draw, (name, colour, x, y, side))
+            draw_shape(draw, (name, colour, x, y, side))
         return Sample((img,), "how many shapes are there?", str(len(boxes)), skill)
     if skill == "ocr":
         _, text, colour, size, x, y = key
-        img, _ = _canvas(n)
+        img, _ = canvas(n)
         mask = _text_mask(text, size)
         img.paste(TEXT_COLOURS[colour], (x, y, x + mask.width, y + mask.height), mask)
         return Sample((img,), "what does the text say?", text.lower(), skill)
     _, attribute, a, b = key
     images = []
     for shape in (a, b):
-        img, draw = _canvas(n)
-        _draw_shape(draw, shape)
+        img, draw = canvas(n)
+        draw_shape(draw, shape)
         images.append(img)
     index = 1 if attribute == "colour" else 0
     answer = "yes" if a[index] == b[index] else "no"
@@ -378,6 +377,9 @@ def caption(key: tuple) -> str:
     """A plain description of a sample's first image from its generating key (for the contrastive
     stage): every attribute the skills ask about is named, so image-text pre-training learns them."""
     kind = key[0]
+    if kind in MEDIA_SKILLS:
+        raise ConfigError(f"captions describe images; the {kind} skill has none (contrastive pre-training takes "
+                          f"the image skills {IMAGE_SKILLS})")
     if kind in ("colour", "shape"):
         name, colour = key[1][:2]
         return f"{colour} {name}"

@@ -22,6 +22,7 @@ from omnifuse.errors import ConfigError, DataFormatError
 from omnifuse.processing.prompt import PromptLayout
 from omnifuse.training.collate import ExampleBuilder, collate, length_groups
 from omnifuse.training.config import TrainConfig, config_dict
+from omnifuse.training.diagnostic import skill_media
 from omnifuse.training.distributed import gradient_sync, setup_world
 from omnifuse.training.evaluate import evaluate
 from omnifuse.training.examples import ExampleReader
@@ -36,6 +37,17 @@ from omnifuse.training.stages import STAGES, set_trainable
 from omnifuse.training.state import latest_checkpoint, load_training_state, save_training_state
 
 __all__ = ["Trainer"]
+
+
+def _check_media(cfg: TrainConfig, config) -> None:
+    """Refuse diagnostic skills or encoder training for a modality the model does not take."""
+    takes = config.modalities
+    wanted = [(f"skill {s}", m) for s in (cfg.skills if cfg.data == "diagnostic" else ()) for m in skill_media(s)]
+    wanted += [("train_encoder", m) for m in (() if isinstance(cfg.train_encoder, bool) else cfg.train_encoder)]
+    for what, m in wanted:
+        if m not in takes:
+            raise ConfigError(f"{what} needs {m} input, which {config.name} does not take "
+                              f"(it takes {', '.join(takes) or 'no media'})")
 
 
 def _resolve_model_config(name: str):
@@ -81,8 +93,9 @@ class Trainer:
             ensure_model_fits(self.model_config, f"training {cfg.model}", copies=4, device=self.world.device)
             model = build_model(self.model_config)
         self.model = model.to(self.world.device)  # float32 whatever the dtype (precision.py)
+        _check_media(cfg, self.model_config)
         stage = STAGES[cfg.stage]
-        groups = stage.groups + (("encoder",) if cfg.train_encoder and "encoder" not in stage.groups else ())
+        groups = stage.groups + tuple(g for g in cfg.encoder_groups() if "encoder" not in stage.groups)
         self.trainable = set_trainable(self.model, groups)
         self.head = None
         if stage.loss == "contrastive":

@@ -10,8 +10,9 @@ Record = tuple[list[tuple[str, str]], list, dict]  # (turns, image sources, meta
 
 
 class DiagnosticSource:
-    """Questions and answers of the diagnostic set; with ``captions``, image descriptions instead
-    (one image each), for the contrastive stage."""
+    """Questions and answers of the diagnostic set (media as {modality: sources} for samples with
+    audio or video); with ``captions``, image descriptions instead (one image each), for the
+    contrastive stage."""
 
     def __init__(self, split: str, size: int, cfg: TrainConfig, captions: bool = False) -> None:
         from omnifuse.training.diagnostic import DiagnosticSet
@@ -33,7 +34,8 @@ class DiagnosticSource:
 
             text = caption(self.set.key(i))
             return [("user", ""), ("assistant", text)], [s.images[0]], {"skill": "caption", "answer": text}
-        return [("user", s.question), ("assistant", s.answer)], list(s.images), {"skill": s.skill, "answer": s.answer}
+        media = list(s.images) if not (s.audio or s.video) else s.media
+        return [("user", s.question), ("assistant", s.answer)], media, {"skill": s.skill, "answer": s.answer}
 
 
 class LlavaSource:

@@ -1,7 +1,9 @@
 """Training stages and the parameter groups each one trains.
 
-Groups of a ``MultimodalModel``: ``encoder`` (vision encoder), ``connector``, ``fusion`` (gated
-cross-attention layers), ``decoder`` (embeddings, self-attention layers, norm, head). Stages follow
+Groups of a ``MultimodalModel``: ``encoder`` (every modality's encoder), ``connector``, ``fusion``
+(gated cross-attention layers), ``decoder`` (embeddings, self-attention layers, norm, head).
+``encoder.<modality>`` names one modality's encoder alone (``encoder.audio``; ``encoder.video`` is
+the video encoder's own parameters, its frames going through the image encoder). Stages follow
 LLaVA's recipe (align: connector only; instruct: connector + language model) extended to
 cross-attention models, where the fusion layers are the new part and train with the connector.
 """
@@ -48,6 +50,8 @@ def set_trainable(model: nn.Module, groups: tuple[str, ...]) -> dict[str, int]:
     counts = {g: 0 for g in groups}
     for name, p in model.named_parameters():
         group = parameter_group(name)
+        if group == "encoder" and group not in groups:
+            group = f"encoder.{name.split('.')[1]}"  # encoders.<modality>.…
         p.requires_grad_(group in groups)
         if group in groups:
             counts[group] += p.numel()
