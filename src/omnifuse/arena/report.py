@@ -121,7 +121,7 @@ def write_report(report: dict, out: Path) -> None:
               "sequence, cross-attention fusion keeps them as cross-attention states and gives each item one "
               "position. KV cache per sample counts the self-attention cache of the prompt and answer, plus the "
               "cross-attention states of its media for cross-attention models (float32). Prefill: the median over "
-              "one sample of each of the first skills, batch 1; decode: batch 1, tokens per second after the first.", "",
+              "one test sample of each skill, batch 1; decode: batch 1, tokens per second after the first.", "",
               "![accuracy against KV cache](accuracy_vs_kv_cache.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

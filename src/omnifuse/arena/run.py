@@ -112,9 +112,11 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
         rows.append((ids, items, answer, record[2]["skill"]))
     kv = [request_cost(cfg, len(ids) + answer, [item_cost(cfg, x, model.processors) for x in items])
           .kv_cache_bytes.decode for ids, items, answer, _ in rows]
-    first_of_skill = list({skill: (ids, items) for ids, items, _, skill in reversed(rows)}.values())
+    # one prompt of each skill (every modality mix the test set has), repeated up to latency_prompts
+    first_of_skill = list({skill: (ids, items) for ids, items, _, skill in reversed(rows)}.values())[::-1]
+    prompts = [first_of_skill[k % len(first_of_skill)] for k in range(max(arena.latency_prompts, len(first_of_skill)))]
     prefill = []
-    for ids, items in first_of_skill[:arena.latency_prompts]:
+    for ids, items in prompts:
         cache = model.new_cache(1, len(ids) + 1)
         t0 = time.perf_counter()
         model(torch.tensor([ids], device=model.device), images=[items], cache=cache, last_only=True)
