@@ -10,10 +10,10 @@ import pytest
 from omnifuse.training.diagnostic import (
     BACKGROUND,
     COLOURS,
+    IMAGE_SKILLS,
     OCR_ALPHABET,
     OCR_LENGTH,
     SHAPES,
-    IMAGE_SKILLS,
     DiagnosticSet,
     Sample,
     answer_set,

@@ -97,7 +97,8 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     visual = [int(f.shape[0]) for f in features]
     placeholders = set(model.placeholder_ids.values())
     text = torch.randint(1, config.decoder.vocab_size, (text_tokens,)).tolist()
-    text = [t if t not in placeholders else (t + 1) % config.decoder.vocab_size for t in text]
+    ordinary = [t for t in range(1, config.decoder.vocab_size) if t not in placeholders]
+    text = [t if t not in placeholders else ordinary[t % len(ordinary)] for t in text]  # placeholders may be adjacent ids
     # Media in front of a prompt without placeholders (PromptLayout.place_media: images, then audio,
     # then video), after the first id, which stands for bos; each item's span is one position per
     # media token (early) or one per item (cross).
