@@ -103,6 +103,7 @@ def test_bad_video_is_named(tmp_path):
         (dict(source=tmp_path / "absent.mp4"), "not found"),
         (dict(source=b""), "is empty"),
         (dict(source=[1, 2]), r"a video source is a path, bytes or \(frames, frame rate\), got list"),
+        (dict(source=7), r"a video source is a path, bytes or \(frames, frame rate\), got int"),
         (dict(source=b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 20), "cannot decode"),
         (dict(source=wav), "has no video stream .streams: audio."),
         (dict(source=short, start=2.0), "1.00 s long; start 2 s is past its end"),

@@ -136,9 +136,7 @@ def load_audio(source: AudioSource, sampling_rate: int, max_seconds: float | Non
         if max_seconds is not None and x.shape[0] > max_seconds * rate:
             raise _too_long(name, x.shape[0] / rate, max_seconds)
     else:
-        if not isinstance(source, (str, Path, bytes, bytearray)):
-            raise AudioError(f"an audio source is a path, bytes or (samples, rate), got {type(source).__name__}")
-        data = read_media_bytes(source, name, AudioError, "audio")
+        data = read_media_bytes(source, name, AudioError, "an audio source is a path, bytes or (samples, rate)")
         read = _read_soundfile(data, name, max_seconds) or _read_av(data, name, max_seconds)
         x, rate = read
     if x.shape[0] == 0:

@@ -30,9 +30,10 @@ class MediaItem(Protocol):
     features: torch.Tensor | None
 
 
-def read_media_bytes(source, name: str, error: type[Exception], kind: str) -> bytes:
+def read_media_bytes(source, name: str, error: type[Exception], expected: str) -> bytes:
     """The bytes of a media ``source`` (a path or the bytes themselves); ``error`` names the source
-    when it is missing, unreadable, empty or of another type."""
+    when it is missing, unreadable or empty, and says ``expected`` (what the caller's sources may
+    be, e.g. "an audio source is a path, bytes or (samples, rate)") for one of another type."""
     from pathlib import Path
 
     if isinstance(source, (str, Path)):
@@ -46,7 +47,7 @@ def read_media_bytes(source, name: str, error: type[Exception], kind: str) -> by
     elif isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     else:
-        raise error(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} source is a path or bytes, got {type(source).__name__}")
+        raise error(f"{expected}, got {type(source).__name__}")
     if not data:
         raise error(f"{name} is empty")
     return data

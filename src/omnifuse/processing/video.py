@@ -56,9 +56,9 @@ def sample_times(start: float, end: float, fps: float) -> list[float]:
 def _describe(source: VideoSource) -> str:
     if isinstance(source, (str, Path)):
         return f"video file {str(source)!r}"
-    if isinstance(source, tuple):
-        return "video frames in memory"
-    return f"video data ({len(source)} bytes)"
+    if isinstance(source, (bytes, bytearray)):
+        return f"video data ({len(source)} bytes)"
+    return "video frames in memory" if isinstance(source, tuple) else "video source"
 
 
 def _too_many(name: str, n: int, fps: float, max_frames: int) -> VideoError:
@@ -83,9 +83,7 @@ def load_video(source: VideoSource, fps: float = 1.0, max_frames: int = 64, star
         raise VideoError(f"the video range must have 0 <= start < end, got start {start} and end {end}")
     if isinstance(source, tuple):
         return _sample_frames(source, name, fps, max_frames, start, end, max_pixels)
-    if not isinstance(source, (str, Path, bytes, bytearray)):
-        raise VideoError(f"a video source is a path, bytes or (frames, frame rate), got {type(source).__name__}")
-    data = read_media_bytes(source, name, VideoError, "video")
+    data = read_media_bytes(source, name, VideoError, "a video source is a path, bytes or (frames, frame rate)")
     container, stream = open_av_stream(data, "video", name, VideoError)
     with container:
         stream.thread_type = "SLICE"  # no frame threading: the same order and frames on every run
