@@ -46,7 +46,7 @@ BAD_VALUES = [
     (ImageConfig, {"max_tiles": 0}, ["image.max_tiles"]),
     (ImageConfig, {"mean": (0.5, 0.5)}, ["image.mean"]),
     (ImageConfig, {"max_pixels": 0}, ["image.max_pixels"]),
-    (ConnectorConfig, {"type": "qformer"}, ["connector.type", "qformer", "linear", "mlp"]),
+    (ConnectorConfig, {"type": "conv"}, ["connector.type", "conv", "linear", "mlp", "qformer"]),
     (FusionConfig, {"type": "late"}, ["fusion.type", "late"]),
     (FusionConfig, {"type": "cross"}, ["cross_attention_layers", "cross_attention_every"]),
     (FusionConfig, {"type": "cross", "cross_attention_layers": (1,), "cross_attention_every": 2},
@@ -251,8 +251,8 @@ def test_load_config_not_a_mapping(tmp_path):
 
 def test_bad_value_in_a_file_names_the_field(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"connector": {"type": "perceiver"}}))
-    with pytest.raises(ConfigError, match="connector.type 'perceiver' unknown"):
+    path.write_text(json.dumps({"connector": {"type": "resampler"}}))
+    with pytest.raises(ConfigError, match="connector.type 'resampler' unknown"):
         load_config(path)
 
 

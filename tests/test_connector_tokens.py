@@ -1,6 +1,6 @@
-"""The seam a compressing connector plugs into: its ``crop_tokens`` decides the processor's token
-counts, and so the prompt layout, the fused sequence and the cost figures, with no other change.
-The 2x2-pooling connector here is registered for the test only."""
+"""The seam a compressing connector plugs into: its ``num_output_tokens`` decides the processor's
+token counts, and so the prompt layout, the fused sequence and the cost figures, with no other
+change. The 2x2-pooling connector here is registered for the test only."""
 
 from __future__ import annotations
 
@@ -13,28 +13,27 @@ from conftest import PLACEHOLDER, make_model, scene, tiny_config
 from torch import nn
 
 from omnifuse.config import ConnectorConfig
-from omnifuse.connectors import CONNECTORS
+from omnifuse.connectors import CONNECTORS, Connector
 from omnifuse.errors import FeatureCountError
 from omnifuse.planner.costs import image_cost, request_cost
 
 
-class Pool2Connector(nn.Module):
-    """Average-pools each crop's square patch grid 2x2, then projects: a quarter of the tokens."""
+class Pool2Connector(Connector):
+    """Average-pools each crop's patch grid 2x2, then projects: a quarter of the tokens."""
 
     @staticmethod
-    def crop_tokens(config, grid, extra):
-        assert extra == 0, "the test connector takes patch features only"
+    def num_output_tokens(config, tokens, grid):
+        assert grid is not None and grid[0] * grid[1] == tokens, "the test connector takes a patch grid"
         return (grid[0] // 2) * (grid[1] // 2)
 
     def __init__(self, in_dim, out_dim, bias=True, positions=0):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim, bias=bias)
 
-    def forward(self, x):  # (N, g*g, D) -> (N, g*g/4, D_out)
-        n, s, d = x.shape
-        g = int(s ** 0.5)
-        grid = x.transpose(1, 2).reshape(n, d, g, g)
-        return self.proj(F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2))
+    def forward(self, x, grid=None):  # (N, rows*cols, D) -> (N, rows*cols/4, D_out)
+        n, _, d = x.shape
+        patches = x.transpose(1, 2).reshape(n, d, *grid)
+        return self.proj(F.avg_pool2d(patches, 2).flatten(2).transpose(1, 2))
 
 
 @pytest.fixture
@@ -58,7 +57,7 @@ def test_a_compressing_connector_sets_the_token_count_everywhere(pooled_config):
 
 
 def test_a_connector_that_breaks_its_own_count_is_caught(pooled_config, monkeypatch):
-    monkeypatch.setattr(Pool2Connector, "crop_tokens", staticmethod(lambda config, grid, extra: 5))
+    monkeypatch.setattr(Pool2Connector, "num_output_tokens", staticmethod(lambda config, tokens, grid: 5))
     model = make_model(pooled_config)
     image = model.image_processor(scene(40, 30))
     with pytest.raises(FeatureCountError, match="produced 4 tokens but its processor predicted 5"):

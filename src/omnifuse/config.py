@@ -98,6 +98,10 @@ class VisionConfig:
     num_global_layers: int = 0
     intermediate_layers: tuple[int, ...] = ()
     max_num_tiles: int = 4
+    # Token merging (ToMe, Bolya et al. 2023): each encoder layer merges up to this many of its
+    # most similar tokens into their matches (r; 0 = off). Needs no training, so it can be set at
+    # inference on any "vit" encoder; the token counts stay exact (encoders/tome.py).
+    merge_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
@@ -127,6 +131,17 @@ class VisionConfig:
         for i in layers:
             _check(-(self.num_layers + 1) <= i <= self.num_layers,
                    f"vision.feature_layer {i} is outside the {self.num_layers + 1} hidden states")
+        _check(self.merge_tokens >= 0, f"vision.merge_tokens must be >= 0, got {self.merge_tokens}")
+        if self.merge_tokens:
+            _check(self.type == "vit", "vision.merge_tokens needs vision.type vit (the tiled mllama encoder keeps "
+                                       "every tile's tokens)")
+            _check(len(layers) == 1, f"vision.merge_tokens needs a single feature_layer (merged layers have "
+                                     f"different token counts), got {layers}")
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers that influence the features: up to the deepest selected one."""
+        return max(i % (self.num_layers + 1) for i in self.feature_layers)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -244,7 +259,9 @@ class AudioConfig:
                    f"audio chunk of {self.chunk_frames} frames is not a multiple of patch_frames {self.patch_frames}")
         from omnifuse.connectors import CONNECTORS
 
-        _check(self.connector in CONNECTORS, f"audio.connector {self.connector!r} unknown; known: {sorted(CONNECTORS)}")
+        _check(self.connector in CONNECTORS and CONNECTORS[self.connector].preserves_tokens,
+               f"audio.connector {self.connector!r} unknown; known: "
+               f"{sorted(k for k, c in CONNECTORS.items() if c.preserves_tokens)}")
 
     @property
     def chunk_samples(self) -> int:
@@ -279,8 +296,19 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """Projects vision features to the decoder width: ``linear`` or ``mlp`` (two layers, GELU).
+    """Turns encoder features into decoder-width tokens (``connectors/``):
 
+    - ``linear`` / ``mlp`` (two layers, GELU): one token per feature (LLaVA);
+    - ``qformer``: ``tokens`` learned queries (default 32) in ``num_layers`` BERT layers,
+      cross-attending to the features every ``cross_attention_every``-th layer (BLIP-2);
+    - ``perceiver``: ``tokens`` latents (default 64), ``num_layers`` perceiver layers (Flamingo);
+    - ``pixel_shuffle``: each ``scale_factor`` x ``scale_factor`` block of patches one token,
+      then a ``projection`` (Idefics3, SmolVLM);
+    - ``pool``: the patch grid average-pooled to ``tokens`` (a square, default 256), normalised,
+      then a ``projection`` (Gemma 3).
+
+    ``hidden_size`` / ``num_heads`` / ``intermediate_size``: the Q-Former's or perceiver's width
+    (0: the encoder's feature width), heads, and feed-forward width (0: 4 x width).
     ``position_embedding``: add a learned vector per token position within a crop to the output
     (zero at init). Early fusion gets positions from the decoder's RoPE; cross-attention memory has
     none of its own, so Flamingo-style models add them to the media features.
@@ -289,11 +317,35 @@ class ConnectorConfig:
     type: str = "mlp"
     bias: bool = True
     position_embedding: bool = False
+    tokens: int = 0  # qformer queries, perceiver latents, pool tokens per crop; 0: the type's default
+    num_layers: int = 2
+    hidden_size: int = 0
+    num_heads: int = 4
+    intermediate_size: int = 0
+    cross_attention_every: int = 2
+    scale_factor: int = 2
+    projection: str = "linear"
 
     def __post_init__(self) -> None:
         from omnifuse.connectors import CONNECTORS
 
         _check(self.type in CONNECTORS, f"connector.type {self.type!r} unknown; known: {sorted(CONNECTORS)}")
+        for name in ("tokens", "hidden_size", "intermediate_size"):
+            _check(getattr(self, name) >= 0, f"connector.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_layers", "num_heads", "cross_attention_every", "scale_factor"):
+            _check(getattr(self, name) >= 1, f"connector.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.projection in ("linear", "mlp"),
+               f"connector.projection must be linear or mlp, got {self.projection!r}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"connector.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens per crop of the fixed-count connectors (qformer, perceiver, pool)."""
+        return self.tokens or _DEFAULT_CONNECTOR_TOKENS.get(self.type, 0)
+
+
+_DEFAULT_CONNECTOR_TOKENS = {"qformer": 32, "perceiver": 64, "pool": 256}
 
 
 @dataclass(frozen=True)
@@ -498,9 +550,9 @@ class ModelConfig:
                    "video frames go through the vision encoder: video needs a vit vision encoder and image.mode fixed")
             if self.video.spatial_pool > 1:
                 side = self.image.image_size // self.vision.patch_size
-                _check(self.vision.cls_tokens == 0 and side % self.video.spatial_pool == 0,
-                       f"video.spatial_pool {self.video.spatial_pool} needs patch features without a class token "
-                       f"on a grid it divides ({side} x {side})")
+                _check(self.vision.cls_tokens == 0 and not self.vision.merge_tokens and side % self.video.spatial_pool == 0,
+                       f"video.spatial_pool {self.video.spatial_pool} needs patch features without a class token or "
+                       f"token merging, on a grid it divides ({side} x {side})")
         _set(self, "inputs", tuple(self.inputs))
         from omnifuse.modalities import MODALITIES
 
@@ -522,6 +574,21 @@ class ModelConfig:
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
                    f"{self.vision.patch_size}")
+        from omnifuse.connectors import CONNECTORS
+
+        c = self.connector
+        if not CONNECTORS[c.type].preserves_tokens:
+            _check(self.vision.type == "vit", f"connector.type {c.type} needs a vit encoder (the tiled mllama "
+                                              "encoder's features go through a linear connector)")
+            if c.type in ("qformer", "perceiver"):
+                width = c.hidden_size or self.vision.feature_dim
+                _check(width % c.num_heads == 0, f"connector width {width} is not divisible by "
+                                                 f"connector.num_heads {c.num_heads}")
+            else:
+                _check(self.image.mode != "dynamic", f"connector.type {c.type} needs a fixed patch grid "
+                                                     "(image.mode fixed or tiles)")
+        if self.image.mode in ("fixed", "tiles"):
+            self.tokens_per_crop  # noqa: B018 -- the connector refuses a grid it cannot take (ConfigError)
         if self.connector.position_embedding:
             _check(self.vision.type == "vit" and self.image.mode in ("fixed", "tiles"),
                    "connector.position_embedding needs a vit encoder and fixed or tiles image mode "
@@ -579,7 +646,7 @@ class ModelConfig:
         from omnifuse.connectors import crop_tokens
 
         side = self.image.image_size // self.vision.patch_size
-        return crop_tokens(self.connector, (side, side), self.vision.cls_tokens)
+        return crop_tokens(self, (side, side))
 
 
 # ---------------------------------------------------------------------------------------------

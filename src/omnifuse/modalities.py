@@ -33,6 +33,9 @@ class Modality:
     connector: Callable[[ModelConfig], nn.Module] | None  # features -> (..., tokens, decoder width)
     shares_connector: str | None = None  # no connector of its own: that modality's
     needs: tuple[str, ...] = ()  # modalities whose parts it uses (built even when not taken as input)
+    # The (rows, cols) grid an item's encoder features form per crop, for connectors that need it
+    # (pixel shuffle, pooling); None: not a grid (audio frames, merged tokens, class tokens).
+    feature_grid: Callable[[ModelConfig, Any], tuple[int, int] | None] = lambda config, item: None
 
 
 # --------------------------------------------------------------------------------------------- image
@@ -54,12 +57,13 @@ def build_vision_encoder(config: ModelConfig) -> nn.Module:
         num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
         activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
         qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default", stem=v.stem,
+        merge_tokens=v.merge_tokens,
     )
 
 
 def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
     """The image processor of ``config`` (None for a model without a vision encoder). Its token
-    counts are the connector's output per crop (``connectors.crop_tokens``)."""
+    counts are the encoder's and connector's output per crop (``connectors.crop_tokens``)."""
     from omnifuse.connectors import crop_tokens
     from omnifuse.processing.image import ImageProcessor
 
@@ -68,15 +72,21 @@ def build_image_processor(config: ModelConfig) -> ImageProcessor | None:
     v = config.vision
     return ImageProcessor(config.image, patch_size=v.patch_size, cls_tokens=v.cls_tokens,
                           tiled_encoder=v.type == "mllama",
-                          crop_tokens=lambda grid: crop_tokens(config.connector, grid, v.cls_tokens))
+                          crop_tokens=lambda grid: crop_tokens(config, grid))
 
 
 def _image_connector(config: ModelConfig) -> nn.Module:
     from omnifuse.connectors import CONNECTORS
 
     c = config.connector
-    return CONNECTORS[c.type](config.vision.feature_dim, config.decoder.hidden_size, bias=c.bias,
-                              positions=config.tokens_per_crop if c.position_embedding else 0)
+    return CONNECTORS[c.type].build(c, config.vision.feature_dim, config.decoder.hidden_size,
+                                    positions=config.tokens_per_crop if c.position_embedding else 0)
+
+
+def _image_grid(config: ModelConfig, item) -> tuple[int, int] | None:
+    from omnifuse.connectors import encoder_tokens
+
+    return encoder_tokens(config.vision, item.grid)[1]
 
 
 # --------------------------------------------------------------------------------------------- audio
@@ -131,20 +141,32 @@ def build_video_processor(config: ModelConfig):
 
 
 def video_frame_tokens(config: ModelConfig) -> int:
-    """Tokens of one frame group: the image tokens of a crop, spatially pooled."""
-    v = config.video
-    if v.spatial_pool == 1:
+    """Tokens of one frame group: the connector's output for a crop's patch grid, spatially
+    pooled first."""
+    from omnifuse.connectors import CONNECTORS
+
+    if config.video.spatial_pool == 1:
         return config.tokens_per_crop
-    side = config.image.image_size // config.vision.patch_size // v.spatial_pool
-    return side * side
+    grid = _video_grid(config, None)
+    return CONNECTORS[config.connector.type].num_output_tokens(config.connector, grid[0] * grid[1], grid)
+
+
+def _video_grid(config: ModelConfig, item) -> tuple[int, int] | None:
+    """A frame's features: the crop's patch grid, pooled ``spatial_pool`` x ``spatial_pool``."""
+    from omnifuse.connectors import encoder_tokens
+
+    side = config.image.image_size // config.vision.patch_size
+    grid = encoder_tokens(config.vision, (side, side))[1]
+    pool = config.video.spatial_pool
+    return None if grid is None else (grid[0] // pool, grid[1] // pool)
 
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality(section="vision", processor=build_image_processor, encoder=build_vision_encoder,
-                      connector=_image_connector),
+                      connector=_image_connector, feature_grid=_image_grid),
     "audio": Modality(section="audio", processor=build_audio_processor, encoder=build_audio_encoder,
                       connector=_audio_connector),
     # Frames are images: the image encoder (attached, not copied) and the image connector.
     "video": Modality(section="video", processor=build_video_processor, encoder=build_video_encoder,
-                      connector=None, shares_connector="image", needs=("image",)),
+                      connector=None, shares_connector="image", needs=("image",), feature_grid=_video_grid),
 }

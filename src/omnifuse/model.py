@@ -137,10 +137,11 @@ class MultimodalModel(nn.Module):
         out: list[torch.Tensor | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, (item, f) in enumerate(zip(items, feats)):
-            groups.setdefault((item.modality, tuple(f.shape[1:])), []).append(i)
-        for (modality, _), idx in groups.items():  # outputs of one shape share the connector's batch
+            grid = MODALITIES[item.modality].feature_grid(self.config, item)
+            groups.setdefault((item.modality, tuple(f.shape[1:]), grid), []).append(i)
+        for (modality, _, grid), idx in groups.items():  # outputs of one shape share the connector's batch
             connector = self.connectors[self.connector_of[modality]]
-            tokens = connector(torch.cat([feats[i].to(self.device) for i in idx]))  # (N, ..., D)
+            tokens = connector(torch.cat([feats[i].to(self.device) for i in idx]), grid=grid)  # (N, ..., D)
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 f = f.reshape(-1, f.shape[-1])
                 keep = items[i].keep

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnifuse.encoders.tome import Merge, merge_count
 from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ViTMLP
 
@@ -24,6 +25,23 @@ class ViTLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
         x = x + self.self_attn(self.layer_norm1(x), mask=mask)
         return x + self.mlp(self.layer_norm2(x))
+
+    def forward_merging(self, x: torch.Tensor, size: torch.Tensor, r: int,
+                        protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with token merging (encoders/tome.py): attention weighted by each token's
+        size, then up to ``r`` tokens merged before the MLP. x: (B, N, D), size: (B, N, 1)
+        -> (B, N - r', D), (B, N - r', 1)."""
+        attn, h = self.self_attn, self.layer_norm1(x)
+        b, n, _ = h.shape
+        q = attn._queries(h)
+        k, v = attn.memory_kv(h)  # (B, H, N, Dh)
+        bias = size.log().to(q.dtype).view(b, 1, 1, n)  # proportional attention
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        r = merge_count(n, r, protected)
+        if r:
+            x, size = Merge(k.mean(dim=1), r, protected).weighted(x, size)
+        return x + self.mlp(self.layer_norm2(x)), size
 
 
 def conv_stem_layers(num_channels: int, dim: int, patch_size: int) -> list[tuple[int, int, int, int]]:
@@ -65,8 +83,13 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, dim: int, num_layers: int, num_heads: int,
                  hidden: int, num_channels: int = 3, use_cls: bool = True, activation: str = "gelu",
                  eps: float = 1e-5, pre_norm: bool = True, patch_bias: bool = False, qkv_bias: bool = True,
-                 feature_layers: tuple[int, ...] = (-1,), drop_cls: bool = True, stem: str = "patch") -> None:
+                 feature_layers: tuple[int, ...] = (-1,), drop_cls: bool = True, stem: str = "patch",
+                 merge_tokens: int = 0) -> None:
+        """``merge_tokens``: ToMe's r, the tokens each layer merges (0: none); needs one feature layer."""
         super().__init__()
+        if merge_tokens and len(feature_layers) != 1:
+            raise ValueError("token merging needs a single feature layer")
+        self.merge_tokens = merge_tokens
         self.patch_size, self.grid = patch_size, image_size // patch_size
         self.use_cls, self.drop_cls = use_cls, drop_cls and use_cls
         n_layers_total = num_layers + 1
@@ -114,8 +137,12 @@ class VisionTransformer(nn.Module):
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
         states = {0: x} if 0 in self.feature_layers else {}
+        size = x.new_ones(x.shape[0], x.shape[1], 1) if self.merge_tokens else None
         for i, layer in enumerate(self.layers, start=1):
-            x = layer(x)
+            if size is None:
+                x = layer(x)
+            else:
+                x, size = layer.forward_merging(x, size, self.merge_tokens, protected=int(self.use_cls))
             if i in self.feature_layers:
                 states[i] = x
         out = torch.cat([states[i] for i in self.feature_layers], dim=-1)

@@ -41,16 +41,18 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None, *,
                  bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5, key_bias: bool | None = None,
-                 out_bias: bool | None = None) -> None:
+                 out_bias: bool | None = None, kv_dim: int | None = None) -> None:
         """``bias`` on every projection, unless ``key_bias`` (Whisper: none on k) or ``out_bias``
-        (Qwen2: none on o) says otherwise for that one."""
+        (Qwen2: none on o) says otherwise for that one. ``kv_dim``: the width of the memory keys and
+        values are projected from, when it differs from ``dim`` (a Q-Former reading image features)."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or dim // num_heads
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias if key_bias is None else key_bias)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
+        kv_dim = kv_dim or dim
+        self.k_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias if key_bias is None else key_bias)
+        self.v_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None

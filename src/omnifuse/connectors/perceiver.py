@@ -1,0 +1,70 @@
+"""Flamingo's perceiver resampler (Alayrac et al. 2022): learned latents attend to the image
+features and themselves, and become a fixed number of tokens per image."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnifuse.connectors.base import Connector
+from omnifuse.nn.attention import Attention
+from omnifuse.nn.mlp import ViTMLP
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to [features; latents] (keys and values from both, queries from the latents),
+    then a feed-forward block; pre-norm residuals."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.media_norm = nn.LayerNorm(dim)
+        self.latent_norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = ViTMLP(dim, hidden, "gelu")
+
+    def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        # latents: (N, L, dim); media: (N, S, dim)
+        q = self.latent_norm(latents)
+        kv = self.attn.memory_kv(torch.cat([self.media_norm(media), q], dim=1))
+        latents = latents + self.attn(q, kv=kv)
+        return latents + self.mlp(self.mlp_norm(latents))
+
+
+class PerceiverConnector(Connector):
+    """``tokens`` latents (default 64) of width ``hidden_size`` (default: the feature width),
+    ``num_layers`` perceiver layers, a final norm, then a linear projection to the decoder width.
+    Pairs with early fusion (its tokens spliced into the sequence) or cross-attention fusion
+    (Flamingo: its tokens are the media memory)."""
+
+    @staticmethod
+    def num_output_tokens(config, tokens: int, grid: tuple[int, int] | None) -> int:
+        return config.output_tokens
+
+    @classmethod
+    def build(cls, config, in_dim: int, out_dim: int, positions: int = 0) -> PerceiverConnector:
+        hidden = config.hidden_size or in_dim
+        return cls(in_dim, out_dim, num_latents=config.output_tokens, hidden=hidden, num_layers=config.num_layers,
+                   num_heads=config.num_heads, intermediate=config.intermediate_size or 4 * hidden,
+                   positions=positions)
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_latents: int = 64, hidden: int = 768, num_layers: int = 2,
+                 num_heads: int = 12, intermediate: int = 3072, positions: int = 0) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.zeros(num_latents, hidden))
+        self.in_proj = nn.Linear(in_dim, hidden) if in_dim != hidden else None
+        self.layers = nn.ModuleList(PerceiverLayer(hidden, num_heads, intermediate) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.proj = nn.Linear(hidden, out_dim)
+        self._init_positions(positions, out_dim)
+
+    def init_parameters(self, std: float) -> None:
+        nn.init.normal_(self.latents, std=1.0)  # latents are inputs, like token embeddings at unit scale
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        # x: (N, S, in_dim) features of N crops -> (N, num_latents, out_dim)
+        media = x if self.in_proj is None else self.in_proj(x)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, media)
+        return self._add_positions(self.proj(self.norm(latents)))
