@@ -105,6 +105,24 @@ for _fusion in ("early", "cross"):
         _base, name=f"tiny-omni-{_fusion}", image=_image, audio=_TINY_AUDIO, video=_TINY_VIDEO, text=_OMNI_TEXT,
         decoder=dataclasses.replace(_base.decoder, vocab_size=262))
 
+# Compressing connectors on tiny-early (8 x 8 patch features per 64 px crop, 64 tokens with its MLP):
+# BLIP-2's Q-Former (16 queries), Flamingo's perceiver (16 latents) with gated cross-attention,
+# Idefics3's pixel shuffle (2 x 2 patches a token, on up to 4 tiles plus the whole image), Gemma 3's
+# pooling (to 4 x 4), and token merging (ToMe, 8 tokens merged in each encoder layer that runs).
+_early = PRESETS["tiny-early"]
+PRESETS["tiny-blip2"] = dataclasses.replace(
+    _early, name="tiny-blip2", connector=ConnectorConfig(type="qformer", tokens=16, num_layers=2, num_heads=4))
+PRESETS["tiny-flamingo"] = dataclasses.replace(
+    _early, name="tiny-flamingo", connector=ConnectorConfig(type="perceiver", tokens=16, num_layers=2, num_heads=4),
+    fusion=FusionConfig(type="cross", cross_attention_every=2))
+PRESETS["tiny-idefics3"] = dataclasses.replace(
+    _early, name="tiny-idefics3", image=ImageConfig(mode="tiles", image_size=64, max_tiles=4, overview=True),
+    connector=ConnectorConfig(type="pixel_shuffle", scale_factor=2, bias=False))
+PRESETS["tiny-pool"] = dataclasses.replace(
+    _early, name="tiny-pool", connector=ConnectorConfig(type="pool", tokens=16, bias=False))
+PRESETS["tiny-tome"] = dataclasses.replace(
+    _early, name="tiny-tome", vision=dataclasses.replace(_early.vision, merge_tokens=8))
+
 # Llama 3.2 90B Vision: the 11B's vision tower and tiling on a Llama 3.1 70B decoder (80 self-attention
 # layers) with 20 cross-attention layers (HF stack indices 3, 8, ..., 98).
 PRESETS["llama-3.2-90b-vision"] = dataclasses.replace(

@@ -68,7 +68,9 @@ class QFormerConnector(Connector):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         # x: (N, S, in_dim) features of N crops -> (N, num_queries, out_dim)
         memory = self.feature_norm(x)
-        q = self.query_norm(self.query_tokens).expand(x.shape[0], -1, -1)
+        # expanded before the norm: a module is never handed a parameter itself (torch's module
+        # tracker, which FlopCounterMode uses, fails on one under no_grad)
+        q = self.query_norm(self.query_tokens.expand(x.shape[0], -1, -1))
         for layer in self.layers:
             q = layer(q, memory)
         return self._add_positions(self.proj(q))

@@ -47,6 +47,7 @@ class EncoderArch:
     joint_crops: bool = False  # all crops of an image attend to each other (Mllama tiles)
     dynamic: bool = False  # native resolution: patches per crop follow the image (Qwen2-VL)
     channels: int = 3
+    merge_tokens: int = 0  # ToMe: tokens each layer merges (encoders/tome.py)
 
     @property
     def patches_per_crop(self) -> int:
@@ -75,26 +76,62 @@ class EncoderArch:
         n = n_patch + self.cls_tokens
         n = -(-n // self.pad_to) * self.pad_to
         h = self.hidden
+        if self.merge_tokens:
+            return crops * (stem + self._merging_layer_flops(n))
         dense = crops * n * (2 * 4 * h * h + 2 * self.mlp_matrices * h * self.intermediate)
         attention = 4 * h * ((crops * n) ** 2 if self.joint_crops else crops * n * n)
         return crops * stem + (self.layers + self.global_layers) * (dense + attention)
+
+    def _merging_layer_flops(self, n: int) -> int:
+        """One crop's layers with token merging: attention over the tokens a layer gets, the
+        key similarity of its two halves, the MLP over the tokens left after merging."""
+        from omnifuse.encoders.tome import merge_count
+
+        h, flops = self.hidden, 0
+        for _ in range(self.layers):
+            r = merge_count(n, self.merge_tokens, self.cls_tokens)
+            flops += n * 2 * 4 * h * h + 4 * h * n * n
+            if r:
+                flops += 2 * ((n + 1) // 2) * (n // 2) * (h // self.heads)
+            n -= r
+            flops += n * 2 * self.mlp_matrices * h * self.intermediate
+        return flops
+
+    def output_tokens(self, patches_per_crop: int | None = None) -> int:
+        """Tokens per crop after the layers (all patches and class tokens unless merging)."""
+        from omnifuse.encoders.tome import merged_tokens
+
+        n = (patches_per_crop if patches_per_crop is not None else self.patches_per_crop) + self.cls_tokens
+        return merged_tokens(n, self.merge_tokens, self.layers, self.cls_tokens) if self.merge_tokens else n
 
 
 @dataclass(frozen=True)
 class ConnectorArch:
     """Encoder features -> decoder width. ``merge``: encoder positions folded into one token
-    (pixel shuffle / patch merge: scale_factor squared; average pooling: the pool area)."""
+    (pixel shuffle / patch merge: scale_factor squared; average pooling: the pool area).
 
-    kind: str  # linear | mlp | pool_linear | qformer
+    ``kind``: ``linear`` / ``mlp`` (on merged positions), ``pool_linear`` (average pool, then a
+    linear), ``qformer`` (``queries`` learned queries, ``layers`` BERT layers of width ``hidden``,
+    cross-attention every ``cross_every``-th from the first), ``perceiver`` (``queries`` latents,
+    ``layers`` layers of width ``hidden``). ``intermediate``: their feed-forward width (0: 4 x
+    hidden). ``mlp_out``: a second out x out layer after the projection (omnifuse's mlp projection
+    of pixel shuffle and pooling)."""
+
+    kind: str  # linear | mlp | pool_linear | qformer | perceiver
     in_dim: int  # encoder channels per position (before merging)
     out_dim: int
     hidden: int = 0  # mlp: width of the first layer (0: out_dim)
     merge: int = 1
     bias: bool = True
-    # Q-Former (BLIP-2): a BERT-base-like stack of learned queries with cross-attention
     queries: int = 0
     layers: int = 0
     cross_every: int = 2
+    intermediate: int = 0
+    mlp_out: bool = False
+
+    @property
+    def _cross_layers(self) -> int:
+        return len(range(0, self.layers, self.cross_every))
 
     def parameters(self) -> int:
         d_in = self.in_dim * (1 if self.kind == "pool_linear" else self.merge)
@@ -102,26 +139,39 @@ class ConnectorArch:
             mid = self.hidden or self.out_dim
             return d_in * mid + mid * self.out_dim + (mid + self.out_dim) * self.bias
         if self.kind == "qformer":
-            q = self.hidden
-            layer = 4 * q * q + 2 * q * 4 * q  # self-attention + MLP (4x)
+            q, i = self.hidden, self.intermediate or 4 * self.hidden
+            layer = 4 * q * q + 2 * q * i  # self-attention + MLP
             cross = 2 * q * q + 2 * self.in_dim * q  # q, o from the queries; k, v from the image
-            return self.queries * q + self.layers * layer + (self.layers // self.cross_every) * cross + q * self.out_dim
-        return d_in * self.out_dim + self.out_dim * self.bias
+            return self.queries * q + self.layers * layer + self._cross_layers * cross + q * self.out_dim
+        if self.kind == "perceiver":
+            h, i = self.hidden, self.intermediate or 4 * self.hidden
+            proj_in = self.in_dim * h if self.in_dim != h else 0
+            return self.queries * h + proj_in + self.layers * (4 * h * h + 2 * h * i) + h * self.out_dim
+        extra = self.out_dim * self.out_dim if self.mlp_out else 0
+        return d_in * self.out_dim + extra + self.out_dim * self.bias
 
-    def flops(self, encoder_positions: int) -> int:
-        """For an image whose encoder produced ``encoder_positions`` feature vectors."""
+    def flops(self, encoder_positions: int, crops: int = 1) -> int:
+        """For an image whose encoder produced ``encoder_positions`` feature vectors over
+        ``crops`` crops (the Q-Former and perceiver run per crop)."""
         tokens = encoder_positions // self.merge
         d_in = self.in_dim * (1 if self.kind == "pool_linear" else self.merge)
         if self.kind == "mlp":
             mid = self.hidden or self.out_dim
             return 2 * tokens * (d_in * mid + mid * self.out_dim)
+        e = encoder_positions // max(1, crops)  # features of one crop
         if self.kind == "qformer":
-            q, m = self.hidden, self.queries
-            self_part = self.layers * (2 * m * 4 * q * q + 4 * m * m * q + 2 * m * 2 * q * 4 * q)
-            n_cross = self.layers // self.cross_every
-            cross = n_cross * (2 * m * 2 * q * q + 2 * encoder_positions * 2 * self.in_dim * q + 4 * m * encoder_positions * q)
-            return self_part + cross + 2 * m * q * self.out_dim
-        return 2 * tokens * d_in * self.out_dim
+            q, m, i = self.hidden, self.queries, self.intermediate or 4 * self.hidden
+            self_part = self.layers * (2 * m * 4 * q * q + 4 * m * m * q + 2 * m * 2 * q * i)
+            cross = self._cross_layers * (2 * m * 2 * q * q + 2 * e * 2 * self.in_dim * q + 4 * m * e * q)
+            return crops * (self_part + cross + 2 * m * q * self.out_dim)
+        if self.kind == "perceiver":
+            h, m, i = self.hidden, self.queries, self.intermediate or 4 * self.hidden
+            proj_in = 2 * e * self.in_dim * h if self.in_dim != h else 0
+            layer = 2 * m * 2 * h * h + 2 * (e + m) * 2 * h * h + 4 * m * (e + m) * h + 2 * m * 2 * h * i
+            return crops * (proj_in + self.layers * layer + 2 * m * h * self.out_dim)
+        if self.kind == "pool_linear" and self.queries:  # pooled to a fixed count per crop
+            tokens = crops * self.queries
+        return 2 * tokens * (d_in * self.out_dim + (self.out_dim * self.out_dim if self.mlp_out else 0))
 
 
 @dataclass(frozen=True)
@@ -275,7 +325,7 @@ class Architecture:
         flops = self.encoder.flops(media.crops, media.patches_per_crop)
         if self.connector is not None:
             positions = media.encoder_positions or media.crops * (media.patches_per_crop or self.encoder.patches_per_crop)
-            flops += self.connector.flops(positions)
+            flops += self.connector.flops(positions, max(1, media.crops))
         return flops
 
     def prefill_flops(self, context_tokens: int, media: list[MediaWork]) -> dict[str, int]:
@@ -308,6 +358,23 @@ class Architecture:
         return flops
 
 
+def connector_arch(config: ModelConfig) -> ConnectorArch:
+    """The planner's view of an omnifuse connector (``connectors/``)."""
+    c, v, d = config.connector, config.vision, config.decoder
+    common = dict(in_dim=v.feature_dim, out_dim=d.hidden_size, bias=c.bias)
+    if c.type in ("qformer", "perceiver"):
+        return ConnectorArch(kind=c.type, **common, hidden=c.hidden_size or v.feature_dim, queries=c.output_tokens,
+                             layers=c.num_layers, cross_every=c.cross_attention_every,
+                             intermediate=c.intermediate_size)
+    if c.type == "pixel_shuffle":
+        return ConnectorArch(kind="linear", **common, merge=c.scale_factor ** 2, mlp_out=c.projection == "mlp")
+    if c.type == "pool":
+        side = config.image.image_size // v.patch_size
+        return ConnectorArch(kind="pool_linear", **common, merge=max(1, side * side // c.output_tokens),
+                             queries=c.output_tokens, mlp_out=c.projection == "mlp")
+    return ConnectorArch(kind=c.type, **common)
+
+
 def from_model_config(config: ModelConfig) -> Architecture:
     """The planner's view of an omnifuse model config (presets, arena models, checkpoints), from
     the same per-layer specs the decoder builder reads (``ModelConfig.layer_specs``)."""
@@ -337,7 +404,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
             stem = tuple(conv_stem_layers(v.num_channels, v.hidden_size, v.patch_size))
         encoder = EncoderArch(hidden=v.hidden_size, layers=layers, heads=v.num_heads, intermediate=v.intermediate_size,
                               patch=v.patch_size, image_size=v.image_size, cls_tokens=int(v.use_cls), stem=stem,
-                              channels=v.num_channels)
-    connector = ConnectorArch(kind=config.connector.type, in_dim=v.feature_dim, out_dim=d.hidden_size)
+                              channels=v.num_channels, merge_tokens=v.merge_tokens)
+    connector = connector_arch(config)
     return Architecture(name=config.name, decoder=decoder, encoder=encoder, connector=connector,
                         source=f"omnifuse config {config.name}")

@@ -188,17 +188,19 @@ def audio_encoder_flops(config: ModelConfig, num_samples: int) -> int:
 def video_encoder_flops(config: ModelConfig, frames: int) -> int:
     """FLOPs of a video of ``frames`` frames: each frame (the last repeated to fill a temporal
     patch) through the vision encoder, the temporal merge, the image connector."""
-    from omnifuse.modalities import video_frame_tokens
+    from omnifuse.connectors import encoder_tokens
 
     arch = from_model_config(config)
     v = config.video
     groups = -(-frames // v.temporal_patch)
-    per_crop = video_frame_tokens(config)  # after spatial pooling (no FLOPs counted for the pooling itself)
+    side = config.image.image_size // config.vision.patch_size
+    # a frame's features after spatial pooling (no FLOPs counted for the pooling itself)
+    per_crop = encoder_tokens(config.vision, (side, side))[0] // v.spatial_pool ** 2
     flops = arch.encoder.flops(groups * v.temporal_patch)
     if v.temporal_patch > 1:
         dv = config.vision.feature_dim
         flops += 2 * groups * per_crop * v.temporal_patch * dv * dv
-    return flops + arch.connector.flops(groups * per_crop)
+    return flops + arch.connector.flops(groups * per_crop, groups)
 
 
 def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> ImageCost:

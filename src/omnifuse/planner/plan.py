@@ -164,10 +164,12 @@ def _own_image(config: ModelConfig, width: int, height: int) -> tuple[dict[str, 
 
     cost = image_cost(config, width, height)
     (gh, gw), (rows, cols) = cost.patch_grid, cost.tile_canvas
+    from omnifuse.connectors import encoder_tokens
+
     work = MediaWork(crops=cost.crops, context_tokens=cost.context_tokens,
                      cross_states_prefill=cost.cross_attention_states_prefill,
                      cross_states_decode=cost.cross_attention_states_decode, patches_per_crop=gh * gw,
-                     encoder_positions=cost.visual_tokens)
+                     encoder_positions=cost.crops * encoder_tokens(config.vision, (gh, gw))[0])
     canvas = f" on a {canvas_label(rows, cols)} tile canvas" if config.image.mode == "tiles" else ""
     note = f"{cost.crops} crop(s) of {canvas_label(gh, gw)} patches{canvas} (omnifuse {config.image.mode} mode)"
     return _input("image", width, height, None, work.context_tokens, work.cross_states_prefill,
