@@ -1,9 +1,10 @@
 """Decode throughput of a ~130M-parameter LLaVA-style model at batch 1 and batch 8 (float32, CPU).
 
-    python benchmarks/decode_speed.py [--new-tokens 64] [--threads N]
+    python benchmarks/decode_speed.py [--preset NAME] [--image WxH] [--new-tokens 64] [--threads N]
 
 Prints prefill latency for one image + 32 text tokens and decode tokens/s; this is omnifuse alone
-(the comparison with transformers is benchmarks/vs_transformers.py).
+(the comparison with transformers is benchmarks/vs_transformers.py). ``--preset`` runs a named
+preset at its real size with random weights instead (e.g. ``smolvlm-256m``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from omnifuse.config import (
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.model import build_model
 from omnifuse.nn.packed import pack_linears
+from omnifuse.presets import get_preset
 
 LLAVA_130M = ModelConfig(
     name="llava-130m",
@@ -43,20 +45,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--preset", help="a preset instead of the built-in 130M LLaVA-style model")
+    ap.add_argument("--image", default="320x240", help="the image size, WxH (default 320x240)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(LLAVA_130M).eval()
+    config = get_preset(args.preset) if args.preset else LLAVA_130M
+    model = build_model(config).eval()
     n_params = sum(p.numel() for p in model.parameters())  # before packing turns weights into buffers
     pack_linears(model)  # as Pipeline does for inference
     proc = model.image_processor
     from PIL import Image
 
-    image = proc(Image.new("RGB", (320, 240), (120, 60, 200)))
-    prompt = [1] + [31999] * image.num_tokens + list(range(100, 132))
+    width, height = (int(x) for x in args.image.lower().split("x"))
+    image = proc(Image.new("RGB", (width, height), (120, 60, 200)))
+    placeholder = config.text.placeholder_ids["image"]
+    prompt = [1] + [placeholder] * image.num_tokens + list(range(100, 132))
     cfg = SamplingConfig(max_new_tokens=args.new_tokens)
-    print(f"model: {n_params / 1e6:.1f}M parameters, {image.num_tokens} visual tokens, threads={torch.get_num_threads()}")
+    print(f"model: {config.name}, {n_params / 1e6:.1f}M parameters, a {width}x{height} image as {image.num_tokens} "
+          f"visual tokens, threads={torch.get_num_threads()}")
     with torch.inference_mode():
         for _ in range(2):  # warm-up, then measure
             t0 = time.perf_counter()

@@ -42,3 +42,24 @@ def test_seeds_pool_their_answers_and_report_the_spread():
 def test_an_interval_below_chance_is_called_below_chance():
     text = findings([row("early", 0.25, n=300)], ["s"], {"s": 0.5})[0]
     assert text == "**s**: early below chance (50%)."
+
+
+def _strategy(name, tokens, ocr, counting, n=200):
+    return {"name": name, "visual_tokens_per_image": tokens, "accuracy/ocr": ocr, "accuracy/counting": counting,
+            "interval": {"ocr": wilson(ocr * n, n), "counting": wilson(counting * n, n)}}
+
+
+def test_compression_findings_compare_fewer_tokens_with_the_most_on_detail_skills():
+    from omnifuse.arena.stats import compression_findings
+
+    rows = [_strategy("llava", 64, 0.50, 0.60), _strategy("blip2", 32, 0.20, 0.58), _strategy("idefics3", 16, 0.52, 0.30)]
+    text = compression_findings(rows, ["colour", "ocr", "counting"])
+    assert len(text) == 3
+    assert text[0].startswith("**blip2** (32 tokens/image against llava's 64)")
+    assert "ocr 20%" in text[0] and "(lower beyond the intervals)" in text[0]
+    assert "counting 58%" in text[0] and "no difference beyond the intervals" in text[0]
+    assert "for blip2 on ocr, idefics3 on counting;" in text[2]
+    assert "did not show (within the intervals) for blip2 on counting, idefics3 on ocr." in text[2]
+    # equal token counts, or no detail skill in the run: nothing to say
+    assert compression_findings([_strategy("a", 64, 0.5, 0.5), _strategy("b", 64, 0.1, 0.1)], ["ocr"]) == []
+    assert compression_findings(rows, ["colour"]) == []

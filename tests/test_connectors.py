@@ -214,3 +214,30 @@ def test_video_frames_go_through_a_compressing_connector():
     clip = model.processors["video"]((frames, 1.0))
     assert clip.num_tokens == 3 * 8
     assert model.encode_media([clip])[0].shape[0] == clip.num_tokens
+
+
+def test_generate_merge_tokens_reports_fewer_image_tokens(tmp_path, capsys):
+    import json
+
+    from omnifuse.cli import main
+
+    path = tmp_path / "a.png"
+    scene(120, 80).save(path)
+    counts = []
+    for extra in ([], ["--merge-tokens", "8"]):
+        assert main(["generate", "--preset", "tiny-early", "--image", str(path), "--prompt", "hi",
+                     "--max-new-tokens", "3", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        counts.append((out["images"][0]["tokens"], out["prompt_tokens"]))
+    assert counts[0][0] == 64 and counts[1][0] == 48  # 65 -> 57 -> 49 tokens over 2 layers, class token dropped
+    assert counts[0][1] - counts[1][1] == 16  # the prompt is shorter by as many
+
+
+def test_merge_tokens_is_refused_where_the_connector_needs_the_grid(tmp_path, capsys):
+    from omnifuse.cli import main
+
+    path = tmp_path / "a.png"
+    scene(120, 80).save(path)
+    assert main(["generate", "--preset", "tiny-idefics3", "--image", str(path), "--prompt", "hi",
+                 "--merge-tokens", "8"]) == 1
+    assert "pixel_shuffle needs patch features on a grid" in capsys.readouterr().err

@@ -47,6 +47,8 @@ def _pipeline(args: argparse.Namespace):
         pipe = Pipeline.from_preset(args.preset, seed=0, device=device, dtype=dtype)
     else:
         pipe = Pipeline.from_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    if getattr(args, "merge_tokens", 0):
+        pipe.merge_tokens(args.merge_tokens)
     return (pipe.quantize(args.quantize) if args.quantize else pipe).pack()  # pack: the linears int8 left
 
 
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (W8A8, CPU): about 2x faster decode")
+    g.add_argument("--merge-tokens", type=int, default=0, metavar="R",
+                   help="token merging (ToMe) in the vision encoder: R tokens merged per layer, no training; "
+                        "fewer image tokens (--json gives the count)")
     _add_device_args(g)
     g.set_defaults(func=cmd_generate)
 

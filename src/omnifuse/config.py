@@ -78,7 +78,7 @@ class VisionConfig:
     intermediate_size: int = 3072
     num_channels: int = 3
     use_cls: bool = True
-    activation: str = "gelu"  # gelu | quick_gelu (CLIP)
+    activation: str = "gelu"  # gelu | quick_gelu (CLIP) | gelu_tanh (SigLIP)
     norm_eps: float = 1e-5
     pre_norm: bool = True  # CLIP's pre_layrnorm on the embeddings
     patch_bias: bool = False
@@ -102,6 +102,9 @@ class VisionConfig:
     # most similar tokens into their matches (r; 0 = off). Needs no training, so it can be set at
     # inference on any "vit" encoder; the token counts stay exact (encoders/tome.py).
     merge_tokens: int = 0
+    # A LayerNorm on the features handed on (SigLIP's post_layernorm, as Idefics3 and SmolVLM read
+    # the last layer); needs a single feature_layer.
+    post_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
@@ -111,7 +114,7 @@ class VisionConfig:
                f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
                f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _check(self.activation in ("gelu", "quick_gelu"), f"vision.activation {self.activation!r} unknown")
+        _check(self.activation in ("gelu", "quick_gelu", "gelu_tanh"), f"vision.activation {self.activation!r} unknown")
         _check(self.feature_select in ("default", "full"),
                f"vision.feature_select must be 'default' or 'full', got {self.feature_select!r}")
         if isinstance(self.feature_layer, list):
@@ -132,6 +135,8 @@ class VisionConfig:
             _check(-(self.num_layers + 1) <= i <= self.num_layers,
                    f"vision.feature_layer {i} is outside the {self.num_layers + 1} hidden states")
         _check(self.merge_tokens >= 0, f"vision.merge_tokens must be >= 0, got {self.merge_tokens}")
+        _check(not self.post_norm or (self.type == "vit" and len(layers) == 1),
+               "vision.post_norm needs a vit encoder with a single feature_layer")
         if self.merge_tokens:
             _check(self.type == "vit", "vision.merge_tokens needs vision.type vit (the tiled mllama encoder keeps "
                                        "every tile's tokens)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -72,6 +74,18 @@ class MultimodalModel(nn.Module):
             if hasattr(m, "init_parameters"):
                 m.init_parameters(std)
         # Norm weights start at one (module defaults) and fusion gates at zero (TanhGate).
+
+    def set_token_merging(self, r: int) -> None:
+        """Merge ``r`` tokens in each vision encoder layer from now on (ToMe, encoders/tome.py; 0:
+        off), at inference with the same weights: the config, the encoder and the processors'
+        token counts change together. A connector that needs the patch grid refuses it."""
+        if self.config.vision is None:
+            raise ConfigError("token merging needs a model with a vision encoder")
+        config = dataclasses.replace(self.config, vision=dataclasses.replace(self.config.vision, merge_tokens=r))
+        self.config = config
+        self.encoders["image"].merge_tokens = r
+        for modality in self.processors:
+            self.processors[modality] = MODALITIES[modality].processor(config)
 
     @property
     def vision_encoder(self) -> nn.Module | None:

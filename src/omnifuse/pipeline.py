@@ -98,6 +98,13 @@ class Pipeline:
             pack_linears(self.model)
         return self
 
+    def merge_tokens(self, r: int) -> Pipeline:
+        """Token merging in the vision encoder (ToMe: ``r`` tokens merged per layer, no training;
+        fewer image tokens, a faster encoder and prefill, a smaller cache)."""
+        self.model.set_token_merging(r)
+        self.processor = self.model.image_processor
+        return self
+
     def quantize(self, kind: str = "int8") -> Pipeline:
         """Dynamic int8 decoder, connector and output-head weights (CPU; about 2x faster decode)."""
         if kind != "int8":

@@ -74,7 +74,7 @@ def _cell(r: dict, skill: str, key: str) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from omnifuse.arena.stats import findings
+    from omnifuse.arena.stats import compression_findings, findings
 
     add_intervals(report)
     skills, chance, rows = report["skills"], report["chance"], report["strategies"]
@@ -82,6 +82,9 @@ def write_report(report: dict, out: Path) -> None:
     seeds = report.get("seeds") or [report["train"]["seed"]]
     plot_accuracy(report, out / "accuracy_per_skill.png")
     plot_accuracy_vs_cache(report, out / "accuracy_vs_kv_cache.png")
+    compression = compression_findings(rows, skills)
+    if compression:
+        plot_skills_vs_tokens(report, out / "accuracy_vs_tokens.png")
     t = report["train"]
     lines = [
         "# Fusion arena",
@@ -123,6 +126,12 @@ def write_report(report: dict, out: Path) -> None:
               "cross-attention states of its media for cross-attention models (float32). Prefill: the median over "
               "one test sample of each skill, batch 1; decode: batch 1, tokens per second after the first.", "",
               "![accuracy against KV cache](accuracy_vs_kv_cache.png)", ""]
+    if compression:
+        lines += ["## Compression and fine-grained detail", "",
+                  "Does an image compressed into fewer tokens lose the detail that reading text and counting "
+                  "need? Each strategy with fewer visual tokens per image against the one with the most "
+                  "(accuracy [95% interval]):", "", *[f"- {f}" for f in compression], "",
+                  "![accuracy per skill against tokens and KV cache](accuracy_vs_tokens.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -174,6 +183,48 @@ def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
     ax.set_title("Accuracy against KV cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_skills_vs_tokens(report: dict, path: Path) -> None:
+    """Accuracy of every skill (and overall) against visual tokens per image (top row) and KV
+    cache per sample (bottom row), one point per strategy with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["strategies"] if r.get("visual_tokens_per_image")]
+    panels = [*report["skills"], "overall"]
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.3 * len(panels), 5.2), sharey=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (key, label) in enumerate([("visual_tokens_per_image", "visual tokens / image"),
+                                        ("kv_cache_bytes_per_sample", "KV cache / sample (KiB)")]):
+        for col, skill in enumerate(panels):
+            ax = axes[row][col]
+            acc_key = "accuracy" if skill == "overall" else f"accuracy/{skill}"
+            for i, r in enumerate(rows):
+                # strategies with the same count sit side by side (a small offset on the log axis)
+                x = r[key] / (1024 if row else 1) * 2 ** (0.06 * (i - (len(rows) - 1) / 2))
+                lo, hi = r["interval"][skill]
+                a = r[acc_key]
+                ax.errorbar([x], [a], yerr=[[max(0.0, a - lo)], [max(0.0, hi - a)]], fmt="o", ms=5, capsize=2,
+                            color=colours[i % len(colours)], label=r["name"] if (row, col) == (0, 0) else None)
+            if skill != "overall":
+                ax.axhline(report["chance"][skill], color="black", ls="dashed", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(0, 1.05)
+            if row == 0:
+                ax.set_title(skill, fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[1][0].set_ylabel("test accuracy")
+    fig.legend(loc="lower center", ncol=len(rows), fontsize=8, frameon=False)
+    fig.suptitle("Accuracy per skill against image tokens and cache (dashed: chance; whiskers: 95% intervals)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -3,7 +3,9 @@ each skill on the test split, measure tokens, cache, latency and throughput, and
 
 A strategy is a config entry (a name, a model preset or model config file, optional training
 overrides), so new fusion strategies join by editing the arena config (the default,
-``omnifuse/configs/arena.yaml``, ships inside the package), not this code.
+``omnifuse/configs/arena.yaml``, ships inside the package), not this code. An entry with ``from``
+trains nothing: it evaluates another strategy's trained model with inference-time changes (token
+merging: ``merge_tokens``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Strategy:
     name: str
     model: str  # preset name or model config file (relative paths: to the arena config's folder)
     overrides: dict = field(default_factory=dict)  # TrainConfig fields for this strategy only
+    source: str | None = None  # ``from``: evaluate this (earlier) strategy's trained model instead of training
+    merge_tokens: int = 0  # with ``from``: token merging (ToMe's r) in its vision encoder at inference
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,16 @@ def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
     entries = data.pop("strategies", None)
     if not entries:
         raise ConfigError(f"{path} lists no strategies")
-    strategies = []
+    strategies: list[Strategy] = []
     for i, e in enumerate(entries):
+        if isinstance(e, dict) and "from" in e:
+            strategies.append(_derived_strategy(path, e, strategies))
+            continue
         if not isinstance(e, dict) or "name" not in e or "model" not in e:
-            raise ConfigError(f"{path}: strategy {i} needs a name and a model")
+            raise ConfigError(f"{path}: strategy {i} needs a name and a model (or `from` another strategy)")
+        if "merge_tokens" in e:
+            raise ConfigError(f"{path}: strategy {e['name']!r}: merge_tokens is an inference setting; give it with "
+                              "`from: <a trained strategy>`")
         model = resolve_input_paths({"model": str(e["model"])}, path.parent)["model"]
         overrides = e.get("overrides") or {}
         if not isinstance(overrides, dict):
@@ -76,6 +86,23 @@ def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
     known = {f.name for f in dataclasses.fields(ArenaConfig)} - {"strategies", "train"}
     arena = {k: data.pop(k) for k in list(data) if k in known}
     return ArenaConfig(strategies=tuple(strategies), train=resolve_input_paths(data, path.parent), **arena)
+
+
+def _derived_strategy(path: Path, e: dict, earlier: list[Strategy]) -> Strategy:
+    """An entry ``{name, from, merge_tokens}``: another strategy's trained model at inference."""
+    name = e.get("name")
+    unknown = set(e) - {"name", "from", "merge_tokens"}
+    if not name or unknown:
+        raise ConfigError(f"{path}: strategy {name!r} with `from` takes only name, from and merge_tokens"
+                          + (f" (got {sorted(unknown)})" if unknown else ""))
+    source = next((s for s in earlier if s.name == e["from"] and s.source is None), None)
+    if source is None:
+        raise ConfigError(f"{path}: strategy {name!r}: `from: {e['from']}` must name a trained strategy listed "
+                          "before it")
+    r = e.get("merge_tokens", 0)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ConfigError(f"{path}: strategy {name!r}: merge_tokens must be a positive integer, got {r!r}")
+    return Strategy(name, source.model, source.overrides, source=source.name, merge_tokens=r)
 
 
 def _train_config(arena: ArenaConfig, strategy: Strategy, quick: bool) -> TrainConfig:
@@ -187,6 +214,8 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
     shared_features: dict | None = {} if encoder is not None else None
     for k in range(seeds):
         for strategy, base in plans:
+            if strategy.source is not None:
+                continue  # evaluated right after the strategy it comes from trained
             tc = base if seeds == 1 else dataclasses.replace(base, seed=base.seed + k,
                                                              out_dir=str(Path(base.out_dir) / f"seed-{base.seed + k}"))
             console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
@@ -200,10 +229,17 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
             test = DiagnosticSource("test", config.test_size, base)  # one test set for every seed
             scores = trainer.evaluate(test)
             measured = _measure(trainer, test, config) if k == 0 else {}
-            runs[strategy.name].append({
-                "name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
-                "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
-                "final_train_loss": summary["loss"], **scores, **measured})
+            row = {"name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
+                   "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
+                   "final_train_loss": summary["loss"]}
+            runs[strategy.name].append({**row, **scores, **measured})
+            for derived, _ in plans:
+                if derived.source == strategy.name:
+                    console.print(f"[bold]{derived.name}[/]: {strategy.name}'s model with {derived.merge_tokens} "
+                                  "tokens merged per vision encoder layer (ToMe), no training")
+                    runs[derived.name].append({**row, "name": derived.name, "train_seconds": 0.0,
+                                               "merge_tokens": derived.merge_tokens,
+                                               **_evaluate_merged(trainer, test, config, derived.merge_tokens, k == 0)})
     skills = list(plans[0][1].skills)
     results = [_pool(runs[s.name], skills) for s, _ in plans]
     report = {"strategies": results, "chance": {k: chance_level(k) for k in skills}, "skills": skills,
@@ -217,6 +253,21 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
     write_report(report, out)
     print_summary(report, console)
     return report
+
+
+def _evaluate_merged(trainer, test, config: ArenaConfig, r: int, measure: bool) -> dict:
+    """Scores (and costs) of ``trainer``'s model with token merging at inference, then back to
+    the model as trained. Features the frozen encoder cached without merging are not reused."""
+    model, shared = trainer.model, trainer.reader.shared_features
+    config_before = trainer.model_config
+    model.set_token_merging(r)
+    trainer.model_config, trainer.reader.shared_features = model.config, None
+    try:
+        scores = trainer.evaluate(test)
+        return {**scores, **(_measure(trainer, test, config) if measure else {})}
+    finally:
+        model.set_token_merging(0)
+        trainer.model_config, trainer.reader.shared_features = config_before, shared
 
 
 def _pretrain_encoder(config: ArenaConfig, plans, quick: bool, console) -> tuple[dict, int]:

@@ -56,3 +56,32 @@ def findings(rows: list[dict], skills: list[str], chance: dict[str, float]) -> l
             parts.append("no difference between strategies beyond the intervals")
         out.append(f"**{s}**: " + "; ".join(parts) + ".")
     return out
+
+
+def compression_findings(rows: list[dict], skills: list[str], detail: tuple[str, ...] = ("ocr", "counting")) -> list[str]:
+    """Sentences on the claim that compressing an image into fewer tokens loses fine-grained
+    detail (OCR, counting): each strategy with fewer visual tokens per image than the one with the
+    most, on each detail skill, against the intervals. Empty when the strategies' token counts
+    are equal or the run has no detail skill."""
+    rows = [r for r in rows if r.get("visual_tokens_per_image")]
+    detail = tuple(s for s in detail if s in skills)
+    if not detail or len({r["visual_tokens_per_image"] for r in rows}) < 2:
+        return []
+    base = max(rows, key=lambda r: r["visual_tokens_per_image"])
+    out, worse, not_shown = [], set(), set()
+    for r in rows:
+        if r["visual_tokens_per_image"] >= base["visual_tokens_per_image"]:
+            continue
+        parts = []
+        for s in detail:
+            (lo, hi), (blo, bhi) = r["interval"][s], base["interval"][s]
+            verdict = "lower beyond the intervals" if hi < blo else \
+                "higher beyond the intervals" if lo > bhi else "no difference beyond the intervals"
+            (worse if hi < blo else not_shown).add(f"{r['name']} on {s}")
+            parts.append(f"{s} {r[f'accuracy/{s}']:.0%} [{100 * lo:.0f}–{100 * hi:.0f}] vs "
+                         f"{base[f'accuracy/{s}']:.0%} ({verdict})")
+        out.append(f"**{r['name']}** ({r['visual_tokens_per_image']:g} tokens/image against {base['name']}'s "
+                   f"{base['visual_tokens_per_image']:g}): " + "; ".join(parts) + ".")
+    summary = "Compression lost fine-grained detail in this run for " + (", ".join(sorted(worse)) or "none")
+    summary += "; it did not show (within the intervals) for " + (", ".join(sorted(not_shown)) or "none") + "."
+    return [*out, summary]

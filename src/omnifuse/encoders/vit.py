@@ -84,8 +84,9 @@ class VisionTransformer(nn.Module):
                  hidden: int, num_channels: int = 3, use_cls: bool = True, activation: str = "gelu",
                  eps: float = 1e-5, pre_norm: bool = True, patch_bias: bool = False, qkv_bias: bool = True,
                  feature_layers: tuple[int, ...] = (-1,), drop_cls: bool = True, stem: str = "patch",
-                 merge_tokens: int = 0) -> None:
-        """``merge_tokens``: ToMe's r, the tokens each layer merges (0: none); needs one feature layer."""
+                 merge_tokens: int = 0, post_norm: bool = False) -> None:
+        """``merge_tokens``: ToMe's r, the tokens each layer merges (0: none); needs one feature layer.
+        ``post_norm``: a LayerNorm on the output features (SigLIP's post_layernorm)."""
         super().__init__()
         if merge_tokens and len(feature_layers) != 1:
             raise ValueError("token merging needs a single feature layer")
@@ -106,6 +107,7 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(
             ViTLayer(dim, num_heads, hidden, activation, eps, qkv_bias) for _ in range(self.num_layers_used)
         )
+        self.post_layernorm = nn.LayerNorm(dim, eps=eps) if post_norm else None
 
     def init_parameters(self, std: float) -> None:
         """The parameters the model's generic init (``MultimodalModel.reset_parameters``) leaves out."""
@@ -146,4 +148,6 @@ class VisionTransformer(nn.Module):
             if i in self.feature_layers:
                 states[i] = x
         out = torch.cat([states[i] for i in self.feature_layers], dim=-1)
+        if self.post_layernorm is not None:
+            out = self.post_layernorm(out)
         return out[:, 1:] if self.drop_cls else out

@@ -256,3 +256,41 @@ def placeholder_text(folder: Path, token_id: int, default: str = "<image>") -> s
             if i == token_id:
                 return text
     return default
+
+
+# transformers' Idefics3VisionConfig defaults (SigLIP), for keys a saved config leaves out.
+SIGLIP_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                              num_channels=3, image_size=224, patch_size=32, hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6)
+_SIGLIP_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+def siglip_vision_kwargs(vision: dict[str, Any], where: str) -> dict[str, Any]:
+    """``VisionConfig`` fields of a SigLIP vision tower as Idefics3 and SmolVLM store it: no class
+    token, no pre-norm, biased patch projection, the last layer's output through post_layernorm.
+    Every crop the reference's processor makes is full size, where its bucketed position ids are the
+    learned grid itself (tests/test_interop_siglip.py)."""
+    v = {**SIGLIP_VISION_DEFAULTS, **vision}
+    act = _SIGLIP_ACTIVATIONS.get(v["hidden_act"])
+    if act is None:
+        raise CheckpointError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported "
+                              f"(supported: {sorted(_SIGLIP_ACTIVATIONS)})")
+    return dict(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), hidden_size=int(v["hidden_size"]),
+                num_layers=int(v["num_hidden_layers"]), num_heads=int(v["num_attention_heads"]),
+                intermediate_size=int(v["intermediate_size"]), num_channels=int(v["num_channels"]), use_cls=False,
+                activation=act, norm_eps=float(v["layer_norm_eps"]), pre_norm=False, patch_bias=True, qkv_bias=True,
+                feature_layer=-1, post_norm=True)
+
+
+def siglip_vision_key_map(prefix: str) -> KeyMap:
+    """A SigLIP vision tower's tensors (``{prefix}embeddings``, ``encoder.layers``, ``post_layernorm``)
+    onto omnifuse's ``encoders.image.*``."""
+    p = re.escape(prefix)
+    return [
+        (rf"{p}embeddings\.patch_embedding\.(weight|bias)", r"encoders.image.patch_embedding.\1"),
+        (rf"{p}embeddings\.position_embedding\.weight", "encoders.image.position_embedding"),
+        (rf"{p}embeddings\.position_ids", None),
+        (rf"{p}encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"encoders.image.layers.\1.self_attn.o_proj.\2"),
+        (rf"{p}encoder\.layers\.(\d+)\.(.+)", r"encoders.image.layers.\1.\2"),
+        (rf"{p}post_layernorm\.(weight|bias)", r"encoders.image.post_layernorm.\1"),
+    ]
