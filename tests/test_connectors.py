@@ -241,3 +241,21 @@ def test_merge_tokens_is_refused_where_the_connector_needs_the_grid(tmp_path, ca
     assert main(["generate", "--preset", "tiny-idefics3", "--image", str(path), "--prompt", "hi",
                  "--merge-tokens", "8"]) == 1
     assert "pixel_shuffle needs patch features on a grid" in capsys.readouterr().err
+
+
+def test_token_merging_switches_on_and_off_on_a_trained_model():
+    """What the arena's `from` strategies do: the same weights, merging on, then off again."""
+    model = make_model(_config("mlp"))
+    image_source = scene(40, 30)
+    before = model.encode_media([model.image_processor(image_source)])[0]
+    model.set_token_merging(3)
+    merged = model.image_processor(image_source)
+    assert merged.num_tokens == model.config.tokens_per_crop == 16 - 3 - 3 < 16
+    assert model.encode_media([merged])[0].shape[0] == merged.num_tokens
+    model.set_token_merging(0)
+    assert model.config == _config("mlp")
+    assert torch.equal(model.encode_media([model.image_processor(image_source)])[0], before)
+    pixel_shuffle_model = make_model(_config("pixel_shuffle"))
+    with pytest.raises(ConfigError, match="pixel_shuffle needs patch features on a grid"):
+        pixel_shuffle_model.set_token_merging(2)
+    assert pixel_shuffle_model.config.vision.merge_tokens == 0  # refused: the model is left as it was

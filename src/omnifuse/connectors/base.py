@@ -53,6 +53,14 @@ class Connector(nn.Module):
         return y + pe
 
 
+def stack_settings(config, in_dim: int) -> dict:
+    """The layer-stack settings a Q-Former or perceiver takes from its ``ConnectorConfig``: width
+    (0: the features'), layers, heads, feed-forward width (0: 4 x width)."""
+    hidden = config.hidden_size or in_dim
+    return dict(hidden=hidden, num_layers=config.num_layers, num_heads=config.num_heads,
+                intermediate=config.intermediate_size or 4 * hidden)
+
+
 def patch_grid(x: torch.Tensor, grid: tuple[int, int] | None, name: str) -> tuple[int, int]:
     """The (rows, cols) of ``x``'s (N, S, D) patch features, checked against S."""
     if grid is None or grid[0] * grid[1] != x.shape[1]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnifuse.connectors.base import Connector
+from omnifuse.connectors.base import Connector, stack_settings
 from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ViTMLP
 
@@ -43,9 +43,7 @@ class PerceiverConnector(Connector):
 
     @classmethod
     def build(cls, config, in_dim: int, out_dim: int, positions: int = 0) -> PerceiverConnector:
-        hidden = config.hidden_size or in_dim
-        return cls(in_dim, out_dim, num_latents=config.output_tokens, hidden=hidden, num_layers=config.num_layers,
-                   num_heads=config.num_heads, intermediate=config.intermediate_size or 4 * hidden,
+        return cls(in_dim, out_dim, num_latents=config.output_tokens, **stack_settings(config, in_dim),
                    positions=positions)
 
     def __init__(self, in_dim: int, out_dim: int, *, num_latents: int = 64, hidden: int = 768, num_layers: int = 2,

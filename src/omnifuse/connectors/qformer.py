@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omnifuse.connectors.base import Connector
+from omnifuse.connectors.base import Connector, stack_settings
 from omnifuse.nn.attention import Attention
 from omnifuse.nn.mlp import ViTMLP
 
@@ -44,9 +44,7 @@ class QFormerConnector(Connector):
 
     @classmethod
     def build(cls, config, in_dim: int, out_dim: int, positions: int = 0) -> QFormerConnector:
-        hidden = config.hidden_size or in_dim
-        return cls(in_dim, out_dim, num_queries=config.output_tokens, hidden=hidden, num_layers=config.num_layers,
-                   num_heads=config.num_heads, intermediate=config.intermediate_size or 4 * hidden,
+        return cls(in_dim, out_dim, num_queries=config.output_tokens, **stack_settings(config, in_dim),
                    cross_attention_every=config.cross_attention_every, positions=positions)
 
     def __init__(self, in_dim: int, out_dim: int, *, num_queries: int = 32, hidden: int = 768, num_layers: int = 2,
