@@ -52,8 +52,9 @@ def _strategy(name, tokens, ocr, counting, n=200):
 def test_compression_findings_compare_fewer_tokens_with_the_most_on_detail_skills():
     from omnifuse.arena.stats import compression_findings
 
+    chance = {"ocr": 1 / 64, "counting": 1 / 6, "colour": 1 / 6}
     rows = [_strategy("llava", 64, 0.50, 0.60), _strategy("blip2", 32, 0.20, 0.58), _strategy("idefics3", 16, 0.52, 0.30)]
-    text = compression_findings(rows, ["colour", "ocr", "counting"])
+    text = compression_findings(rows, ["colour", "ocr", "counting"], chance)
     assert len(text) == 3
     assert text[0].startswith("**blip2** (32 tokens/image against llava's 64)")
     assert "ocr 20%" in text[0] and "(lower beyond the intervals)" in text[0]
@@ -61,5 +62,12 @@ def test_compression_findings_compare_fewer_tokens_with_the_most_on_detail_skill
     assert "for blip2 on ocr, idefics3 on counting;" in text[2]
     assert "did not show (within the intervals) for blip2 on counting, idefics3 on ocr." in text[2]
     # equal token counts, or no detail skill in the run: nothing to say
-    assert compression_findings([_strategy("a", 64, 0.5, 0.5), _strategy("b", 64, 0.1, 0.1)], ["ocr"]) == []
-    assert compression_findings(rows, ["colour"]) == []
+    assert compression_findings([_strategy("a", 64, 0.5, 0.5), _strategy("b", 64, 0.1, 0.1)], ["ocr"], chance) == []
+    assert compression_findings(rows, ["colour"], chance) == []
+    # a baseline at chance on a skill cannot test the claim there
+    rows = [_strategy("llava", 64, 0.02, 0.60), _strategy("blip2", 32, 0.01, 0.20)]
+    text = compression_findings(rows, ["ocr", "counting"], chance)
+    assert "ocr" not in text[0] and "counting 20%" in text[0]
+    assert text[-1].endswith("llava itself is not above chance on ocr, so this run cannot test the claim there.")
+    assert compression_findings(rows, ["ocr"], chance) == [
+        "llava itself is not above chance on ocr, so this run cannot test whether compression loses that detail."]

@@ -157,9 +157,10 @@ def test_merge_is_a_size_weighted_average_and_protects_the_class_token():
     assert out.shape == (3, 8, 4)
     assert torch.allclose(new_size.sum(1), size.sum(1))  # every patch is still counted once
     assert torch.allclose(out[:, 0], x[:, 0], atol=1e-6)  # the class token stays first, unmerged
-    # token 2 merged into token 1: B's first slot after the 4 kept A tokens (0, 4, 6, 8)
+    # token 2 merged into token 1, which keeps its place; every other token is itself, in order
     expected = (x[:, 1] * size[:, 1] + x[:, 2] * size[:, 2]) / (size[:, 1] + size[:, 2])
-    assert torch.allclose(out[:, 4], expected, atol=1e-6)
+    assert torch.allclose(out[:, 1], expected, atol=1e-6)
+    assert torch.allclose(out[:, 2:], x[:, 3:], atol=1e-6)
     assert torch.equal(merge.src[:, 0], torch.ones(3, dtype=torch.long))  # A index 1 = token 2
 
 

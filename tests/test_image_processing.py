@@ -533,3 +533,39 @@ def test_processor_applies_max_pixels():
     proc = ImageProcessor(ImageConfig(mode="fixed", image_size=28, max_pixels=100), patch_size=14)
     with pytest.raises(ImageError, match="max_pixels = 100"):
         proc(Image.new("RGB", (11, 10)))
+
+
+# --- split mode (Idefics3 / SmolVLM) -----------------------------------------------------------
+
+SPLIT_SIZES = [(64, 64), (200, 100), (100, 200), (257, 31), (31, 257), (1000, 999), (63, 65), (2000, 3), (5, 5),
+               (640, 480), (480, 640), (1, 1)]
+
+
+@pytest.mark.parametrize(("tile", "longest"), [(64, 256), (48, 128), (64, 64)])
+def test_split_mode_equals_idefics3s_processor(tile, longest):
+    """Pixel for pixel the reference (transformers' Idefics3ImageProcessorPil, the PIL backend: its
+    default backend needs torchvision): two Lanczos resizes, row-major tiles, the whole image last;
+    rows and cols as its processor reports them (0, 0 for a single crop)."""
+    idefics3 = pytest.importorskip("transformers.models.idefics3.image_processing_pil_idefics3")
+    reference = idefics3.Idefics3ImageProcessorPil(size={"longest_edge": longest}, max_image_size={"longest_edge": tile},
+                                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ours = ImageProcessor(ImageConfig(mode="split", image_size=tile, longest_edge=longest, mean=(0.5,) * 3,
+                                      std=(0.5,) * 3), patch_size=16)
+    for w, h in SPLIT_SIZES:
+        img = random_image(w, h, seed=w * h)
+        out = reference(images=[img], return_tensors="pt", return_row_col_info=True)
+        expected = out["pixel_values"][0]  # (crops, 3, tile, tile)
+        item = ours(img)
+        assert item.pixel_values.shape == expected.shape, (w, h)
+        assert torch.allclose(item.pixel_values, expected, atol=1e-6), (w, h)
+        rows, cols = out["rows"][0][0], out["cols"][0][0]
+        assert item.tiles == ((rows, cols) if rows else (1, 1)), (w, h)
+        assert item.num_tokens == ours.num_tokens(w, h) == expected.shape[0] * (tile // 16) ** 2
+
+
+def test_split_mode_bounds_its_tiles():
+    proc = ImageProcessor(ImageConfig(mode="split", image_size=512, longest_edge=2048), patch_size=16)
+    assert proc.canvas(512, 512) == (4, 4) and proc.layout(512, 512)[0] == 17  # upscaled to 2048 x 2048
+    assert proc.canvas(100000, 1) == (1, 4)
+    with pytest.raises(ConfigError, match="longest_edge must be 0..4096"):
+        ImageConfig(mode="split", longest_edge=5000)

@@ -175,6 +175,10 @@ class ImageConfig:
     ``max_patches`` patches (NaViT / Qwen2-VL style).
     mode "tiles": a best-fit canvas of up to ``max_tiles`` ``image_size`` tiles (Llama 3.2), plus
     a low-resolution overview crop when ``overview`` is set (GPT-4V / InternVL style).
+    mode "split" (Idefics3, SmolVLM): the longest side resized to ``longest_edge`` (up or down,
+    the aspect ratio kept), both sides rounded up to whole ``image_size`` tiles, the tiles cut in
+    row-major order, then the whole image squeezed to one tile; an image that is one tile stays
+    one crop. Lanczos resampling, as the reference.
     """
 
     mode: str = "fixed"
@@ -190,10 +194,12 @@ class ImageConfig:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     max_pixels: int = 64_000_000  # refuse to decode larger images (decompression bombs)
+    longest_edge: int = 0  # split mode: the longest side is resized to this (0: 4 tiles' worth)
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("fixed", "dynamic", "tiles"),
-               f"image.mode must be fixed, dynamic or tiles, got {self.mode!r}")
+        _check(self.mode in ("fixed", "dynamic", "tiles", "split"),
+               f"image.mode must be fixed, dynamic, tiles or split, got {self.mode!r}")
+        _check(0 <= self.longest_edge <= 4096, f"image.longest_edge must be 0..4096, got {self.longest_edge}")
         _check(self.resize in ("resize", "pad", "crop"),
                f"image.resize must be resize, pad or crop, got {self.resize!r}")
         _check(self.image_size > 0, f"image.image_size must be positive, got {self.image_size}")
@@ -575,7 +581,7 @@ class ModelConfig:
                    "a text-only model (no vision, no audio) has no fusion layers; use fusion.type early")
         if self.vision is None:
             return
-        if self.image.mode == "fixed" or self.image.mode == "tiles":
+        if self.image.mode in ("fixed", "tiles", "split"):
             _check(self.image.image_size % self.vision.patch_size == 0,
                    f"image.image_size {self.image.image_size} is not a multiple of vision.patch_size "
                    f"{self.vision.patch_size}")
@@ -591,11 +597,11 @@ class ModelConfig:
                                                  f"connector.num_heads {c.num_heads}")
             else:
                 _check(self.image.mode != "dynamic", f"connector.type {c.type} needs a fixed patch grid "
-                                                     "(image.mode fixed or tiles)")
-        if self.image.mode in ("fixed", "tiles"):
+                                                     "(image.mode fixed, tiles or split)")
+        if self.image.mode in ("fixed", "tiles", "split"):
             self.tokens_per_crop  # noqa: B018 -- the connector refuses a grid it cannot take (ConfigError)
         if self.connector.position_embedding:
-            _check(self.vision.type == "vit" and self.image.mode in ("fixed", "tiles"),
+            _check(self.vision.type == "vit" and self.image.mode in ("fixed", "tiles", "split"),
                    "connector.position_embedding needs a vit encoder and fixed or tiles image mode "
                    "(a fixed number of tokens per crop)")
         for i in self.fusion.resolved_layers(self.decoder.num_layers):

@@ -124,18 +124,17 @@ PRESETS["tiny-tome"] = dataclasses.replace(
     _early, name="tiny-tome", vision=dataclasses.replace(_early.vision, merge_tokens=8))
 
 # SmolVLM-256M (Hugging Face 2025, Idefics3 architecture): SigLIP base/16 at 512 px (no class
-# token, no pre-norm), pixel shuffle by 4 (32 x 32 patches -> 64 tokens per 512 px tile), SmolLM2-135M
-# decoder (30 layers of 576, 9 heads, 3 K/V heads, tied embeddings). Images are split into up to
-# 4 x 4 tiles of 512 px plus the whole image; omnifuse's best-fit tile canvas stands in for
-# Idefics3's resize-then-split here, so per-image token counts can differ from the reference
-# processor's for some aspect ratios (a checkpoint folder reads the reference layout).
+# token, no pre-norm, post-norm), pixel shuffle by 4 (32 x 32 patches -> 64 tokens per 512 px
+# tile), SmolLM2-135M decoder (30 layers of 576, 9 heads, 3 K/V heads, tied embeddings). Its
+# processor's split mode: the longest side to 2048 px, up or down, then 512 px tiles plus the whole
+# image (a 512 x 384 photo: 4 x 3 tiles + 1 = 13 crops, 832 tokens). The reference's prompt also puts
+# marker tokens around each tile (not counted here).
 PRESETS["smolvlm-256m"] = ModelConfig(
     name="smolvlm-256m",
     vision=VisionConfig(image_size=512, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
                         intermediate_size=3072, use_cls=False, pre_norm=False, patch_bias=True, norm_eps=1e-6,
                         feature_layer=-1, activation="gelu_tanh", post_norm=True),
-    image=ImageConfig(mode="tiles", image_size=512, max_tiles=16, overview=True, mean=(0.5, 0.5, 0.5),
-                      std=(0.5, 0.5, 0.5)),
+    image=ImageConfig(mode="split", image_size=512, longest_edge=2048, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     connector=ConnectorConfig(type="pixel_shuffle", scale_factor=4, bias=False),
     fusion=FusionConfig(type="early"),
     decoder=DecoderConfig(vocab_size=49280, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,

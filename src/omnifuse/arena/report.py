@@ -82,7 +82,7 @@ def write_report(report: dict, out: Path) -> None:
     seeds = report.get("seeds") or [report["train"]["seed"]]
     plot_accuracy(report, out / "accuracy_per_skill.png")
     plot_accuracy_vs_cache(report, out / "accuracy_vs_kv_cache.png")
-    compression = compression_findings(rows, skills)
+    compression = compression_findings(rows, skills, chance)
     if compression:
         plot_skills_vs_tokens(report, out / "accuracy_vs_tokens.png")
     t = report["train"]

@@ -58,16 +58,23 @@ def findings(rows: list[dict], skills: list[str], chance: dict[str, float]) -> l
     return out
 
 
-def compression_findings(rows: list[dict], skills: list[str], detail: tuple[str, ...] = ("ocr", "counting")) -> list[str]:
+def compression_findings(rows: list[dict], skills: list[str], chance: dict[str, float],
+                         detail: tuple[str, ...] = ("ocr", "counting")) -> list[str]:
     """Sentences on the claim that compressing an image into fewer tokens loses fine-grained
     detail (OCR, counting): each strategy with fewer visual tokens per image than the one with the
-    most, on each detail skill, against the intervals. Empty when the strategies' token counts
-    are equal or the run has no detail skill."""
+    most, on each detail skill, against the intervals. A skill the baseline itself does not learn
+    (its interval reaches chance) cannot test the claim, and is said to. Empty when the
+    strategies' token counts are equal or the run has no detail skill."""
     rows = [r for r in rows if r.get("visual_tokens_per_image")]
     detail = tuple(s for s in detail if s in skills)
     if not detail or len({r["visual_tokens_per_image"] for r in rows}) < 2:
         return []
     base = max(rows, key=lambda r: r["visual_tokens_per_image"])
+    untestable = [s for s in detail if base["interval"][s][0] <= chance[s]]
+    detail = tuple(s for s in detail if s not in untestable)
+    if not detail:
+        return [f"{base['name']} itself is not above chance on {' or '.join(untestable)}, so this run cannot test "
+                "whether compression loses that detail."]
     out, worse, not_shown = [], set(), set()
     for r in rows:
         if r["visual_tokens_per_image"] >= base["visual_tokens_per_image"]:
@@ -84,4 +91,7 @@ def compression_findings(rows: list[dict], skills: list[str], detail: tuple[str,
                    f"{base['visual_tokens_per_image']:g}): " + "; ".join(parts) + ".")
     summary = "Compression lost fine-grained detail in this run for " + (", ".join(sorted(worse)) or "none")
     summary += "; it did not show (within the intervals) for " + (", ".join(sorted(not_shown)) or "none") + "."
+    if untestable:
+        summary += (f" {base['name']} itself is not above chance on {' or '.join(untestable)}, so this run cannot "
+                    "test the claim there.")
     return [*out, summary]

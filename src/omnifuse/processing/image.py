@@ -46,6 +46,7 @@ ImageSource = str | Path | bytes | bytearray | Image.Image
 # Pillow >= 9.1 moved the filters into an enum; the old module constants still work on 10+.
 _BICUBIC = Image.Resampling.BICUBIC
 _BILINEAR = Image.Resampling.BILINEAR
+_LANCZOS = Image.Resampling.LANCZOS
 # Fixed mode builds no intermediate image above this many pixels: a thin image takes a bounded path
 # instead (CLIP crop: resample only the box behind the crop; LLaVA pad: _pad_resize, which never
 # builds the padded square, also taken above max_pixels: processing/resample.py). See ImageProcessor._fixed.
@@ -184,7 +185,7 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # (N_crops, 3, H, W) float32, normalised
     num_tokens: int  # visual tokens the model produces for this image: crops * tokens per crop
     grid: tuple[int, int]  # (patch rows, patch cols) of each crop
-    tiles: tuple[int, int]  # (rows, cols) of the tile canvas in "tiles" mode, else (1, 1)
+    tiles: tuple[int, int]  # (rows, cols) of the tile canvas in "tiles" and "split" modes, else (1, 1)
     original_size: tuple[int, int]  # (width, height) after EXIF transpose
     # The encoder's keyword arguments; default {"pixel_values": pixel_values} (a per-crop ViT).
     inputs: dict[str, torch.Tensor] | None = None
@@ -260,9 +261,34 @@ class ImageProcessor:
                 or width <= 0 or height <= 0:
             raise ImageError(f"image size must be positive integers, got {width} x {height}")
 
+    def _split_sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Split mode: ((w, h) after the longest-edge resize, (w, h) rounded up to whole tiles),
+        with the reference's arithmetic (Idefics3ImageProcessor: truncation, odd sides made even)."""
+        s = self.config.image_size
+        longest = self.config.longest_edge or 4 * s
+        aspect = width / height
+        if width >= height:
+            w, h = longest, int(longest / aspect)
+            h += h % 2
+        else:
+            h, w = longest, int(longest * aspect)
+            w += w % 2
+        w, h = max(w, 1), max(h, 1)
+        aspect = w / h  # then to multiples of the tile, from the resized sides
+        if w >= h:
+            w2 = math.ceil(w / s) * s
+            h2 = math.ceil(int(w2 / aspect) / s) * s
+        else:
+            h2 = math.ceil(h / s) * s
+            w2 = math.ceil(int(h2 * aspect) / s) * s
+        return (w, h), (w2, h2)
+
     def canvas(self, width: int, height: int) -> tuple[int, int]:
-        """(rows, cols) of the tile canvas in "tiles" mode; (1, 1) in the other modes."""
+        """(rows, cols) of the tile canvas in "tiles" and "split" modes; (1, 1) in the others."""
         self._check_size(width, height)
+        if self.config.mode == "split":
+            (_, _), (w2, h2) = self._split_sizes(width, height)
+            return h2 // self.config.image_size, w2 // self.config.image_size
         if self.config.mode != "tiles":
             return (1, 1)
         return best_canvas(width, height, self.config.image_size, self.config.max_tiles)
@@ -277,6 +303,8 @@ class ImageProcessor:
         if cfg.mode == "dynamic":
             rows, cols = self._dynamic_grid(width, height)
             return (cols * self.patch_size, rows * self.patch_size)
+        if cfg.mode == "split":
+            return self._split_sizes(width, height)[1]
         rows, cols = self.canvas(width, height)
         return _fit_to_canvas(width, height, cols * s, rows * s, s)
 
@@ -289,6 +317,8 @@ class ImageProcessor:
         if cfg.mode == "fixed":
             return 1, (side, side), (1, 1)
         rows, cols = self.canvas(width, height)
+        if cfg.mode == "split":  # the tiles and the whole image, or one crop
+            return (1 if rows * cols == 1 else rows * cols + 1), (side, side), (rows, cols)
         crops = cfg.max_tiles if cfg.pad_tiles else rows * cols + int(cfg.overview)
         return crops, (side, side), (rows, cols)
 
@@ -368,6 +398,18 @@ class ImageProcessor:
             crops.append(img.resize((s, s), _BICUBIC))  # whole image, low resolution
         return crops, (rows, cols)
 
+    def _split(self, img: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:
+        # Idefics3: two Lanczos resizes (longest edge, then whole tiles), row-major tiles, then the
+        # resized image squeezed to one tile.
+        s = self.config.image_size
+        first, tiled = self._split_sizes(*img.size)
+        img = img.resize(first, _LANCZOS).resize(tiled, _LANCZOS)
+        rows, cols = tiled[1] // s, tiled[0] // s
+        if rows * cols == 1:
+            return [img], (1, 1)
+        crops = [img.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+        return crops + [img.resize((s, s), _LANCZOS)], (rows, cols)
+
     def __call__(self, source: ImageSource) -> ProcessedImage:
         img = load_image(source, max_pixels=self.config.max_pixels)
         width, height = img.size
@@ -377,6 +419,8 @@ class ImageProcessor:
             crops = [self._fixed(img)]
         elif mode == "dynamic":
             crops = [img.resize(self.target_size(width, height), _BICUBIC)]  # Qwen2-VL: bicubic
+        elif mode == "split":
+            crops, tiles = self._split(img)
         else:
             crops, tiles = self._tiles(img)
         pixel_values = torch.stack([self._normalise(c) for c in crops])  # (N_crops, 3, H, W)
