@@ -1,6 +1,6 @@
 """Decode throughput of a ~130M-parameter LLaVA-style model at batch 1 and batch 8 (float32, CPU).
 
-    python benchmarks/decode_speed.py [--preset NAME] [--image WxH] [--new-tokens 64] [--threads N]
+    python benchmarks/decode_speed.py [--preset NAME] [--image WxH] [--batches 1,8] [--new-tokens 64] [--threads N]
 
 Prints prefill latency for one image + 32 text tokens and decode tokens/s; this is omnifuse alone
 (the comparison with transformers is benchmarks/vs_transformers.py). ``--preset`` runs a named
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--preset", help="a preset instead of the built-in 130M LLaVA-style model")
     ap.add_argument("--image", default="320x240", help="the image size, WxH (default 320x240)")
+    ap.add_argument("--batches", default="1,8", help="decode batch sizes (default 1,8)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +72,7 @@ def main() -> None:
             model(torch.tensor([prompt]), images=[[image]], cache=model.new_cache(1, len(prompt) + 1), last_only=True)
             prefill = time.perf_counter() - t0
     print(f"prefill (1 image + 32 text tokens, {len(prompt)} positions): {prefill * 1000:.1f} ms")
-    for batch in (1, 8):
+    for batch in (int(b) for b in args.batches.split(",")):
         prompts = [prompt] * batch
         images = [[image]] * batch
         for _ in range(2):

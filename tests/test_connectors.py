@@ -140,9 +140,10 @@ def test_merging_duplicate_tokens_leaves_the_next_layer_unchanged():
     x = half.repeat_interleave(2, dim=1)  # tokens 2i and 2i + 1 equal: each A token's match is its twin
     with torch.no_grad():
         plain = layer(layer(x))
-        merged, size = layer.forward_merging(x, torch.ones(1, 10, 1), r=5, protected=0)
+        merged, size, _ = layer.forward_merging(x, torch.ones(1, 10, 1), r=5, protected=0)
         assert merged.shape == (1, 5, 16) and size.flatten().tolist() == [2.0] * 5
-        merged, _ = layer.forward_merging(merged, size, r=0, protected=0)
+        merged, _, no_merge = layer.forward_merging(merged, size, r=0, protected=0)
+    assert no_merge is None
     assert torch.allclose(merged, plain[:, 1::2], atol=1e-5)
 
 
@@ -260,3 +261,15 @@ def test_token_merging_switches_on_and_off_on_a_trained_model():
     with pytest.raises(ConfigError, match="pixel_shuffle needs patch features on a grid"):
         pixel_shuffle_model.set_token_merging(2)
     assert pixel_shuffle_model.config.vision.merge_tokens == 0  # refused: the model is left as it was
+
+
+def test_sources_say_which_patches_each_merged_token_holds():
+    model = make_model(_config("mlp", merge=3))
+    encoder = model.encoders["image"]
+    pixels = model.image_processor(scene(40, 30)).pixel_values
+    with torch.no_grad():
+        out, source = encoder(pixels, sources=True)
+        assert torch.equal(out, encoder(pixels))
+    # class token first on both sides; every input token in exactly one output; sizes add up
+    assert source.shape == (1, 11, 17) and torch.equal(source.sum(1), torch.ones(1, 17))
+    assert source[0, 0, 0] == 1 and source[0, 0, 1:].sum() == 0

@@ -27,10 +27,10 @@ class ViTLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
     def forward_merging(self, x: torch.Tensor, size: torch.Tensor, r: int,
-                        protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        protected: int) -> tuple[torch.Tensor, torch.Tensor, Merge | None]:
         """The layer with token merging (encoders/tome.py): attention weighted by each token's
         size, then up to ``r`` tokens merged before the MLP. x: (B, N, D), size: (B, N, 1)
-        -> (B, N - r', D), (B, N - r', 1)."""
+        -> (B, N - r', D), (B, N - r', 1), and the layer's merge (None when it merged nothing)."""
         attn, h = self.self_attn, self.layer_norm1(x)
         b, n, _ = h.shape
         q = attn._queries(h)
@@ -39,9 +39,10 @@ class ViTLayer(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         r = merge_count(n, r, protected)
-        if r:
-            x, size = Merge(k.mean(dim=1), r, protected).weighted(x, size)
-        return x + self.mlp(self.layer_norm2(x)), size
+        merge = Merge(k.mean(dim=1), r, protected) if r else None
+        if merge is not None:
+            x, size = merge.weighted(x, size)
+        return x + self.mlp(self.layer_norm2(x)), size, merge
 
 
 def conv_stem_layers(num_channels: int, dim: int, patch_size: int) -> list[tuple[int, int, int, int]]:
@@ -126,9 +127,11 @@ class VisionTransformer(nn.Module):
             patch_pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(rows * cols, d)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: (N, C, H, W) with H, W multiples of patch_size
-        # -> (N, rows*cols [+1 if CLS kept], D * len(feature_layers))
+    def forward(self, pixel_values: torch.Tensor, sources: bool = False):
+        """pixel_values: (N, C, H, W) with H, W multiples of patch_size -> (N, rows*cols [+1 if CLS
+        kept], D * len(feature_layers)). ``sources`` (with token merging): also return which input
+        tokens each output token holds, (N, tokens out, tokens in) of 0/1 (ToMe's source tracking;
+        class token included on both sides)."""
         x = self.patch_embedding(pixel_values.to(self.position_embedding.dtype))  # (N, D, rows, cols)
         rows, cols = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (N, rows*cols, D)
@@ -140,14 +143,18 @@ class VisionTransformer(nn.Module):
             x = self.pre_layernorm(x)
         states = {0: x} if 0 in self.feature_layers else {}
         size = x.new_ones(x.shape[0], x.shape[1], 1) if self.merge_tokens else None
+        source = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1) if sources else None
         for i, layer in enumerate(self.layers, start=1):
             if size is None:
                 x = layer(x)
             else:
-                x, size = layer.forward_merging(x, size, self.merge_tokens, protected=int(self.use_cls))
+                x, size, merge = layer.forward_merging(x, size, self.merge_tokens, protected=int(self.use_cls))
+                if source is not None and merge is not None and i <= max(self.feature_layers):
+                    source = merge(source)
             if i in self.feature_layers:
                 states[i] = x
         out = torch.cat([states[i] for i in self.feature_layers], dim=-1)
         if self.post_layernorm is not None:
             out = self.post_layernorm(out)
-        return out[:, 1:] if self.drop_cls else out
+        out = out[:, 1:] if self.drop_cls else out
+        return (out, source) if sources else out
