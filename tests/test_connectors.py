@@ -273,3 +273,17 @@ def test_sources_say_which_patches_each_merged_token_holds():
     # class token first on both sides; every input token in exactly one output; sizes add up
     assert source.shape == (1, 11, 17) and torch.equal(source.sum(1), torch.ones(1, 17))
     assert source[0, 0, 0] == 1 and source[0, 0, 1:].sum() == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny-blip2", "tiny-flamingo", "tiny-idefics3", "tiny-pool", "tiny-tome"])
+def test_omnifuse_train_runs_each_connector(tmp_path, preset):
+    """Swapping a connector is a config edit: the trainer takes each one and its loss falls."""
+    import json
+
+    from omnifuse.cli import main
+
+    assert main(["train", f"model={preset}", "steps=8", "batch_size=4", "train_size=64", "val_size=8", "lr=0.003",
+                 "warmup_steps=0", "skills=[colour]", f"out_dir={tmp_path}", "eval_every=0"]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
