@@ -347,8 +347,6 @@ class ConnectorConfig:
             _check(getattr(self, name) >= 1, f"connector.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.projection in ("linear", "mlp"),
                f"connector.projection must be linear or mlp, got {self.projection!r}")
-        _check(self.hidden_size % self.num_heads == 0,
-               f"connector.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     @property
     def output_tokens(self) -> int:

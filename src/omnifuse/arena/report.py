@@ -216,9 +216,8 @@ def plot_skills_vs_tokens(report: dict, path: Path) -> None:
                 ax.axhline(report["chance"][skill], color="black", ls="dashed", lw=0.8)
             if row == 0:
                 ax.set_xscale("log", base=2)  # token counts step by factors of 2
-            ax.set_ylim(0, 1.05)
-            if row == 0:
                 ax.set_title(skill, fontsize=9)
+            ax.set_ylim(0, 1.05)
             ax.set_xlabel(label, fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("test accuracy")

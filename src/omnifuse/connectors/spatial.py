@@ -20,6 +20,13 @@ def _projection(kind: str, in_dim: int, out_dim: int, bias: bool) -> nn.Module:
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
+def _require_grid(name: str, tokens: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is None or grid[0] * grid[1] != tokens:
+        raise ConfigError(f"connector {name} needs patch features on a grid (no class token, no token merging); "
+                          f"got {tokens} features on grid {grid}")
+    return grid
+
+
 def pixel_shuffle(x: torch.Tensor, rows: int, cols: int, s: int) -> torch.Tensor:
     """Space-to-depth: (N, rows*cols, D) -> (N, rows*cols / s^2, D * s^2), each s x s block of
     patches one token. The channel order is Idefics3's: the columns of a block are folded first,
@@ -37,9 +44,7 @@ class PixelShuffleConnector(Connector):
     @staticmethod
     def num_output_tokens(config, tokens: int, grid: tuple[int, int] | None) -> int:
         s = config.scale_factor
-        if grid is None or grid[0] * grid[1] != tokens:
-            raise ConfigError("connector pixel_shuffle needs patch features on a grid (no class token, "
-                              f"no token merging); got {tokens} features on grid {grid}")
+        grid = _require_grid("pixel_shuffle", tokens, grid)
         if grid[0] % s or grid[1] % s:
             raise ConfigError(f"connector pixel_shuffle scale_factor {s} does not divide the patch grid "
                               f"{grid[0]} x {grid[1]}")
@@ -77,9 +82,7 @@ class PoolConnector(Connector):
     @staticmethod
     def num_output_tokens(config, tokens: int, grid: tuple[int, int] | None) -> int:
         side = PoolConnector.side(config)
-        if grid is None or grid[0] * grid[1] != tokens:
-            raise ConfigError("connector pool needs patch features on a grid (no class token, no token merging); "
-                              f"got {tokens} features on grid {grid}")
+        grid = _require_grid("pool", tokens, grid)
         if grid[0] < side or grid[1] < side:
             raise ConfigError(f"connector pool to {side} x {side} tokens needs a patch grid at least that large, "
                               f"got {grid[0]} x {grid[1]}")

@@ -6,8 +6,8 @@ attention keys, averaged over heads); the ``r`` A tokens with the most similar m
 into them as size-weighted averages. Each token remembers how many patches it holds (its size),
 and attention adds log(size) to its logits ("proportional attention") so a merged token weighs as
 much as the patches it replaced. Protected tokens (the class token) are never merged, and the
-tokens left keep their order. No training is needed. The count after each layer is a pure function of the count before it
-(``merged_tokens``), which the processor's ``num_tokens`` uses.
+tokens left keep their order. No training is needed. The count after each layer is a pure
+function of the count before it (``merged_tokens``), which the processor's ``num_tokens`` uses.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class Merge:
 
     def __init__(self, metric: torch.Tensor, r: int, protected: int) -> None:
         # metric: (B, N, C) the keys, head-averaged; sets A = even positions, B = odd positions
-        self.r = r
         with torch.no_grad():
             m = metric / metric.norm(dim=-1, keepdim=True)
             scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, |A|, |B|)

@@ -149,7 +149,7 @@ class VisionTransformer(nn.Module):
                 x = layer(x)
             else:
                 x, size, merge = layer.forward_merging(x, size, self.merge_tokens, protected=int(self.use_cls))
-                if source is not None and merge is not None and i <= max(self.feature_layers):
+                if source is not None and merge is not None:
                     source = merge(source)
             if i in self.feature_layers:
                 states[i] = x

@@ -97,13 +97,6 @@ class EncoderArch:
             flops += n * 2 * self.mlp_matrices * h * self.intermediate
         return flops
 
-    def output_tokens(self, patches_per_crop: int | None = None) -> int:
-        """Tokens per crop after the layers (all patches and class tokens unless merging)."""
-        from omnifuse.encoders.tome import merged_tokens
-
-        n = (patches_per_crop if patches_per_crop is not None else self.patches_per_crop) + self.cls_tokens
-        return merged_tokens(n, self.merge_tokens, self.layers, self.cls_tokens) if self.merge_tokens else n
-
 
 @dataclass(frozen=True)
 class ConnectorArch:

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from omnifuse.errors import TokenRuleError
+from omnifuse.processing.image import rescale_longest_edge
 from omnifuse.processing.tiles import best_canvas, canvas_label
 
 __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError", "audio_tokens", "image_tokens",
@@ -438,25 +439,13 @@ _IDEFICS3_SOURCE = ("transformers models/idefics3/{image_processing,processing}_
                     f"(get_number_of_image_patches); vLLM idefics3.py; {_REFERENCE} §8")
 
 
-def _rescale_longest_edge(width: int, height: int, longest_edge: int) -> tuple[int, int]:
-    """Long side to ``longest_edge`` (up or down); the short side truncated, then rounded up to even."""
-    aspect = width / height
-    if width >= height:
-        w, h = longest_edge, int(longest_edge / aspect)
-        h += h % 2
-    else:
-        w, h = int(longest_edge * aspect), longest_edge
-        w += w % 2
-    return max(w, 1), max(h, 1)
-
-
 def _idefics3(longest_edge: int, tile: int, per_tile: int):
     """ceil(h/tile) x ceil(w/tile) tiles + 1 global image, ``per_tile`` <image> tokens each. longest_edge
     is 4 tiles for every model here, so every image is split (the processor's unsplit case never arises).
     Wrappers per the processor prompt: <fake_token_around_image><row_r_col_c> per tile, a newline per
     row, and newline, <fake_token_around_image>, <global-img>, <fake_token_around_image> for the global."""
     def rule(width: int, height: int, options: TokenOptions) -> TokenCount:
-        w, h = _rescale_longest_edge(width, height, longest_edge)
+        w, h = rescale_longest_edge(width, height, longest_edge)
         rows, cols = _cdiv(h, tile), _cdiv(w, tile)
         n = rows * cols + 1
         wrappers = 2 * rows * cols + rows + 4

@@ -201,6 +201,19 @@ class ProcessedImage:
             object.__setattr__(self, "inputs", {"pixel_values": self.pixel_values})
 
 
+def rescale_longest_edge(width: int, height: int, longest_edge: int) -> tuple[int, int]:
+    """(w, h) with the long side at ``longest_edge`` (up or down), the short side truncated, then
+    rounded up to even (Idefics3ImageProcessor's first resize)."""
+    aspect = width / height
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / aspect)
+        h += h % 2
+    else:
+        w, h = int(longest_edge * aspect), longest_edge
+        w += w % 2
+    return max(w, 1), max(h, 1)
+
+
 class ImageProcessor:
     """Turns images into normalised crops for a ViT with ``patch_size`` patches.
 
@@ -265,15 +278,7 @@ class ImageProcessor:
         """Split mode: ((w, h) after the longest-edge resize, (w, h) rounded up to whole tiles),
         with the reference's arithmetic (Idefics3ImageProcessor: truncation, odd sides made even)."""
         s = self.config.image_size
-        longest = self.config.longest_edge or 4 * s
-        aspect = width / height
-        if width >= height:
-            w, h = longest, int(longest / aspect)
-            h += h % 2
-        else:
-            h, w = longest, int(longest * aspect)
-            w += w % 2
-        w, h = max(w, 1), max(h, 1)
+        w, h = rescale_longest_edge(width, height, self.config.longest_edge or 4 * s)
         aspect = w / h  # then to multiples of the tile, from the resized sides
         if w >= h:
             w2 = math.ceil(w / s) * s
