@@ -57,8 +57,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from omnifuse.errors import TokenRuleError
-from omnifuse.processing.image import rescale_longest_edge
-from omnifuse.processing.tiles import best_canvas, canvas_label
+from omnifuse.processing.tiles import best_canvas, canvas_label, rescale_longest_edge
 
 __all__ = ["RULES", "TokenCount", "TokenOptions", "TokenRule", "TokenRuleError", "audio_tokens", "image_tokens",
            "options_read", "video_tokens"]

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from omnifuse.config import ConfigError, ImageConfig
 from omnifuse.errors import ImageError
 from omnifuse.processing.resample import pad_resize
-from omnifuse.processing.tiles import best_canvas, supported_aspect_ratios
+from omnifuse.processing.tiles import best_canvas, rescale_longest_edge, supported_aspect_ratios
 
 __all__ = [
     "ImageError",
@@ -199,19 +199,6 @@ class ProcessedImage:
     def __post_init__(self) -> None:
         if self.inputs is None:
             object.__setattr__(self, "inputs", {"pixel_values": self.pixel_values})
-
-
-def rescale_longest_edge(width: int, height: int, longest_edge: int) -> tuple[int, int]:
-    """(w, h) with the long side at ``longest_edge`` (up or down), the short side truncated, then
-    rounded up to even (Idefics3ImageProcessor's first resize)."""
-    aspect = width / height
-    if width >= height:
-        w, h = longest_edge, int(longest_edge / aspect)
-        h += h % 2
-    else:
-        w, h = int(longest_edge * aspect), longest_edge
-        w += w % 2
-    return max(w, 1), max(h, 1)
 
 
 class ImageProcessor:

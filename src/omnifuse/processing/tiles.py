@@ -13,7 +13,7 @@ rows first.
 
 from __future__ import annotations
 
-__all__ = ["best_canvas", "canvas_label", "supported_aspect_ratios"]
+__all__ = ["best_canvas", "canvas_label", "rescale_longest_edge", "supported_aspect_ratios"]
 
 
 def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
@@ -38,3 +38,16 @@ def best_canvas(width: int, height: int, tile: int, max_tiles: int) -> tuple[int
 def canvas_label(rows: int, cols: int) -> str:
     """``COLSxROWS``, width first like an image size."""
     return f"{cols}x{rows}"
+
+
+def rescale_longest_edge(width: int, height: int, longest_edge: int) -> tuple[int, int]:
+    """(w, h) with the long side at ``longest_edge`` (up or down), the short side truncated, then
+    rounded up to even (Idefics3ImageProcessor's first resize)."""
+    aspect = width / height
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / aspect)
+        h += h % 2
+    else:
+        w, h = int(longest_edge * aspect), longest_edge
+        w += w % 2
+    return max(w, 1), max(h, 1)
