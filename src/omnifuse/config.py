@@ -497,9 +497,13 @@ class TextConfig:
     chat_template: str = ""  # jinja2; empty means the tokenizer's own, if any
     # Mllama's processor: a prompt without bos gets one after its leading image tokens.
     bos_after_leading_images: bool = False
+    # Marker tokens around each image's crops ("" none; "idefics3": Idefics3 / SmolVLM's tile and
+    # global-image markers; processing/prompt.py).
+    image_span: str = ""
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
+        _check(self.image_span in ("", "idefics3"), f"text.image_span must be '' or idefics3, got {self.image_span!r}")
         for name, kind in (("placeholder_tokens", str), ("placeholder_ids", int)):
             value = getattr(self, name)
             _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, kind)

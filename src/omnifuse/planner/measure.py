@@ -81,7 +81,7 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     decode FLOPs, and the median prefill and decode latency."""
     from omnifuse.model import build_model
     from omnifuse.nn.packed import pack_linears
-    from omnifuse.processing.prompt import PromptLayout
+    from omnifuse.processing.prompt import MediaShape, PromptLayout
     from omnifuse.processing.text import load_tokenizer
 
     torch.manual_seed(0)
@@ -101,8 +101,9 @@ def measure_request(config: ModelConfig, image_sizes: list[tuple[int, int]], tex
     text = [t if t not in placeholders else ordinary[t % len(ordinary)] for t in text]  # placeholders may be adjacent ids
     # Media in front of a prompt without placeholders (PromptLayout.place_media: images, then audio,
     # then video), after the first id, which stands for bos; each item's span is one position per
-    # media token (early) or one per item (cross).
-    spans = [layout.media_span([n], item.modality) for item, n in zip(images, visual)]
+    # media token (early) or one per item (cross), with the checkpoint's markers (text.image_span).
+    spans = [layout.item_span(MediaShape(n, getattr(item, "tiles", (1, 1))), item.modality)
+             for item, n in zip(images, visual)]
     ids = text[:1] + [i for span in spans for i in span] + text[1:]
     prompt = torch.tensor([ids])
     total = len(ids) + output_tokens

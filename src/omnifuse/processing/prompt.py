@@ -18,16 +18,25 @@ LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``
 - The fusion strategy decides how many positions a placeholder takes (``Fusion.placeholder_tokens``):
   early fusion one per media token (the model writes the features over them), cross-attention one
   per image.
+- Each placeholder becomes its item's *span*: the ids it takes in the context. Plainly that is the
+  placeholder repeated; a checkpoint whose processor frames crops with marker tokens names the
+  rule in ``text.image_span`` (``idefics3``: ``<fake_token_around_image><row_r_col_c>`` before each
+  tile's run, a newline after each row of tiles, then ``\n<fake_token_around_image><global-img>``,
+  the whole image's run and ``<fake_token_around_image>``; a one-crop image only the last part).
+  Marker text is tokenized as the reference tokenizes it inside the expanded prompt: between
+  placeholder tokens, which are special, so no text around them merges with it.
 - A text-only model takes the prompt as text: ``<image>`` there is ordinary text.
 
-Media counts are given per modality, ``{"image": [tokens of each image], "audio": [...]}``; a plain
-list means images.
+Media are given per modality, ``{"image": [each image], "audio": [...]}``, each item as its token
+count, a :class:`MediaShape`, or a processed item (anything with ``num_tokens``, and ``tiles`` for a
+tiled image); a plain list means images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cached_property
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Any
 
 from omnifuse.config import ModelConfig, TextConfig
@@ -35,7 +44,7 @@ from omnifuse.fusion.early import FeatureCountError
 from omnifuse.fusion.strategy import Fusion, fusion_strategy
 from omnifuse.processing.text import Tokenizer
 
-__all__ = ["FeatureCountError", "PromptLayout", "media_count_error"]
+__all__ = ["IMAGE_SPANS", "FeatureCountError", "MediaShape", "PromptLayout", "media_count_error"]
 
 
 def _plural(n: int, noun: str) -> str:
@@ -44,7 +53,51 @@ def _plural(n: int, noun: str) -> str:
 
 _ITEM_NOUN = {"image": "image", "audio": "audio clip", "video": "video"}
 
-MediaCounts = Mapping[str, Sequence[int]]  # modality -> token count of each of its items, in order
+
+@dataclass(frozen=True)
+class MediaShape:
+    """What the prompt needs to know of one media item: its token count and, for a tiled image, its
+    tile canvas (``ProcessedImage.tiles``: (rows, cols); (1, 1) for one crop)."""
+
+    tokens: int
+    tiles: tuple[int, int] = (1, 1)
+
+
+MediaCounts = Mapping[str, Sequence]  # modality -> its items in order (counts, MediaShapes or processed items)
+FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
+
+
+def _idefics3_span(shape: MediaShape) -> list[str | int]:
+    """Idefics3 / SmolVLM's expanded image: text pieces and runs of media tokens, in order
+    (transformers' ``get_image_prompt_string``; a one-crop image is its ``rows == cols == 0`` case)."""
+    rows, cols = shape.tiles
+    crops = rows * cols + 1 if rows * cols > 1 else 1
+    if shape.tokens % crops:
+        raise FeatureCountError(f"an image of {crops} crops cannot have {shape.tokens} tokens "
+                                "(the same number per crop)")
+    per_crop = shape.tokens // crops
+    pieces: list[str | int] = []
+    text = ""
+    if crops > 1:
+        for r in range(rows):
+            for c in range(cols):
+                pieces += [text + f"{FAKE_IMAGE_TOKEN}<row_{r + 1}_col_{c + 1}>", per_crop]
+                text = ""
+            text += "\n"
+        text += "\n"
+    return [*pieces, text + FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN, per_crop, FAKE_IMAGE_TOKEN]
+
+
+# text.image_span -> the span rule: an item's shape -> text pieces and media-token runs, in order.
+IMAGE_SPANS = {"idefics3": _idefics3_span}
+
+
+def _shape(item) -> MediaShape:
+    if isinstance(item, MediaShape):
+        return item
+    if isinstance(item, int):
+        return MediaShape(item)
+    return MediaShape(int(item.num_tokens), tuple(getattr(item, "tiles", (1, 1))))
 
 
 def media_count_error(placeholders: int, items: int, where: str = "the prompt", token: str | None = None,
@@ -56,14 +109,10 @@ def media_count_error(placeholders: int, items: int, where: str = "the prompt", 
                              f"{_plural(items, noun)} {'was' if items == 1 else 'were'} given")
 
 
-def _counts(media: MediaCounts | Sequence[int]) -> dict[str, list[int]]:
+def _counts(media: MediaCounts | Sequence) -> dict[str, list[MediaShape]]:
     if isinstance(media, Mapping):
-        return {m: [int(c) for c in v] for m, v in media.items() if len(v)}
-    return {"image": [int(c) for c in media]} if len(media) else {}
-
-
-def _repeat(values: Sequence, repeats: Sequence[int]) -> list:
-    return [v for v, r in zip(values, repeats) for _ in range(r)]
+        return {m: [_shape(c) for c in v] for m, v in media.items() if len(v)}
+    return {"image": [_shape(c) for c in media]} if len(media) else {}
 
 
 class PromptLayout:
@@ -87,6 +136,7 @@ class PromptLayout:
         # Between leading images and the text of a prompt that had no placeholders: LLaVA's
         # "<image>\ntext"; Mllama's processor adds nothing ("<|image|>text").
         self.separator = "" if text.bos_after_leading_images else "\n"
+        self.image_span = IMAGE_SPANS[text.image_span] if text.image_span else None
 
     @classmethod
     def for_model(cls, config: ModelConfig, tokenizer: Tokenizer) -> PromptLayout:
@@ -219,32 +269,58 @@ class PromptLayout:
             ids.insert(0, self.tokenizer.bos_token_id)
         return ids
 
-    def context_positions(self, ids: Sequence[int], media: MediaCounts | Sequence[int]) -> list[int]:
-        """How many prompt positions each of ``ids`` takes: a media item's placeholder one per media
-        token (early fusion) or one (cross-attention), any other id one. Raises ``FeatureCountError``
-        when the placeholders in ``ids`` and the items of a modality disagree."""
+    def spans(self, ids: Sequence[int], media: MediaCounts | Sequence) -> list[list[int]]:
+        """The ids each of ``ids`` becomes in the context: a media item's placeholder its item's span
+        (:meth:`item_span`), any other id itself. Raises ``FeatureCountError`` when the placeholders in
+        ``ids`` and the items of a modality disagree."""
         ids = [int(i) for i in ids]
         counts = _counts(media)
         self.check_modalities(counts)
         if not self.has_media:
-            return [1] * len(ids)
+            return [[i] for i in ids]
         of = self.placeholder_ids()
         for m in self.modalities:
             n, given = sum(1 for i in ids if of.get(i) == m), counts.get(m, [])
             if n != len(given):
                 raise media_count_error(n, len(given), modality=m)
-            if any(c < 1 for c in given):
-                raise FeatureCountError(f"every {m} item needs at least one token, got counts {given}")
+            if any(c.tokens < 1 for c in given):
+                raise FeatureCountError(f"every {m} item needs at least one token, got counts {[c.tokens for c in given]}")
         its = {m: iter(c) for m, c in counts.items()}
-        return [self.fusion.placeholder_tokens(next(its[of[i]])) if i in of else 1 for i in ids]
+        return [self.item_span(next(its[of[i]]), of[i]) if i in of else [i] for i in ids]
 
-    def expand(self, ids: Sequence[int], media: MediaCounts | Sequence[int]) -> list[int]:
-        """``ids`` with each media placeholder repeated to the positions it takes in the context."""
-        ids = [int(i) for i in ids]
-        return _repeat(ids, self.context_positions(ids, media))
+    def context_positions(self, ids: Sequence[int], media: MediaCounts | Sequence) -> list[int]:
+        """How many context positions each of ``ids`` takes (the length of its span)."""
+        return [len(span) for span in self.spans(ids, media)]
 
-    def media_span(self, token_counts: Sequence[int], modality: str = "image") -> list[int]:
-        """The ids a run of items of one modality takes in the context: one placeholder per media
-        token (early fusion) or per item (cross-attention)."""
+    def expand(self, ids: Sequence[int], media: MediaCounts | Sequence) -> list[int]:
+        """``ids`` with each media placeholder replaced by its item's span."""
+        return [i for span in self.spans(ids, media) for i in span]
+
+    def item_span(self, item, modality: str = "image") -> list[int]:
+        """The ids one item (a token count, MediaShape or processed item) takes in the context: its
+        placeholder once per media token (early fusion) or once (cross-attention), framed by the
+        checkpoint's marker tokens where ``text.image_span`` names a rule (early fusion)."""
+        shape = _shape(item)
         pid = self.tokenizer.placeholder_id(modality)
-        return [pid] * sum(self.fusion.placeholder_tokens(c) for c in token_counts)
+        run = self.fusion.placeholder_tokens(shape.tokens)
+        if modality != "image" or self.image_span is None or run != shape.tokens:
+            return [pid] * run
+        out: list[int] = []
+        for piece in self.image_span(shape):
+            out += [pid] * piece if isinstance(piece, int) else list(self._marker_ids(piece))
+        return out
+
+    @lru_cache(maxsize=256)  # noqa: B019 (one layout per pipeline; a handful of distinct pieces)
+    def _marker_ids(self, text: str) -> tuple[int, ...]:
+        # Tokenized after the image placeholder (a special token), as inside the reference's
+        # expanded prompt: a tokenizer that marks the start of its input treats it as no start.
+        pid = self.tokenizer.image_token_id
+        ids = self.tokenizer.encode(self.image_token + text, add_bos=False)
+        if ids[:1] != [pid]:
+            raise FeatureCountError(f"the tokenizer splits {self.image_token!r} before {text!r}; the image "
+                                    f"placeholder must be a special token for text.image_span")
+        return tuple(ids[1:])
+
+    def media_span(self, items: Sequence, modality: str = "image") -> list[int]:
+        """The ids a run of items of one modality takes in the context (their spans in order)."""
+        return [i for item in items for i in self.item_span(item, modality)]

@@ -82,9 +82,11 @@ class ExampleBuilder:
             ids += piece
             labels += piece if is_answer else [IGNORE] * len(piece)
         order = self.layout.media_order(ids)
-        repeats = self.layout.context_positions(ids, {m: [x.num_tokens for x in v] for m, v in media.items()})
-        ids = [tok for tok, r in zip(ids, repeats) for _ in range(r)]
-        labels = [lab for lab, r in zip(labels, repeats) for _ in range(r)]  # media positions carry no loss
+        spans = self.layout.spans(ids, media)
+        # A media span (its tokens and any markers) carries no loss; a cross-attention placeholder
+        # is one position and keeps its label.
+        labels = [lab if len(span) == 1 else IGNORE for lab, span in zip(labels, spans) for _ in span]
+        ids = [tok for span in spans for tok in span]
         if len(ids) > self.max_length:
             of = self.layout.placeholder_ids() if media else {}
             cut = next((of[t] for t in ids[self.max_length:] if t in of), None)
@@ -109,7 +111,7 @@ class ExampleBuilder:
         """(``prompt``'s ids, the media items in prompt order, as the model takes them)."""
         media = by_modality(media)
         ids, order = self.layout.encode_conversation_with_order(
-            [{"role": role, "content": text} for role, text in turns], {m: [x.num_tokens for x in v] for m, v in media.items()})
+            [{"role": role, "content": text} for role, text in turns], media)
         return ids, [media[m][k] for m, k in order]
 
 
