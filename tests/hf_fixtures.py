@@ -13,18 +13,25 @@ WORDS = ["the", "a", "red", "blue", "green", "circle", "square", "left", "right"
 
 
 def write_word_tokenizer(folder: Path, vocab_size: int, specials: dict[str, int], bos: str = "<s>",
-                         eos: str = "</s>", chat_template: str | None = None, add_bos: bool = True) -> None:
-    """A word-level tokenizer.json whose special tokens sit at the ids the model config expects."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+                         eos: str = "</s>", chat_template: str | None = None, add_bos: bool = True,
+                         newlines: bool = False) -> None:
+    """A word-level tokenizer.json whose special tokens sit at the ids the model config expects.
+    ``newlines``: "\\n" and "\\n\\n" are tokens (a run of newlines one piece, as a BPE merges it)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
     vocab = dict(specials)
     free = (i for i in range(vocab_size) if i not in set(specials.values()))
-    for w in WORDS:
+    for w in WORDS + (["\n", "\n\n", ":", "User", "Assistant"] if newlines else []):
         vocab[w] = next(free)
     for i in free:  # fill the rest so every id decodes
         vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if newlines:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"\n+|:"), behavior="isolated")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([t for t in specials if t != "<unk>"])
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, specials[bos])])
@@ -226,4 +233,57 @@ def save_llava_next_video(folder: Path, *, seed: int = 0, heads: int = 4, kv_hea
     settings = {"video_processor": {**frames, "video_processor_type": "LlavaNextVideoVideoProcessor"},
                 "processor_class": "LlavaNextVideoProcessor"}
     (folder / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    return folder
+
+
+IDEFICS3_TEMPLATE = ("<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+                     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+                     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+                     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def save_idefics3(folder: Path, *, model_type: str = "smolvlm", seed: int = 0, heads: int = 4, kv_heads: int = 2,
+                  image_size: int = 32, patch: int = 8, scale: int = 2, vision_layers: int = 2, text_layers: int = 2,
+                  longest_edge: int = 96, vocab: int = 400, image_token_id: int = 300, tie: bool = False) -> Path:
+    """An Idefics3 or SmolVLM checkpoint with its processor (``processor.save_pretrained``): tiles of
+    ``image_size`` px, the longest side to ``longest_edge``, and a tokenizer holding the marker tokens."""
+    import transformers
+
+    prefix = {"smolvlm": "SmolVLM", "idefics3": "Idefics3"}[model_type]
+    vision = getattr(transformers, f"{prefix}VisionConfig")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch)
+    text = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
+                                    rms_norm_eps=1e-5)
+    cfg = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=scale,
+                                                   image_token_id=image_token_id, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    specials = {"<unk>": 0, "<|im_start|>": 1, "<end_of_utterance>": 2, "<image>": image_token_id,
+                "<fake_token_around_image>": image_token_id + 1, "<global-img>": image_token_id + 2}
+    free = (i for i in range(image_token_id + 3, vocab))
+    for r in range(1, 7):
+        for c in range(1, 7):
+            specials[f"<row_{r}_col_{c}>"] = next(free)
+    write_word_tokenizer(folder, vocab, specials, bos="<|im_start|>", eos="<end_of_utterance>", add_bos=False,
+                         chat_template=IDEFICS3_TEMPLATE, newlines=True)
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": image_size})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    seq_len = (image_size // patch) ** 2 // scale ** 2
+    if model_type == "smolvlm":
+        # The Hub layout of SmolVLM-256M-Instruct: preprocessor_config.json plus a processor_config.json
+        # holding image_seq_len. (SmolVLMProcessor itself cannot be built here: its video processor
+        # needs torchvision.)
+        image_processor.save_pretrained(folder)
+        (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": seq_len,
+                                                                  "processor_class": "SmolVLMProcessor"}))
+    else:  # transformers 5's processor.save_pretrained: everything in processor_config.json
+        transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                       image_seq_len=seq_len).save_pretrained(folder)
     return folder

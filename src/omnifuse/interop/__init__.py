@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
+from omnifuse.interop.idefics3 import idefics3_config, load_idefics3
 from omnifuse.interop.llama import llama_config, load_llama
 from omnifuse.interop.llava import llava_config, load_llava
 from omnifuse.interop.llava_next_video import llava_next_video_config, load_llava_next_video
@@ -14,8 +15,8 @@ from omnifuse.interop.qwen2_audio import load_qwen2_audio, qwen2_audio_config
 
 __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model", "read_any_config"]
 
-ARCHITECTURES = {"llama": load_llama, "llava": load_llava, "llava_next_video": load_llava_next_video,
-                 "mllama": load_mllama, "qwen2_audio": load_qwen2_audio}
+ARCHITECTURES = {"idefics3": load_idefics3, "llama": load_llama, "llava": load_llava, "llava_next_video": load_llava_next_video,
+                 "mllama": load_mllama, "qwen2_audio": load_qwen2_audio, "smolvlm": load_idefics3}
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:
@@ -25,8 +26,9 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
         return False
 
 
-CONFIG_READERS = {"llama": llama_config, "llava": llava_config, "llava_next_video": llava_next_video_config,
-                  "mllama": mllama_config, "qwen2_audio": qwen2_audio_config}
+CONFIG_READERS = {"idefics3": idefics3_config, "llama": llama_config, "llava": llava_config, "llava_next_video": llava_next_video_config,
+                  "mllama": mllama_config, "qwen2_audio": qwen2_audio_config,
+                  "smolvlm": idefics3_config}
 
 
 def _check_supported(folder: Path, hf: dict) -> str:

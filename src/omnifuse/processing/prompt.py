@@ -8,7 +8,7 @@ LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``
   the k-th placeholder of a modality stands for its k-th item, and the items reach the model in
   prompt order (``encode_with_order``). A modality whose placeholders the prompt lacks gets one per
   item in front, images first: ``<image>\\ntext`` (LLaVA's convention) or ``<|image|>text`` (Mllama's
-  processor puts nothing between). A prompt with placeholders of a modality must have one per item
+  processor and Idefics3's chat template put nothing between). A prompt with placeholders of a modality must have one per item
   of it; anything else is a ``FeatureCountError`` naming both counts. A conversation counts its
   user turns and gets the media in front of its first one.
 - Mllama's bos rule (``text.bos_after_leading_images``; transformers' ``build_string_from_input``):
@@ -135,7 +135,8 @@ class PromptLayout:
         self.model_name = model_name
         # Between leading images and the text of a prompt that had no placeholders: LLaVA's
         # "<image>\ntext"; Mllama's processor adds nothing ("<|image|>text").
-        self.separator = "" if text.bos_after_leading_images else "\n"
+        # Idefics3 / SmolVLM's template puts nothing between an image part and the text.
+        self.separator = "" if text.bos_after_leading_images or text.image_span else "\n"
         self.image_span = IMAGE_SPANS[text.image_span] if text.image_span else None
 
     @classmethod

@@ -100,6 +100,8 @@ class Tokenizer:
                 "a chat_template (tokenizer_config.json, chat_template.json or chat_template.jinja)")
         _check_messages(messages)
         template = _compile_template(self.chat_template)
+        if _wants_parts(self.chat_template):
+            messages = [_as_parts(m, self._placeholder_tokens) for m in messages]
         try:
             # tools/documents are None, not undefined, as in transformers: `tools is not none` is then False.
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -359,6 +361,26 @@ def _compile_template(source: str) -> jinja2.Template:
         return _ENVIRONMENT.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+
+
+def _wants_parts(template: str) -> bool:
+    """Whether a template reads message content only as a list of typed parts (most multimodal
+    checkpoints' templates: Idefics3, SmolVLM, Mllama) rather than also as a string."""
+    return "is string" not in template and re.search(r"""\[\s*['"]type['"]\s*\]|\.type\b""", template) is not None
+
+
+def _as_parts(message: dict[str, Any], placeholders: dict[str, str]) -> dict[str, Any]:
+    """A string content as the parts such a template expects: each placeholder a ``{"type": modality}``
+    part, the text between ``{"type": "text"}`` parts (none empty), in order."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message
+    marks = {token: modality for modality, token in placeholders.items() if token}
+    if not marks:
+        return {**message, "content": [{"type": "text", "text": content}]}
+    pieces = re.split("(" + "|".join(re.escape(t) for t in sorted(marks, key=len, reverse=True)) + ")", content)
+    parts = [{"type": marks[p]} if p in marks else {"type": "text", "text": p} for p in pieces if p]
+    return {**message, "content": parts}
 
 
 def _check_messages(messages: Any) -> None:
