@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from omnifuse.checkpoint import CheckpointError
-from omnifuse.config import ConnectorConfig, DecoderConfig, FusionConfig, ImageConfig, ModelConfig, TextConfig, VisionConfig
+from omnifuse.config import (
+    ConnectorConfig,
+    DecoderConfig,
+    FusionConfig,
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
 from omnifuse.interop.hf import (
     KeyMap,
     llama_decoder_key_map,
