@@ -94,6 +94,18 @@ def test_tiles_reach_the_context_in_the_markers_order(tmp_path):
     assert tokens.count("<image>") == item.num_tokens == 7 * 4
 
 
+def test_planner_counts_the_markers_the_prompt_gets(tmp_path):
+    from omnifuse.planner.costs import image_cost
+
+    folder = save_idefics3(tmp_path, seed=8)
+    pipe = Pipeline.from_checkpoint(folder)
+    for w, h in [(20, 20), (50, 80), (96, 40), (200, 30), (33, 97)]:
+        item = pipe.process_images([scene(w, h, 1)])[0]
+        cost = image_cost(pipe.model.config, w, h)
+        assert cost.visual_tokens == item.num_tokens
+        assert cost.context_tokens == len(pipe.layout.item_span(item)), (w, h)
+
+
 def test_left_padded_batch_matches_reference(tmp_path):
     folder = save_idefics3(tmp_path, seed=4)
     ref = _reference(folder, "smolvlm")

@@ -22,6 +22,7 @@ from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, 
 
 __all__ = [
     "KeyMap",
+    "build_on_meta",
     "iter_safetensors",
     "llama_decoder_key_map",
     "load_mapped",
@@ -124,6 +125,14 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
             if key in plan:
                 own[plan[key]].data.copy_(handle.get_tensor(key))  # converts dtype (bf16 file -> float32 model)
     return model
+
+
+def build_on_meta(config) -> torch.nn.Module:
+    """The model ``config`` describes, built on the meta device (no memory) for ``load_mapped``."""
+    from omnifuse.model import build_model
+
+    with torch.device("meta"):
+        return build_model(config)
 
 
 def llama_decoder_key_map(prefix: str) -> KeyMap:

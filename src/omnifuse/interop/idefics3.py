@@ -15,8 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (
     ConnectorConfig,
@@ -29,6 +27,7 @@ from omnifuse.config import (
 )
 from omnifuse.interop.hf import (
     KeyMap,
+    build_on_meta,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
@@ -126,9 +125,6 @@ def idefics3_key_map() -> KeyMap:
 
 
 def load_idefics3(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = idefics3_config(hf, folder)
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     return load_mapped(model, folder, idefics3_key_map(), device=device).eval()

@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import DecoderConfig, ModelConfig, TextConfig
-from omnifuse.interop.hf import KeyMap, llama_decoder_key_map, llama_decoder_kwargs, load_mapped
+from omnifuse.interop.hf import KeyMap, build_on_meta, llama_decoder_key_map, llama_decoder_kwargs, load_mapped
 
 __all__ = ["llama_config", "llama_key_map", "load_llama"]
 
@@ -29,9 +27,6 @@ def llama_key_map() -> KeyMap:
 
 
 def load_llama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = llama_config(hf, folder)
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     return load_mapped(model, folder, llama_key_map(), device=device).eval()

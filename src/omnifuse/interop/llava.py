@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (
     CLIP_MEAN,
@@ -29,6 +27,7 @@ from omnifuse.config import (
 )
 from omnifuse.interop.hf import (
     KeyMap,
+    build_on_meta,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
@@ -153,10 +152,7 @@ def llava_key_map(layers_used: int) -> KeyMap:
 
 
 def load_llava(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = llava_config(hf, folder)
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     model = load_mapped(model, folder, llava_key_map(model.vision_encoder.num_layers_used), normalise_llava_key, device=device)
     return model.eval()

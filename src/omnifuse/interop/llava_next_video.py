@@ -21,11 +21,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import ModelConfig, TextConfig, VideoConfig
-from omnifuse.interop.hf import KeyMap, load_mapped, placeholder_text
+from omnifuse.interop.hf import KeyMap, build_on_meta, load_mapped, placeholder_text
 from omnifuse.interop.llava import llava_config, llava_key_map, normalise_llava_key
 
 __all__ = ["llava_next_video_config", "load_llava_next_video"]
@@ -57,11 +55,8 @@ def llava_next_video_key_map(layers_used: int) -> KeyMap:
 
 
 def load_llava_next_video(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = llava_next_video_config(hf, folder)
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     return load_mapped(model, folder, llava_next_video_key_map(model.vision_encoder.num_layers_used),
                        lambda k: normalise_llava_key(k.replace("model.image_newline", "image_newline")),
                        device=device).eval()

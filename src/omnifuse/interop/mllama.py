@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import (
     ConnectorConfig,
@@ -30,6 +28,7 @@ from omnifuse.config import (
 from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspect_ratios
 from omnifuse.interop.hf import (
     KeyMap,
+    build_on_meta,
     llama_decoder_kwargs,
     load_mapped,
     per_channel,
@@ -156,12 +155,9 @@ def mllama_key_map(cross_stack: list[int], n_stack: int) -> KeyMap:
 
 
 def load_mllama(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = mllama_config(hf, folder)
     text = hf.get("text_config") or {}
     cross_stack = sorted(int(i) for i in text.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     model = load_mapped(model, folder, mllama_key_map(cross_stack, text.get("num_hidden_layers", 40)), normalise_mllama_key, device=device)
     return model.eval()

@@ -16,12 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.config import AudioConfig, DecoderConfig, FusionConfig, ModelConfig, TextConfig
 from omnifuse.interop.hf import (
     KeyMap,
+    build_on_meta,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
@@ -118,9 +117,6 @@ def qwen2_audio_key_map() -> KeyMap:
 
 
 def load_qwen2_audio(folder: str | Path, hf: dict[str, Any], device: str = "cpu"):
-    from omnifuse.model import build_model
-
     config = qwen2_audio_config(hf, folder)
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     return load_mapped(model, folder, qwen2_audio_key_map(), device=device).eval()

@@ -212,8 +212,13 @@ def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> 
     crops, grid, canvas = processor.layout(width, height)
     n = processor.num_tokens(width, height)
     fusion = _fusion(config)
+    context = fusion.context_tokens(n)
+    if config.text.image_span == "idefics3" and context == n:  # early fusion: the crops' markers too
+        from omnifuse.processing.tiles import idefics3_marker_tokens
+
+        context += idefics3_marker_tokens(*canvas)
     return ImageCost(width=width, height=height, crops=crops, patch_grid=grid, tile_canvas=canvas, visual_tokens=n,
-                     context_tokens=fusion.context_tokens(n), cross_attention_states_prefill=fusion.cross_states(n),
+                     context_tokens=context, cross_attention_states_prefill=fusion.cross_states(n),
                      cross_attention_states_decode=fusion.cross_states(processor.num_attended_tokens(width, height)))
 
 
