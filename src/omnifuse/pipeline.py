@@ -126,7 +126,7 @@ class Pipeline:
         """(token ids, the media items in prompt order) for ``prompt`` and processed ``media`` per
         modality (``{"image": [...], "audio": [...]}``): the k-th placeholder of a modality is its
         k-th item; a modality without placeholders in the prompt goes in front."""
-        ids, order = self.layout.encode_with_order(prompt, {m: list(v) for m, v in media.items() if v}, chat)
+        ids, order = self.layout.encode_with_order(prompt, media, chat)
         return ids, [media[m][k] for m, k in order]
 
     def process(self, modality: str, sources: Sequence, **options) -> list:

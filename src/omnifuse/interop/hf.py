@@ -23,6 +23,7 @@ from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, 
 __all__ = [
     "KeyMap",
     "build_on_meta",
+    "check_pixel_steps",
     "iter_safetensors",
     "llama_decoder_key_map",
     "load_mapped",
@@ -218,6 +219,18 @@ def read_image_processor_config(folder: Path, section: str = "image_processor") 
     if (folder / "preprocessor_config.json").is_file():
         return read_json_if_present(folder / "preprocessor_config.json"), "preprocessor_config.json"
     return {}, None
+
+
+def check_pixel_steps(pre: dict[str, Any], where: str, family: str, resample: tuple[int, str],
+                      flags: tuple[str, ...] = ("do_resize", "do_rescale", "do_normalize")) -> None:
+    """Refuse processor settings omnifuse does not reproduce: another ``resample`` filter than the
+    family's (``(id, name)``), or any of ``flags`` off, or a rescale other than 1/255."""
+    if int(pre["resample"]) != resample[0]:
+        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported ({family} uses {resample[0]}, "
+                              f"{resample[1]})")
+    if not all(pre[f] for f in flags) or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
+        names = [f"{f} (1/255)" if f == "do_rescale" else f for f in flags]
+        raise CheckpointError(f"{where}: only {', '.join(names[:-1])} and {names[-1]} all on are supported")
 
 
 def per_channel(value: Any, where: str) -> tuple[float, float, float]:

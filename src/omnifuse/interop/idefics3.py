@@ -28,6 +28,7 @@ from omnifuse.config import (
 from omnifuse.interop.hf import (
     KeyMap,
     build_on_meta,
+    check_pixel_steps,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
@@ -47,7 +48,7 @@ __all__ = ["idefics3_config", "idefics3_key_map", "load_idefics3"]
 _PROCESSOR_DEFAULTS = dict(resample=1, size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364},
                            do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                            do_image_splitting=True, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-_DEFAULT_IMAGE_TOKEN_ID = {"idefics3": 128257, "smolvlm": 128257}
+_DEFAULT_IMAGE_TOKEN_ID = 128257  # both configs' default
 
 
 def _longest_edge(value: Any, where: str, name: str) -> int:
@@ -66,11 +67,7 @@ def _image_config(folder: Path, tile: int) -> tuple[ImageConfig, int | None]:
         return ImageConfig(mode="split", image_size=tile, longest_edge=4 * tile, mean=(0.5,) * 3, std=(0.5,) * 3), seq_len
     pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
     where = f"{folder / source}"
-    if int(pre["resample"]) != 1:
-        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported (Idefics3 uses 1, Lanczos)")
-    if not (pre["do_resize"] and pre["do_rescale"] and pre["do_normalize"]) \
-            or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
-        raise CheckpointError(f"{where}: only do_resize, do_rescale (1/255) and do_normalize all on are supported")
+    check_pixel_steps(pre, where, "Idefics3", (1, "Lanczos"))
     if not pre["do_image_splitting"]:
         raise CheckpointError(f"{where}: do_image_splitting=false (one squeezed crop) is not supported; "
                               "omnifuse implements the split processing Idefics3 and SmolVLM ship with")
@@ -102,7 +99,7 @@ def idefics3_config(hf: dict[str, Any], folder: str | Path) -> ModelConfig:
     if seq_len is not None and int(seq_len) != tokens:
         raise CheckpointError(f"{folder / 'processor_config.json'}: image_seq_len {seq_len} but the model makes "
                               f"{tokens} tokens per crop (({side} / {scale})^2)")
-    image_token_id = int(hf.get("image_token_id", _DEFAULT_IMAGE_TOKEN_ID[hf["model_type"]]))
+    image_token_id = int(hf.get("image_token_id", _DEFAULT_IMAGE_TOKEN_ID))
     text = {"rms_norm_eps": 1e-5, **text}  # both configs' text default
     return ModelConfig(
         name=str(folder.name),

@@ -28,6 +28,7 @@ from omnifuse.config import (
 from omnifuse.interop.hf import (
     KeyMap,
     build_on_meta,
+    check_pixel_steps,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
@@ -62,11 +63,7 @@ def _image_config(folder: Path, image_size: int, section: str = "image_processor
         return ImageConfig(mode="fixed", image_size=image_size, resize="crop")
     pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
     where = f"{folder / source}"
-    if pre["resample"] != 3:
-        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported (LLaVA uses 3, bicubic)")
-    if not (pre["do_resize"] and pre["do_rescale"] and pre["do_normalize"]) \
-            or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
-        raise CheckpointError(f"{where}: only do_resize, do_rescale (1/255) and do_normalize all on are supported")
+    check_pixel_steps(pre, where, "LLaVA", (3, "bicubic"))
     size, crop = pre["size"], pre["crop_size"]
     if isinstance(size, dict) and "shortest_edge" in size:
         side = int(size["shortest_edge"])  # the short side (a padded square: both sides)

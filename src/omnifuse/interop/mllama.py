@@ -29,6 +29,7 @@ from omnifuse.encoders.mllama_vision import mllama_vision_kwargs, supported_aspe
 from omnifuse.interop.hf import (
     KeyMap,
     build_on_meta,
+    check_pixel_steps,
     llama_decoder_kwargs,
     load_mapped,
     per_channel,
@@ -66,12 +67,7 @@ def _image_config(folder: Path, tile: int, max_tiles: int) -> ImageConfig:
         raise CheckpointError(f"{where}: Mllama tiles must be square, size is {size}")
     if side != tile:
         raise CheckpointError(f"{where}: tiles are {side} px but the vision encoder takes {tile} px tiles")
-    if pre["resample"] != 2:
-        raise CheckpointError(f"{where}: resample={pre['resample']} is not supported (Mllama uses 2, bilinear)")
-    if not (pre["do_resize"] and pre["do_pad"] and pre["do_rescale"] and pre["do_normalize"]) \
-            or abs(float(pre["rescale_factor"]) - 1 / 255) > 1e-9:
-        raise CheckpointError(f"{where}: only do_resize, do_pad, do_rescale (1/255) and do_normalize all on "
-                              "are supported")
+    check_pixel_steps(pre, where, "Mllama", (2, "bilinear"), ("do_resize", "do_pad", "do_rescale", "do_normalize"))
     if pre["max_image_tiles"] != max_tiles:
         raise CheckpointError(f"{where}: max_image_tiles {pre['max_image_tiles']} differs from the vision "
                               f"encoder's max_num_tiles {max_tiles}")

@@ -213,10 +213,10 @@ def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> 
     n = processor.num_tokens(width, height)
     fusion = _fusion(config)
     context = fusion.context_tokens(n)
-    if config.text.image_span == "idefics3" and context == n:  # early fusion: the crops' markers too
-        from omnifuse.processing.tiles import idefics3_marker_tokens
+    if config.text.image_span and context == n:  # early fusion: the crops' marker tokens too
+        from omnifuse.processing.prompt import MediaShape, span_marker_tokens
 
-        context += idefics3_marker_tokens(*canvas)
+        context += span_marker_tokens(config.text.image_span, MediaShape(n, canvas))
     return ImageCost(width=width, height=height, crops=crops, patch_grid=grid, tile_canvas=canvas, visual_tokens=n,
                      context_tokens=context, cross_attention_states_prefill=fusion.cross_states(n),
                      cross_attention_states_decode=fusion.cross_states(processor.num_attended_tokens(width, height)))

@@ -34,6 +34,7 @@ tiled image); a plain list means images.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -44,7 +45,7 @@ from omnifuse.fusion.early import FeatureCountError
 from omnifuse.fusion.strategy import Fusion, fusion_strategy
 from omnifuse.processing.text import Tokenizer
 
-__all__ = ["IMAGE_SPANS", "FeatureCountError", "MediaShape", "PromptLayout", "media_count_error"]
+__all__ = ["IMAGE_SPANS", "FeatureCountError", "MediaShape", "PromptLayout", "media_count_error", "span_marker_tokens"]
 
 
 def _plural(n: int, noun: str) -> str:
@@ -90,6 +91,12 @@ def _idefics3_span(shape: MediaShape) -> list[str | int]:
 
 # text.image_span -> the span rule: an item's shape -> text pieces and media-token runs, in order.
 IMAGE_SPANS = {"idefics3": _idefics3_span}
+
+
+def span_marker_tokens(rule: str, shape: MediaShape) -> int:
+    """Marker tokens the span rule ``rule`` puts around an item, without a tokenizer (the planner):
+    each ``<tag>`` and each run of newlines one token, as Idefics3's and SmolVLM's tokenizers have them."""
+    return sum(len(re.findall(r"<[^<>]+>|\n+", piece)) for piece in IMAGE_SPANS[rule](shape) if isinstance(piece, str))
 
 
 def _shape(item) -> MediaShape:
@@ -288,10 +295,6 @@ class PromptLayout:
                 raise FeatureCountError(f"every {m} item needs at least one token, got counts {[c.tokens for c in given]}")
         its = {m: iter(c) for m, c in counts.items()}
         return [self.item_span(next(its[of[i]]), of[i]) if i in of else [i] for i in ids]
-
-    def context_positions(self, ids: Sequence[int], media: MediaCounts | Sequence) -> list[int]:
-        """How many context positions each of ``ids`` takes (the length of its span)."""
-        return [len(span) for span in self.spans(ids, media)]
 
     def expand(self, ids: Sequence[int], media: MediaCounts | Sequence) -> list[int]:
         """``ids`` with each media placeholder replaced by its item's span."""

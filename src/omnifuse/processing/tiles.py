@@ -13,7 +13,7 @@ rows first.
 
 from __future__ import annotations
 
-__all__ = ["best_canvas", "canvas_label", "idefics3_marker_tokens", "rescale_longest_edge", "supported_aspect_ratios"]
+__all__ = ["best_canvas", "canvas_label", "rescale_longest_edge", "supported_aspect_ratios"]
 
 
 def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
@@ -52,12 +52,3 @@ def rescale_longest_edge(width: int, height: int, longest_edge: int) -> tuple[in
         w += w % 2
     return max(w, 1), max(h, 1)
 
-
-def idefics3_marker_tokens(rows: int, cols: int) -> int:
-    """Marker tokens Idefics3 / SmolVLM put around an image's crops (``text.image_span: idefics3``)
-    with their own tokenizers, where every marker, a newline and a blank line ("\\n\\n") are one
-    token each: two per tile, a newline between rows of tiles, a blank line before the global image,
-    and three around it (all an unsplit image has)."""
-    if rows * cols <= 1:
-        return 3
-    return 2 * rows * cols + (rows - 1) + 1 + 3
