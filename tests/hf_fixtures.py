@@ -48,7 +48,7 @@ def randomise(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
+            if "norm" in name.lower() and p.dim() == 1:  # BERT-style LayerNorm too
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             elif "gate" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -286,4 +286,59 @@ def save_idefics3(folder: Path, *, model_type: str = "smolvlm", seed: int = 0, h
     else:  # transformers 5's processor.save_pretrained: everything in processor_config.json
         transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                        image_seq_len=seq_len).save_pretrained(folder)
+    return folder
+
+
+def write_wordpiece_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A BERT-style WordPiece tokenizer (lower-cased, ``[CLS] ... [SEP]``) saved as transformers'
+    BertTokenizer saves one: InstructBLIP's Q-Former tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(w.lower() for w in WORDS), "?", ",", "."]
+    vocab = {w: i for i, w in enumerate(words)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"q{i}"] = i
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    transformers.BertTokenizer(tokenizer_object=tok).save_pretrained(folder)
+
+
+def save_blip2(folder: Path, *, model_type: str = "instructblip", seed: int = 0, heads: int = 4, kv_heads: int = 2,
+               image_size: int = 28, patch: int = 7, queries: int = 6, qformer_layers: int = 3, cross_every: int = 2,
+               vision_layers: int = 2, text_layers: int = 2, vocab: int = 300, image_token_id: int = 290,
+               tie: bool = False) -> Path:
+    """A BLIP-2 or InstructBLIP checkpoint with a Llama language model and its processor
+    (``processor.save_pretrained``; InstructBLIP's Q-Former tokenizer in ``qformer_tokenizer/``)."""
+    import transformers
+
+    prefix = {"blip-2": "Blip2", "instructblip": "InstructBlip"}[model_type]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+                  image_size=image_size, patch_size=patch)
+    qformer = dict(vocab_size=120, hidden_size=32, num_hidden_layers=qformer_layers, num_attention_heads=4,
+                   intermediate_size=48, max_position_embeddings=64, cross_attention_frequency=cross_every)
+    text = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                                    num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie).to_dict()
+    cfg = getattr(transformers, f"{prefix}Config")(vision_config=vision, qformer_config=qformer, text_config=text,
+                                                   num_query_tokens=queries, image_token_index=image_token_id)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    image_processor = transformers.BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    if model_type == "blip-2":
+        processor = transformers.Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                                num_query_tokens=queries)
+    else:
+        write_wordpiece_tokenizer(folder / "qformer_tokenizer", 120)
+        qformer_tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "qformer_tokenizer")
+        processor = transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                       qformer_tokenizer=qformer_tokenizer, num_query_tokens=queries)
+    processor.save_pretrained(folder)
     return folder

@@ -320,6 +320,10 @@ class ConnectorConfig:
 
     ``hidden_size`` / ``num_heads`` / ``intermediate_size``: the Q-Former's or perceiver's width
     (0: the encoder's feature width), heads, and feed-forward width (0: 4 x width).
+    ``feature_norm``: the Q-Former layer-normalises the features first (off where the encoder's
+    own post-norm does, BLIP-2). ``instruction_vocab_size`` > 0: the Q-Former also reads the
+    prompt, tokenized by ``text.instruction_tokenizer`` into its own vocabulary of this size, at
+    most ``instruction_positions`` tokens (InstructBLIP).
     ``position_embedding``: add a learned vector per token position within a crop to the output
     (zero at init). Early fusion gets positions from the decoder's RoPE; cross-attention memory has
     none of its own, so Flamingo-style models add them to the media features.
@@ -336,13 +340,20 @@ class ConnectorConfig:
     cross_attention_every: int = 2
     scale_factor: int = 2
     projection: str = "linear"
+    feature_norm: bool = True
+    instruction_vocab_size: int = 0
+    instruction_positions: int = 512
 
     def __post_init__(self) -> None:
         from omnifuse.connectors import CONNECTORS
 
         _check(self.type in CONNECTORS, f"connector.type {self.type!r} unknown; known: {sorted(CONNECTORS)}")
-        for name in ("tokens", "hidden_size", "intermediate_size"):
+        for name in ("tokens", "hidden_size", "intermediate_size", "instruction_vocab_size"):
             _check(getattr(self, name) >= 0, f"connector.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.instruction_positions >= 1,
+               f"connector.instruction_positions must be >= 1, got {self.instruction_positions}")
+        _check(not self.instruction_vocab_size or self.type == "qformer",
+               f"connector.instruction_vocab_size is a Q-Former setting (InstructBLIP), not {self.type}'s")
         for name in ("num_layers", "num_heads", "cross_attention_every", "scale_factor"):
             _check(getattr(self, name) >= 1, f"connector.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.projection in ("linear", "mlp"),
@@ -500,6 +511,12 @@ class TextConfig:
     # Marker tokens around each image's crops ("" none; "idefics3": Idefics3 / SmolVLM's tile and
     # global-image markers; processing/prompt.py).
     image_span: str = ""
+    # BLIP-2 / InstructBLIP's processor: the image tokens of a prompt without placeholders go in
+    # front of the tokenizer's bos ("<image>...<image><s>text").
+    images_before_bos: bool = False
+    # The folder (inside the checkpoint) of a second tokenizer, whose ids of the prompt the
+    # connector reads with each image (InstructBLIP's Q-Former: "qformer_tokenizer"); "" none.
+    instruction_tokenizer: str = ""
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
@@ -578,6 +595,9 @@ class ModelConfig:
                    f"a model that takes {modality} needs text.placeholder_tokens.{modality} (e.g. '<{modality}>')")
             i = self.text.placeholder_ids.get(modality, 0)
             _check(i < rows, f"text.placeholder_ids.{modality} {i} is outside the decoder's {rows} embeddings")
+        _check(bool(self.connector.instruction_vocab_size) == bool(self.text.instruction_tokenizer),
+               "connector.instruction_vocab_size (a Q-Former that reads the prompt) and text.instruction_tokenizer "
+               "(the tokenizer it reads it in) go together")
         if not self.modalities:
             _check(not self.fusion.resolved_layers(self.decoder.num_layers),
                    "a text-only model (no vision, no audio) has no fusion layers; use fusion.type early")

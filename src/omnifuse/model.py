@@ -155,7 +155,10 @@ class MultimodalModel(nn.Module):
             groups.setdefault((item.modality, tuple(f.shape[1:]), grid), []).append(i)
         for (modality, _, grid), idx in groups.items():  # outputs of one shape share the connector's batch
             connector = self.connectors[self.connector_of[modality]]
-            tokens = connector(torch.cat([feats[i].to(self.device) for i in idx]), grid=grid)  # (N, ..., D)
+            extra = {}
+            if getattr(connector, "reads_instruction", False):
+                extra["instruction"] = self._instructions([items[i] for i in idx], [feats[i].shape[0] for i in idx])
+            tokens = connector(torch.cat([feats[i].to(self.device) for i in idx]), grid=grid, **extra)  # (N, ..., D)
             for i, f in zip(idx, tokens.split([feats[i].shape[0] for i in idx])):
                 f = f.reshape(-1, f.shape[-1])
                 keep = items[i].keep
@@ -166,6 +169,21 @@ class MultimodalModel(nn.Module):
                                         f"predicted {item.num_tokens}")
         return out  # type: ignore[return-value]
 
+
+    def _instructions(self, items: list, crops: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (N, L), mask (N, L)) of the items' instructions, one row per crop, right-padded."""
+        missing = [k for k, item in enumerate(items) if getattr(item, "instruction", None) is None]
+        if missing:
+            raise FeatureCountError(f"{self.config.name}'s connector reads the prompt with each image "
+                                    f"(text.instruction_tokenizer) but {len(missing)} of {len(items)} images came "
+                                    "without instruction ids; build prompts through Pipeline.prompt_and_media")
+        rows = [item.instruction for item, n in zip(items, crops) for _ in range(n)]
+        longest = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)], mask[r, :len(row)] = row, True
+        return ids.to(self.device), mask.to(self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(

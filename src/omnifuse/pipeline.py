@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from omnifuse.planner.costs import (
 from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.prompt import PromptLayout
-from omnifuse.processing.text import Tokenizer, load_tokenizer
+from omnifuse.processing.text import InstructionTokenizer, Tokenizer, load_instruction_tokenizer, load_tokenizer
 
 __all__ = ["GenerationResult", "Pipeline"]
 
@@ -50,11 +51,21 @@ class GenerationResult:
 
 class Pipeline:
     def __init__(self, model: MultimodalModel, tokenizer: Tokenizer,
-                 stop_token_ids: tuple[int, ...] | None = None) -> None:
+                 stop_token_ids: tuple[int, ...] | None = None,
+                 instruction_tokenizer: InstructionTokenizer | None = None) -> None:
         """The model runs as given (its device and dtype); faster CPU kernels are explicit steps:
-        ``pack()`` and ``quantize("int8")``."""
+        ``pack()`` and ``quantize("int8")``. ``instruction_tokenizer``: the tokenizer of a connector
+        that reads the prompt with each image (InstructBLIP's Q-Former)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.instruction_tokenizer = instruction_tokenizer
+        vocab = model.config.connector.instruction_vocab_size
+        if vocab and instruction_tokenizer is None:
+            raise TokenizerError(f"{model.config.name}'s connector reads the prompt with each image: it needs its "
+                                 f"instruction tokenizer ({model.config.text.instruction_tokenizer!r})")
+        if vocab and instruction_tokenizer.vocab_size > vocab:
+            raise TokenizerError(f"the instruction tokenizer {instruction_tokenizer.path} has "
+                                 f"{instruction_tokenizer.vocab_size} tokens but the connector embeds only {vocab}")
         self.layout = PromptLayout.for_model(model.config, tokenizer)
         self.processor = model.image_processor
         for modality, token_id in model.placeholder_ids.items():  # the model's ids are the tokenizer's
@@ -88,7 +99,8 @@ class Pipeline:
             model, stops = load_hf_model(folder, device=device)
         else:
             model = load_checkpoint(folder, device=device)
-        return cls(model.to(dtype=dtype), load_tokenizer(model.config.text, folder), stops)
+        text = model.config.text
+        return cls(model.to(dtype=dtype), load_tokenizer(text, folder), stops, load_instruction_tokenizer(text, folder))
 
     # ------------------------------------------------------------------ faster kernels (explicit)
     def pack(self) -> Pipeline:
@@ -127,7 +139,23 @@ class Pipeline:
         modality (``{"image": [...], "audio": [...]}``): the k-th placeholder of a modality is its
         k-th item; a modality without placeholders in the prompt goes in front."""
         ids, order = self.layout.encode_with_order(prompt, media, chat)
-        return ids, [media[m][k] for m, k in order]
+        items = [media[m][k] for m, k in order]
+        if self.instruction_tokenizer is not None and items:
+            items = [self._with_instruction(item, prompt) for item in items]
+        return ids, items
+
+    def _with_instruction(self, item, prompt: str):
+        """The image with the prompt in its connector's vocabulary: the text as the user gave it, the
+        image placeholders left out (InstructBLIP's processor hands its Q-Former the text it was given,
+        which holds none: it puts the image tokens in front itself)."""
+        if item.modality != "image":
+            return item
+        text = " ".join(prompt.replace(self.layout.image_token, " ").split())
+        ids = self.instruction_tokenizer.encode(text)
+        most = self.model.config.connector.instruction_positions
+        if len(ids) > most:
+            raise RequestError(f"the prompt is {len(ids)} tokens in the Q-Former's vocabulary; it reads at most {most}")
+        return dataclasses.replace(item, instruction=torch.tensor(ids, dtype=torch.long))
 
     def process(self, modality: str, sources: Sequence, **options) -> list:
         """Media items of ``modality`` from sources (paths, bytes, PIL images, (samples, rate) audio;

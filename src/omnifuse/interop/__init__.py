@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omnifuse.checkpoint import CheckpointError
+from omnifuse.interop.blip2 import blip2_config, load_blip2
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.idefics3 import idefics3_config, load_idefics3
 from omnifuse.interop.llama import llama_config, load_llama
@@ -15,8 +16,17 @@ from omnifuse.interop.qwen2_audio import load_qwen2_audio, qwen2_audio_config
 
 __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model", "read_any_config"]
 
-ARCHITECTURES = {"idefics3": load_idefics3, "llama": load_llama, "llava": load_llava, "llava_next_video": load_llava_next_video,
-                 "mllama": load_mllama, "qwen2_audio": load_qwen2_audio, "smolvlm": load_idefics3}
+ARCHITECTURES = {
+    "blip-2": load_blip2,
+    "idefics3": load_idefics3,
+    "instructblip": load_blip2,
+    "llama": load_llama,
+    "llava": load_llava,
+    "llava_next_video": load_llava_next_video,
+    "mllama": load_mllama,
+    "qwen2_audio": load_qwen2_audio,
+    "smolvlm": load_idefics3,
+}
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:
@@ -26,9 +36,17 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
         return False
 
 
-CONFIG_READERS = {"idefics3": idefics3_config, "llama": llama_config, "llava": llava_config, "llava_next_video": llava_next_video_config,
-                  "mllama": mllama_config, "qwen2_audio": qwen2_audio_config,
-                  "smolvlm": idefics3_config}
+CONFIG_READERS = {
+    "blip-2": blip2_config,
+    "idefics3": idefics3_config,
+    "instructblip": blip2_config,
+    "llama": llama_config,
+    "llava": llava_config,
+    "llava_next_video": llava_next_video_config,
+    "mllama": mllama_config,
+    "qwen2_audio": qwen2_audio_config,
+    "smolvlm": idefics3_config,
+}
 
 
 def _check_supported(folder: Path, hf: dict) -> str:

@@ -2,7 +2,9 @@
 
 A key map is a list of ``(pattern, replacement)`` regexes applied to normalised checkpoint keys;
 a replacement of ``None`` marks a tensor the model knowingly does not use (e.g. CLIP's pooled-output
-norm when LLaVA reads an inner layer). Tensors are read one at a time from memory-mapped files and
+norm when LLaVA reads an inner layer). Two replacements transform the tensor on the way: ``Split``
+cuts one checkpoint tensor into several model tensors (a fused q/k/v projection), ``Reshaped``
+gives it the model tensor's shape (BLIP's ``(1, 1, D)`` class embedding). Tensors are read one at a time from memory-mapped files and
 copied into a model built on the meta device, so a checkpoint is never held twice.
 """
 
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, 
 
 __all__ = [
     "KeyMap",
+    "Reshaped",
+    "Split",
     "build_on_meta",
     "check_pixel_steps",
     "iter_safetensors",
@@ -32,7 +37,26 @@ __all__ = [
     "rope_settings",
 ]
 
-KeyMap = list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A checkpoint tensor that fills ``targets`` in order, cut into equal chunks along dim 0
+    (BLIP's fused ``qkv`` projection -> q, k and v). Targets are regex replacement templates."""
+
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """A checkpoint tensor copied into ``target`` with the model tensor's shape: the same elements
+    in the same order, only leading or trailing singleton axes differ."""
+
+    target: str
+
+
+KeyMap = list[tuple[str, "str | Split | Reshaped | None"]]
+Piece = Callable[[torch.Tensor], torch.Tensor]  # the part of a checkpoint tensor one model tensor takes
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -76,55 +100,97 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
                 yield key, f
 
 
-def _map_key(key: str, key_map: KeyMap) -> tuple[bool, str | None]:
+def _map_key(key: str, key_map: KeyMap) -> tuple[bool, list[tuple[str, Any]] | None]:
+    """(whether the map knows ``key``, the (model key, replacement) pairs it fills or None when unused)."""
     for pattern, repl in key_map:
         m = re.fullmatch(pattern, key)
-        if m:
-            return True, (m.expand(repl) if repl is not None else None)
+        if not m:
+            continue
+        if repl is None:
+            return True, None
+        if isinstance(repl, Split):
+            return True, [(m.expand(t), repl) for t in repl.targets]
+        return True, [(m.expand(repl.target if isinstance(repl, Reshaped) else repl), repl)]
     return False, None
 
 
+def _pieces(shape: tuple[int, ...], repl: Any, targets: list[tuple[str, Any]],
+            own: dict[str, torch.Tensor]) -> tuple[list[tuple[str, Piece]], list[str]]:
+    """(model key, how to cut its part of the checkpoint tensor) for each target, and the shape
+    mismatches as messages."""
+    if isinstance(repl, Split):
+        n = len(targets)
+        if shape[0] % n:
+            return [], [f"file {shape} does not split into {n} equal parts along dim 0"]
+        step = shape[0] // n
+        part = (step, *shape[1:])
+        out, bad = [], []
+        for i, (name, _) in enumerate(targets):
+            if part != tuple(own[name].shape):
+                bad.append(f"-> {name}: part {part} vs model {tuple(own[name].shape)}")
+            out.append((name, lambda t, i=i: t[i * step:(i + 1) * step]))
+        return out, bad
+    name = targets[0][0]
+    want = tuple(own[name].shape)
+    if isinstance(repl, Reshaped):
+        if math.prod(shape) != math.prod(want) or [d for d in shape if d != 1] != [d for d in want if d != 1]:
+            return [], [f"file {shape} vs model {want}"]
+        return [(name, lambda t: t.reshape(want))], []
+    if shape != want:
+        return [], [f"file {shape} vs model {want}"]
+    return [(name, lambda t: t)], []
+
+
 def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, normalise=lambda k: k,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
+                device: str | torch.device = "cpu", zero_if_absent: str | None = None) -> torch.nn.Module:
     """Fill ``model``, built on the meta device, from the folder's safetensors through ``key_map``.
 
     Every key and shape is checked against the safetensors headers before anything is allocated:
     ``CheckpointError`` names every checkpoint key the map does not know, every model tensor
     nothing fills (missing) and every shape mismatch, so a config that does not describe the
     weights costs nothing. Then the model is allocated (if it fits in memory) and filled one
-    tensor at a time. Returns the filled model.
+    tensor at a time. ``zero_if_absent``: a regex of model keys that are zero when the file leaves
+    them out (a bias an older layout of the family fixed at zero). Returns the filled model.
     """
     from omnifuse.checkpoint import materialize
 
     folder = Path(folder)
     files = weight_files(folder)
     own = model.state_dict(keep_vars=True)
-    plan: dict[str, str] = {}  # checkpoint key -> model key
+    plan: dict[str, list[tuple[str, Piece]]] = {}  # checkpoint key -> (model key, its part)
     unexpected, shapes = [], []
     present: set[str] = set()  # model keys the files hold, well shaped or not
     in_file = 0
     for key, handle in iter_safetensors(files):
-        in_file += math.prod(handle.get_slice(key).get_shape())
-        known, target = _map_key(normalise(key), key_map)
+        shape = tuple(handle.get_slice(key).get_shape())
+        in_file += math.prod(shape)
+        known, targets = _map_key(normalise(key), key_map)
         if not known:
             unexpected.append(key)
-        elif target is None:
+            continue
+        if targets is None:
             continue  # deliberately unused
-        elif target not in own:
-            unexpected.append(f"{key} (-> {target})")
-        elif tuple(handle.get_slice(key).get_shape()) != tuple(own[target].shape):
-            shapes.append(f"{key}: file {tuple(handle.get_slice(key).get_shape())} vs model {tuple(own[target].shape)}")
-            present.add(target)
+        absent = [name for name, _ in targets if name not in own]
+        if absent:
+            unexpected.append(f"{key} (-> {', '.join(absent)})")
+            continue
+        present.update(name for name, _ in targets)
+        pieces, bad = _pieces(shape, targets[0][1], targets, own)
+        if bad:
+            shapes += [f"{key}: {b}" for b in bad]
         else:
-            plan[key] = target
-            present.add(target)
-    raise_if_mismatched(str(folder), missing_keys(own, present), unexpected, shapes, (parameter_count(own), in_file))
+            plan[key] = pieces
+    zeroed = [k for k in missing_keys(own, present) if zero_if_absent and re.fullmatch(zero_if_absent, k)]
+    raise_if_mismatched(str(folder), missing_keys(own, present | set(zeroed)), unexpected, shapes,
+                        (parameter_count(own), in_file))
     model = materialize(model, device, f"the model in {folder}")
     own = model.state_dict(keep_vars=True)
     with torch.no_grad():
+        for name in zeroed:
+            own[name].data.zero_()
         for key, handle in iter_safetensors(files):
-            if key in plan:
-                own[plan[key]].data.copy_(handle.get_tensor(key))  # converts dtype (bf16 file -> float32 model)
+            for name, piece in plan.get(key, ()):
+                own[name].data.copy_(piece(handle.get_tensor(key)))  # converts dtype (bf16 file -> float32 model)
     return model
 
 

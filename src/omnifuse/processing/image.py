@@ -195,6 +195,9 @@ class ProcessedImage:
     features: torch.Tensor | None = None
     modality: str = "image"
     keep: torch.Tensor | None = None  # every token the encoder and connector make is the image's
+    # (L,) long: the prompt in the connector's own vocabulary, for a connector that reads it with
+    # the image (InstructBLIP's Q-Former); set by the prompt layout (Pipeline.prompt_and_media).
+    instruction: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.inputs is None:

@@ -25,6 +25,8 @@ LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``
   the whole image's run and ``<fake_token_around_image>``; a one-crop image only the last part).
   Marker text is tokenized as the reference tokenizes it inside the expanded prompt: between
   placeholder tokens, which are special, so no text around them merges with it.
+- BLIP-2's rule (``text.images_before_bos``): the leading image tokens go in front of the
+  tokenizer's bos, ``<image>...<s>text``, as its processor prepends them to the tokenized text.
 - A text-only model takes the prompt as text: ``<image>`` there is ordinary text.
 
 Media are given per modality, ``{"image": [each image], "audio": [...]}``, each item as its token
@@ -143,7 +145,8 @@ class PromptLayout:
         # Between leading images and the text of a prompt that had no placeholders: LLaVA's
         # "<image>\ntext"; Mllama's processor adds nothing ("<|image|>text").
         # Idefics3 / SmolVLM's template puts nothing between an image part and the text.
-        self.separator = "" if text.bos_after_leading_images or text.image_span else "\n"
+        # BLIP-2's processor puts the image tokens straight in front of the bos.
+        self.separator = "" if text.bos_after_leading_images or text.image_span or text.images_before_bos else "\n"
         self.image_span = IMAGE_SPANS[text.image_span] if text.image_span else None
 
     @classmethod
@@ -225,6 +228,8 @@ class PromptLayout:
             ids = self.tokenizer.encode(prompt)
         elif self.text.bos_after_leading_images:
             ids = self._bos_after_leading_images(prompt)
+        elif self.text.images_before_bos:
+            ids = self._images_before_bos(prompt)
         else:
             ids = self.tokenizer.encode(prompt)  # never doubles a bos the text already starts with
         return self.expand(ids, counts), self.media_order(ids)
@@ -261,6 +266,13 @@ class PromptLayout:
         """Ids of rendered text (a chat template's output, or a piece of it): the first piece gets the
         tokenizer's bos unless it starts with one already, later pieces none."""
         return self.tokenizer.encode(rendered, add_bos=first)
+
+    def _images_before_bos(self, prompt: str) -> list[int]:
+        # BLIP-2 / InstructBLIP's processor: the image tokens, then the text tokenized as usual (bos first).
+        rest, n_lead = prompt, 0
+        while rest.startswith(self.image_token):
+            rest, n_lead = rest[len(self.image_token):], n_lead + 1
+        return [self.image_token_id] * n_lead + self.tokenizer.encode(rest)
 
     def _bos_after_leading_images(self, prompt: str) -> list[int]:
         # Mllama's processor (build_string_from_input): leading image tokens, then bos, then text.

@@ -28,8 +28,10 @@ from omnifuse.errors import TokenizerError
 __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
+    "InstructionTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "load_instruction_tokenizer",
     "load_tokenizer",
     "with_placeholder_ids",
 ]
@@ -424,3 +426,35 @@ def with_placeholder_ids(config: ModelConfig, tokenizer: Tokenizer) -> ModelConf
     if ids == text.placeholder_ids:
         return config
     return dataclasses.replace(config, text=dataclasses.replace(text, placeholder_ids=ids))
+
+
+class InstructionTokenizer:
+    """The second tokenizer of a model whose connector reads the prompt (InstructBLIP's Q-Former, a
+    BERT WordPiece vocabulary): the prompt's ids as that tokenizer's ``tokenizer.json`` makes them,
+    its own special tokens included ("[CLS] ... [SEP]"), as transformers' processor passes them."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        if not path.is_file():
+            raise TokenizerError(f"instruction tokenizer file not found: {path} (text.instruction_tokenizer)")
+        try:
+            self._tok = RawTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"cannot read {path}: {e}") from e
+        self.path = path
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+
+def load_instruction_tokenizer(config: TextConfig, folder: str | Path | None) -> InstructionTokenizer | None:
+    """The instruction tokenizer ``config.instruction_tokenizer`` names inside ``folder`` (None when
+    the model has none)."""
+    if not config.instruction_tokenizer:
+        return None
+    if folder is None:
+        raise TokenizerError("text.instruction_tokenizer names a folder inside the checkpoint, but no checkpoint "
+                             "folder was given")
+    return InstructionTokenizer(Path(folder) / config.instruction_tokenizer / "tokenizer.json")
