@@ -342,3 +342,38 @@ def save_blip2(folder: Path, *, model_type: str = "instructblip", seed: int = 0,
                                                        qformer_tokenizer=qformer_tokenizer, num_query_tokens=queries)
     processor.save_pretrained(folder)
     return folder
+
+
+def save_idefics(folder: Path, *, seed: int = 0, heads: int = 4, layers: int = 4, interval: int = 2,
+                 qk_norms: bool = False, image_size: int = 28, patch: int = 14, latents: int = 4,
+                 perceiver_depth: int = 2, vocab: int = 300, additional: int = 2) -> Path:
+    """An IDEFICS (v1) checkpoint and its processor (IdeficsProcessor with the PIL image processor).
+    The tokenizer's ``<fake_token_around_image>`` and ``<image>`` are the extra vocabulary's first
+    rows, as in the published checkpoints."""
+    import transformers
+
+    cfg = transformers.IdeficsConfig(
+        vocab_size=vocab, additional_vocab_size=additional, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=heads, cross_layer_interval=interval, qk_layer_norms=qk_norms,
+        use_resampler=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
+        vision_config=dict(embed_dim=32, image_size=image_size, patch_size=patch, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64),
+        perceiver_config=dict(resampler_n_latents=latents, resampler_depth=perceiver_depth, resampler_n_heads=2,
+                              resampler_head_dim=8))
+    torch.manual_seed(seed)
+    model = transformers.IdeficsForVisionText2Text(cfg).eval()
+    randomise(model, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # open gates, so the images change the answer
+        for name, p in model.named_parameters():
+            if "alpha_" in name or ".ln." in name:
+                p.copy_((1 if ".ln." in name else 0) + torch.randn(p.shape, generator=g) * (0.1 if ".ln." in name else 1))
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab + additional, {"<unk>": 0, "<s>": 1, "</s>": 2,
+                                                      "<fake_token_around_image>": vocab, "<image>": vocab + 1},
+                         newlines=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = "<unk>"  # the processor always pads (to the longest prompt)
+    transformers.IdeficsProcessor(image_processor=transformers.IdeficsImageProcessorPil(image_size=image_size),
+                                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -188,8 +188,21 @@ def test_bad_connector_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="pixel_shuffle needs patch features on a grid"):
         dataclasses.replace(base, vision=dataclasses.replace(base.vision, feature_select="full"),
                             connector=ConnectorConfig(type="pixel_shuffle"))
-    with pytest.raises(ConfigError, match="connector.projection must be linear or mlp"):
+    with pytest.raises(ConfigError, match="connector.projection must be linear, mlp or none"):
         ConnectorConfig(type="pool", projection="conv")
+    with pytest.raises(ConfigError, match="projection none .* is a perceiver setting, not pool's"):
+        ConnectorConfig(type="pool", projection="none")
+    with pytest.raises(ConfigError, match="connector.head_dim is a perceiver setting, not qformer's"):
+        ConnectorConfig(type="qformer", head_dim=8)
+    perceiver = ConnectorConfig(type="perceiver", projection="none")
+    with pytest.raises(ConfigError, match="projection none .* needs cross fusion"):
+        dataclasses.replace(base, connector=perceiver)
+    cross = tiny_config("cross")
+    narrow = dataclasses.replace(cross, connector=dataclasses.replace(perceiver, hidden_size=24, num_heads=2, head_dim=5))
+    assert narrow.media_width == 24  # the cross-attention layers project the latents from their own width
+    model = make_model(narrow)
+    assert {layer.cross_attn.k_proj.in_features for layer in model.cross_layers.values()} == {24}
+    assert model.connectors["image"](torch.randn(2, 16, 32)).shape == (2, 64, 24)  # 64 latents
     with pytest.raises(ConfigError, match="not divisible by connector.num_heads 5"):
         dataclasses.replace(base, connector=ConnectorConfig(type="qformer", num_heads=5))
     with pytest.raises(ConfigError, match="merge_tokens needs a single feature_layer"):

@@ -106,8 +106,8 @@ def test_bad_settings_of_the_diagnostic_set_and_the_collator_are_config_errors()
 def test_an_unsupported_hf_vision_config_is_a_checkpoint_error():
     from omnifuse.encoders.mllama_vision import mllama_vision_kwargs
 
-    with pytest.raises(errors.CheckpointError, match="hidden_act='relu'"):
-        mllama_vision_kwargs({"hidden_act": "relu"})
+    with pytest.raises(errors.CheckpointError, match="hidden_act='swish'"):
+        mllama_vision_kwargs({"hidden_act": "swish"})
 
 
 def test_out_of_range_intermediate_layers_are_refused_by_the_config():

@@ -183,8 +183,8 @@ def test_kwargs_from_hf_config():
 
 
 def test_kwargs_reject_unsupported_options():
-    with pytest.raises(ValueError, match="hidden_act='relu'"):
-        mllama_vision_kwargs(hf_config(hidden_act="relu").to_dict())
+    with pytest.raises(ValueError, match="hidden_act='swish'"):
+        mllama_vision_kwargs(hf_config(hidden_act="swish").to_dict())
     with pytest.raises(ValueError, match="max_num_tiles=2"):
         mllama_vision_kwargs({"max_num_tiles": 2})
     with pytest.raises(ValueError, match="image_size"):

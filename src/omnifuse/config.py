@@ -319,7 +319,10 @@ class ConnectorConfig:
       then a ``projection`` (Gemma 3).
 
     ``hidden_size`` / ``num_heads`` / ``intermediate_size``: the Q-Former's or perceiver's width
-    (0: the encoder's feature width), heads, and feed-forward width (0: 4 x width).
+    (0: the encoder's feature width), heads, and feed-forward width (0: 4 x width). The perceiver
+    also takes ``head_dim`` (0: width / heads), its feed-forward ``activation`` (gelu | relu) and
+    ``bias`` (on its feed-forward layers), and ``projection: none``: its latents are handed on at
+    its own width and the cross-attention layers project them (IDEFICS; cross fusion only).
     ``feature_norm``: the Q-Former layer-normalises the features first (off where the encoder's
     own post-norm does, BLIP-2). ``instruction_vocab_size`` > 0: the Q-Former also reads the
     prompt, tokenized by ``text.instruction_tokenizer`` into its own vocabulary of this size, at
@@ -341,6 +344,8 @@ class ConnectorConfig:
     scale_factor: int = 2
     projection: str = "linear"
     feature_norm: bool = True
+    head_dim: int = 0
+    activation: str = "gelu"
     instruction_vocab_size: int = 0
     instruction_positions: int = 512
 
@@ -356,8 +361,15 @@ class ConnectorConfig:
                f"connector.instruction_vocab_size is a Q-Former setting (InstructBLIP), not {self.type}'s")
         for name in ("num_layers", "num_heads", "cross_attention_every", "scale_factor"):
             _check(getattr(self, name) >= 1, f"connector.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.projection in ("linear", "mlp"),
-               f"connector.projection must be linear or mlp, got {self.projection!r}")
+        _check(self.projection in ("linear", "mlp", "none"),
+               f"connector.projection must be linear, mlp or none, got {self.projection!r}")
+        _check(self.projection != "none" or self.type == "perceiver",
+               f"connector.projection none (no projection to the decoder width) is a perceiver setting, not {self.type}'s")
+        _check(self.activation in ("gelu", "relu"), f"connector.activation must be gelu or relu, got {self.activation!r}")
+        _check(self.head_dim >= 0, f"connector.head_dim must be >= 0, got {self.head_dim}")
+        for name, default in (("head_dim", 0), ("activation", "gelu")):
+            _check(getattr(self, name) == default or self.type == "perceiver",
+                   f"connector.{name} is a perceiver setting, not {self.type}'s")
 
     @property
     def output_tokens(self) -> int:
@@ -378,20 +390,25 @@ class FusionConfig:
     cross_attention_layers: tuple[int, ...] = ()
     cross_attention_every: int = 0
     # Which images a text token reads: "preceding" = every image whose placeholder is at or before
-    # it; "latest" = only the most recent placeholder group (Llama 3.2 Vision's processor).
+    # it; "latest" = only the most recent placeholder group (Llama 3.2 Vision's processor);
+    # "latest_image" = only the most recent image, even right after another (IDEFICS's processor).
     cross_attention_span: str = "preceding"
     # Tokens that see no image: "skip" = the cross-attention block adds nothing; "attend_all" = the
-    # Llama 3.2 Vision reference: attention over all media is still added, only the MLP is zeroed.
+    # Llama 3.2 Vision reference: attention over all media is still added, only the MLP is zeroed;
+    # "skip_attention" = the IDEFICS reference: the attention adds nothing, the gated MLP still runs.
     text_before_media: str = "skip"
+    # RMSNorm on each head's queries and keys in the cross-attention blocks (Llama 3.2 Vision; off
+    # in IDEFICS-9B).
+    cross_attention_qk_norm: bool = True
 
     def __post_init__(self) -> None:
         from omnifuse.fusion.strategy import FUSIONS
 
         _check(self.type in FUSIONS, f"fusion.type must be one of {', '.join(FUSIONS)}, got {self.type!r}")
-        _check(self.cross_attention_span in ("preceding", "latest"),
-               f"fusion.cross_attention_span must be preceding or latest, got {self.cross_attention_span!r}")
-        _check(self.text_before_media in ("skip", "attend_all"),
-               f"fusion.text_before_media must be skip or attend_all, got {self.text_before_media!r}")
+        _check(self.cross_attention_span in ("preceding", "latest", "latest_image"),
+               f"fusion.cross_attention_span must be preceding, latest or latest_image, got {self.cross_attention_span!r}")
+        _check(self.text_before_media in ("skip", "attend_all", "skip_attention"),
+               f"fusion.text_before_media must be skip, attend_all or skip_attention, got {self.text_before_media!r}")
         _set(self, "cross_attention_layers", tuple(int(i) for i in self.cross_attention_layers))
         _check(self.cross_attention_every >= 0, "fusion.cross_attention_every must be >= 0")
         if not FUSIONS[self.type].in_sequence:
@@ -509,7 +526,8 @@ class TextConfig:
     # Mllama's processor: a prompt without bos gets one after its leading image tokens.
     bos_after_leading_images: bool = False
     # Marker tokens around each image's crops ("" none; "idefics3": Idefics3 / SmolVLM's tile and
-    # global-image markers; processing/prompt.py).
+    # global-image markers; "idefics": IDEFICS's <fake_token_around_image> on both sides, one shared
+    # between adjacent images; processing/prompt.py).
     image_span: str = ""
     # BLIP-2 / InstructBLIP's processor: the image tokens of a prompt without placeholders go in
     # front of the tokenizer's bos ("<image>...<image><s>text").
@@ -520,7 +538,8 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
-        _check(self.image_span in ("", "idefics3"), f"text.image_span must be '' or idefics3, got {self.image_span!r}")
+        _check(self.image_span in ("", "idefics3", "idefics"),
+               f"text.image_span must be '', idefics3 or idefics, got {self.image_span!r}")
         for name, kind in (("placeholder_tokens", str), ("placeholder_ids", int)):
             value = getattr(self, name)
             _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, kind)
@@ -601,6 +620,12 @@ class ModelConfig:
         if not self.modalities:
             _check(not self.fusion.resolved_layers(self.decoder.num_layers),
                    "a text-only model (no vision, no audio) has no fusion layers; use fusion.type early")
+        if self.connector.projection == "none":
+            from omnifuse.fusion.strategy import FUSIONS
+
+            _check(not FUSIONS[self.fusion.type].in_sequence and self.modalities == ("image",),
+                   "connector.projection none hands on tokens narrower or wider than the decoder: it needs cross "
+                   "fusion (whose layers project them) and images as the only media")
         if self.vision is None:
             return
         if self.image.mode in ("fixed", "tiles", "split"):
@@ -613,7 +638,7 @@ class ModelConfig:
         if not CONNECTORS[c.type].preserves_tokens:
             _check(self.vision.type == "vit", f"connector.type {c.type} needs a vit encoder (the tiled mllama "
                                               "encoder's features go through a linear connector)")
-            if c.type in ("qformer", "perceiver"):
+            if c.type in ("qformer", "perceiver") and not c.head_dim:
                 width = c.hidden_size or self.vision.feature_dim
                 _check(width % c.num_heads == 0, f"connector width {width} is not divisible by "
                                                  f"connector.num_heads {c.num_heads}")
@@ -668,6 +693,15 @@ class ModelConfig:
         pattern, cross = self.decoder.layer_pattern, set(self.cross_layers)
         return tuple(dataclasses.replace(pattern[i % len(pattern)], cross_attention=i in cross)
                      for i in range(self.decoder.num_layers))
+
+    @property
+    def media_width(self) -> int:
+        """The width of the media tokens the connectors hand on: the decoder's, or the perceiver's own
+        when ``connector.projection`` is none (IDEFICS: the cross-attention layers project it)."""
+        c = self.connector
+        if c.projection == "none" and self.vision is not None:
+            return c.hidden_size or self.vision.feature_dim
+        return self.decoder.hidden_size
 
     @property
     def final_cross_attention(self) -> bool:

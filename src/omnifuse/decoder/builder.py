@@ -53,7 +53,10 @@ def build_decoder(config: ModelConfig) -> TextDecoder:
     cross_at = [i for i, s in enumerate(specs) if s.cross_attention]
     if config.final_cross_attention:
         cross_at.append(d.num_layers)
+    blind = config.fusion.text_before_media
     cross = {i: CrossAttentionLayer(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size,
-                                    d.norm_eps, zero_blind_attention=config.fusion.text_before_media == "skip")
+                                    d.norm_eps, qk_norm=config.fusion.cross_attention_qk_norm,
+                                    zero_blind_attention=blind in ("skip", "skip_attention"),
+                                    zero_blind_mlp=blind != "skip_attention", kv_dim=config.media_width)
              for i in cross_at}
     return TextDecoder(d, [build_layer(d, s) for s in specs], cross)

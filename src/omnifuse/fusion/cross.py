@@ -92,12 +92,17 @@ class CrossAttentionLayer(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
-                 eps: float = 1e-5, qk_norm: bool = True, zero_blind_attention: bool = True) -> None:
+                 eps: float = 1e-5, qk_norm: bool = True, zero_blind_attention: bool = True,
+                 zero_blind_mlp: bool = True, kv_dim: int | None = None) -> None:
+        """``kv_dim``: the media tokens' width when it is not ``dim`` (IDEFICS's perceiver output)."""
         super().__init__()
-        # False reproduces Llama 3.2 Vision: tokens that see no image still add their attention output.
+        # Tokens that see no image: zero_blind_attention False reproduces Llama 3.2 Vision (they still
+        # add their attention output), zero_blind_mlp False IDEFICS (they still add the gated MLP's).
         self.zero_blind_attention = zero_blind_attention
+        self.zero_blind_mlp = zero_blind_mlp
         self.input_layernorm = RMSNorm(dim, eps)
-        self.cross_attn = Attention(dim, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm, norm_eps=eps)
+        self.cross_attn = Attention(dim, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm, norm_eps=eps,
+                                    kv_dim=kv_dim)
         self.attn_gate = TanhGate()
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
@@ -108,4 +113,5 @@ class CrossAttentionLayer(nn.Module):
         # x: (B, T, D); kv: (B, Hkv, M, Dh); mask: (B, 1, T, M); row_visible: (B, T, 1)
         attn = self.cross_attn(self.input_layernorm(x), kv=kv, mask=mask)
         x = x + self.attn_gate(attn * row_visible if self.zero_blind_attention else attn)
-        return x + self.mlp_gate(self.mlp(self.post_attention_layernorm(x)) * row_visible)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp_gate(mlp * row_visible if self.zero_blind_mlp else mlp)

@@ -113,7 +113,7 @@ class CrossFusion(Fusion):
             if n != len(feats):
                 raise FeatureCountError(f"row {row}: the prompt has {n} image placeholder tokens but "
                                         f"{len(feats)} images were given")
-        mem = build_memory(features, x.shape[-1], dtype, input_ids.device, attendable)
+        mem = build_memory(features, model.config.media_width, dtype, input_ids.device, attendable)
         visible = visible_images(placeholders, max(len(r) for r in features), self.config.cross_attention_span)
         mask, row_visible = cross_attention_mask(visible, mem.image_index, mem.real,
                                                  attend_all_when_blind=self.config.text_before_media == "attend_all")

@@ -7,6 +7,7 @@ from pathlib import Path
 from omnifuse.checkpoint import CheckpointError
 from omnifuse.interop.blip2 import blip2_config, load_blip2
 from omnifuse.interop.hf import read_hf_config, stop_token_ids
+from omnifuse.interop.idefics import idefics_config, load_idefics
 from omnifuse.interop.idefics3 import idefics3_config, load_idefics3
 from omnifuse.interop.llama import llama_config, load_llama
 from omnifuse.interop.llava import llava_config, load_llava
@@ -18,6 +19,7 @@ __all__ = ["ARCHITECTURES", "is_hf_checkpoint", "load_any_model", "load_hf_model
 
 ARCHITECTURES = {
     "blip-2": load_blip2,
+    "idefics": load_idefics,
     "idefics3": load_idefics3,
     "instructblip": load_blip2,
     "llama": load_llama,
@@ -38,6 +40,7 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
 
 CONFIG_READERS = {
     "blip-2": blip2_config,
+    "idefics": idefics_config,
     "idefics3": idefics3_config,
     "instructblip": blip2_config,
     "llama": llama_config,

@@ -2,10 +2,12 @@
 
 A key map is a list of ``(pattern, replacement)`` regexes applied to normalised checkpoint keys;
 a replacement of ``None`` marks a tensor the model knowingly does not use (e.g. CLIP's pooled-output
-norm when LLaVA reads an inner layer). Two replacements transform the tensor on the way: ``Split``
+norm when LLaVA reads an inner layer). Three replacements transform the tensor on the way: ``Split``
 cuts one checkpoint tensor into several model tensors (a fused q/k/v projection), ``Reshaped``
-gives it the model tensor's shape (BLIP's ``(1, 1, D)`` class embedding). Tensors are read one at a time from memory-mapped files and
-copied into a model built on the meta device, so a checkpoint is never held twice.
+gives it the model tensor's shape (BLIP's ``(1, 1, D)`` class embedding), ``Rows`` puts several
+checkpoint tensors into one model tensor (IDEFICS's extra vocabulary rows). Tensors are read one at
+a time from memory-mapped files and copied into a model built on the meta device, so a checkpoint is
+never held twice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, 
 __all__ = [
     "KeyMap",
     "Reshaped",
+    "Rows",
     "Split",
     "build_on_meta",
     "check_pixel_steps",
@@ -55,8 +58,19 @@ class Reshaped:
     target: str
 
 
-KeyMap = list[tuple[str, "str | Split | Reshaped | None"]]
+@dataclass(frozen=True)
+class Rows:
+    """A checkpoint tensor that fills ``target``'s rows from ``start`` on (dim 0): two checkpoint
+    tensors that are one model tensor (IDEFICS's ``additional_embedding`` after ``embed_tokens``).
+    Every row of the target must be filled exactly once."""
+
+    target: str
+    start: int
+
+
+KeyMap = list[tuple[str, "str | Split | Reshaped | Rows | None"]]
 Piece = Callable[[torch.Tensor], torch.Tensor]  # the part of a checkpoint tensor one model tensor takes
+Fill = tuple[str, Piece, "slice | None"]  # (model key, its part of the checkpoint tensor, the rows it fills)
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -110,14 +124,13 @@ def _map_key(key: str, key_map: KeyMap) -> tuple[bool, list[tuple[str, Any]] | N
             return True, None
         if isinstance(repl, Split):
             return True, [(m.expand(t), repl) for t in repl.targets]
-        return True, [(m.expand(repl.target if isinstance(repl, Reshaped) else repl), repl)]
+        return True, [(m.expand(repl if isinstance(repl, str) else repl.target), repl)]
     return False, None
 
 
 def _pieces(shape: tuple[int, ...], repl: Any, targets: list[tuple[str, Any]],
-            own: dict[str, torch.Tensor]) -> tuple[list[tuple[str, Piece]], list[str]]:
-    """(model key, how to cut its part of the checkpoint tensor) for each target, and the shape
-    mismatches as messages."""
+            own: dict[str, torch.Tensor]) -> tuple[list[Fill], list[str]]:
+    """What each target takes from the checkpoint tensor, and the shape mismatches as messages."""
     if isinstance(repl, Split):
         n = len(targets)
         if shape[0] % n:
@@ -128,17 +141,36 @@ def _pieces(shape: tuple[int, ...], repl: Any, targets: list[tuple[str, Any]],
         for i, (name, _) in enumerate(targets):
             if part != tuple(own[name].shape):
                 bad.append(f"-> {name}: part {part} vs model {tuple(own[name].shape)}")
-            out.append((name, lambda t, i=i: t[i * step:(i + 1) * step]))
+            out.append((name, lambda t, i=i: t[i * step:(i + 1) * step], None))
         return out, bad
     name = targets[0][0]
     want = tuple(own[name].shape)
+    if isinstance(repl, Rows):
+        rows = slice(repl.start, repl.start + shape[0])
+        if shape[1:] != want[1:] or rows.stop > want[0]:
+            return [], [f"file {shape} as rows {rows.start}..{rows.stop - 1} of model {want}"]
+        return [(name, lambda t: t, rows)], []
     if isinstance(repl, Reshaped):
         if math.prod(shape) != math.prod(want) or [d for d in shape if d != 1] != [d for d in want if d != 1]:
             return [], [f"file {shape} vs model {want}"]
-        return [(name, lambda t: t.reshape(want))], []
+        return [(name, lambda t: t.reshape(want), None)], []
     if shape != want:
         return [], [f"file {shape} vs model {want}"]
-    return [(name, lambda t: t)], []
+    return [(name, lambda t: t, None)], []
+
+
+def _row_gaps(plan: dict[str, list[Fill]], own: dict[str, torch.Tensor]) -> list[str]:
+    """Model tensors filled by rows whose rows are not each filled exactly once, as messages."""
+    covered: dict[str, list[int]] = {}
+    for fills in plan.values():
+        for name, _, rows in fills:
+            if rows is not None:
+                covered.setdefault(name, [0] * own[name].shape[0])
+                for r in range(rows.start, rows.stop):
+                    covered[name][r] += 1
+    return [f"{name}: of its {len(counts)} rows, {counts.count(0)} are in no file tensor and "
+            f"{sum(c > 1 for c in counts)} in more than one" for name, counts in covered.items()
+            if any(c != 1 for c in counts)]
 
 
 def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, normalise=lambda k: k,
@@ -157,7 +189,7 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
     folder = Path(folder)
     files = weight_files(folder)
     own = model.state_dict(keep_vars=True)
-    plan: dict[str, list[tuple[str, Piece]]] = {}  # checkpoint key -> (model key, its part)
+    plan: dict[str, list[Fill]] = {}  # checkpoint key -> what it fills
     unexpected, shapes = [], []
     present: set[str] = set()  # model keys the files hold, well shaped or not
     in_file = 0
@@ -180,6 +212,7 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
             shapes += [f"{key}: {b}" for b in bad]
         else:
             plan[key] = pieces
+    shapes += _row_gaps(plan, own)
     zeroed = [k for k in missing_keys(own, present) if zero_if_absent and re.fullmatch(zero_if_absent, k)]
     raise_if_mismatched(str(folder), missing_keys(own, present | set(zeroed)), unexpected, shapes,
                         (parameter_count(own), in_file))
@@ -189,8 +222,9 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
         for name in zeroed:
             own[name].data.zero_()
         for key, handle in iter_safetensors(files):
-            for name, piece in plan.get(key, ()):
-                own[name].data.copy_(piece(handle.get_tensor(key)))  # converts dtype (bf16 file -> float32 model)
+            for name, piece, rows in plan.get(key, ()):
+                target = own[name].data if rows is None else own[name].data[rows]
+                target.copy_(piece(handle.get_tensor(key)))  # converts dtype (bf16 file -> float32 model)
     return model
 
 
@@ -344,6 +378,17 @@ def placeholder_text(folder: Path, token_id: int, default: str = "<image>") -> s
             if i == token_id:
                 return text
     return default
+
+
+def token_id_of(folder: Path, text: str) -> int | None:
+    """The id of the token ``text`` in the folder's tokenizer.json (an added token or a vocabulary
+    entry), or None."""
+    tok = read_json_if_present(folder / "tokenizer.json")
+    for added in tok.get("added_tokens", []):
+        if added.get("content") == text:
+            return int(added["id"])
+    vocab = tok.get("model", {}).get("vocab", {})
+    return int(vocab[text]) if isinstance(vocab, dict) and text in vocab else None
 
 
 # transformers' Idefics3VisionConfig defaults (SigLIP), for keys a saved config leaves out.

@@ -92,12 +92,15 @@ def visible_images(placeholders: torch.Tensor, num_images: int, span: str = "pre
 
     ``preceding``: image i is visible from its placeholder on. ``latest``: only the most recent
     placeholder group (consecutive placeholders form one group), as Llama 3.2 Vision's processor
-    builds its cross-attention mask.
+    builds its cross-attention mask. ``latest_image``: only the most recent image (IDEFICS's
+    processor: a token reads the image whose placeholder is the last at or before it).
     """
     b, t = placeholders.shape
     seen = placeholders.long().cumsum(1)  # (B, T) images whose placeholder is at or before each token
     image = torch.arange(num_images, device=placeholders.device)
     visible = image[None, None, :] < seen[:, :, None]  # (B, T, N)
+    if span == "latest_image":
+        return image[None, None, :] == seen[:, :, None] - 1
     if span == "latest" and num_images:
         # A group starts at a placeholder not preceded by one; tokens see images of their latest group.
         starts = placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]

@@ -26,16 +26,16 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")  # SigLIP's gelu_pytorch_tanh
 
 
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "relu": F.relu}
 
 
 class ViTMLP(nn.Module):
     """Two-layer ViT FFN: fc2(act(fc1(x)))."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu") -> None:
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

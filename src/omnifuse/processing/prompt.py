@@ -25,6 +25,10 @@ LLaVA-format reader's checks (``training/llava_data.py``) and ``plan --measure``
   the whole image's run and ``<fake_token_around_image>``; a one-crop image only the last part).
   Marker text is tokenized as the reference tokenizes it inside the expanded prompt: between
   placeholder tokens, which are special, so no text around them merges with it.
+- IDEFICS's rule (``text.image_span: idefics``, for its cross-attention placeholders): the text
+  around each ``<image>`` loses its surrounding spaces and each image is framed by
+  ``<fake_token_around_image>``, one shared between adjacent images
+  (``<fake><image><fake><image><fake>``), as ``IdeficsProcessor`` joins a list of texts and images.
 - BLIP-2's rule (``text.images_before_bos``): the leading image tokens go in front of the
   tokenizer's bos, ``<image>...<s>text``, as its processor prepends them to the tokenized text.
 - A text-only model takes the prompt as text: ``<image>`` there is ordinary text.
@@ -97,7 +101,10 @@ IMAGE_SPANS = {"idefics3": _idefics3_span}
 
 def span_marker_tokens(rule: str, shape: MediaShape) -> int:
     """Marker tokens the span rule ``rule`` puts around an item, without a tokenizer (the planner):
-    each ``<tag>`` and each run of newlines one token, as Idefics3's and SmolVLM's tokenizers have them."""
+    each ``<tag>`` and each run of newlines one token, as Idefics3's and SmolVLM's tokenizers have them;
+    IDEFICS's two ``<fake_token_around_image>`` (one when it follows another image directly)."""
+    if rule == "idefics":
+        return 2
     return sum(len(re.findall(r"<[^<>]+>|\n+", piece)) for piece in IMAGE_SPANS[rule](shape) if isinstance(piece, str))
 
 
@@ -147,7 +154,8 @@ class PromptLayout:
         # Idefics3 / SmolVLM's template puts nothing between an image part and the text.
         # BLIP-2's processor puts the image tokens straight in front of the bos.
         self.separator = "" if text.bos_after_leading_images or text.image_span or text.images_before_bos else "\n"
-        self.image_span = IMAGE_SPANS[text.image_span] if text.image_span else None
+        self.frames_text = text.image_span == "idefics"
+        self.image_span = IMAGE_SPANS.get(text.image_span)  # an id-level rule (idefics3); IDEFICS's is text
 
     @classmethod
     def for_model(cls, config: ModelConfig, tokenizer: Tokenizer) -> PromptLayout:
@@ -224,6 +232,8 @@ class PromptLayout:
         prompt = self.place_media(prompt, {m: len(c) for m, c in counts.items()})  # errors name "the prompt"
         if chat:
             return self.encode_conversation_with_order([{"role": "user", "content": prompt}], counts)
+        if self.frames_text:
+            prompt = self._idefics_frames(prompt)
         if not self.has_media:
             ids = self.tokenizer.encode(prompt)
         elif self.text.bos_after_leading_images:
@@ -245,7 +255,8 @@ class PromptLayout:
         """(ids as ``encode_conversation``, the media in prompt order as ``encode_with_order``)."""
         counts = _counts(media)
         messages = self.place_media_in_messages(messages, {m: len(c) for m, c in counts.items()})
-        ids = self.tokenize(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenize(self._idefics_frames(rendered) if self.frames_text else rendered)
         return self.expand(ids, counts), self.media_order(ids)
 
     def media_order(self, ids: Sequence[int]) -> list[tuple[str, int]]:
@@ -266,6 +277,18 @@ class PromptLayout:
         """Ids of rendered text (a chat template's output, or a piece of it): the first piece gets the
         tokenizer's bos unless it starts with one already, later pieces none."""
         return self.tokenizer.encode(rendered, add_bos=first)
+
+    def _idefics_frames(self, prompt: str) -> str:
+        # IdeficsProcessor over [text, image, text, ...]: each text stripped of spaces, each image
+        # <fake><image><fake>, or <image><fake> right after another image.
+        token, fake = self.image_token, FAKE_IMAGE_TOKEN
+        pieces = prompt.split(token)
+        out, after_image = pieces[0].strip(" "), False
+        for piece in pieces[1:]:
+            out += token + fake if after_image else fake + token + fake
+            out += piece.strip(" ")
+            after_image = not piece.strip(" ")
+        return out
 
     def _images_before_bos(self, prompt: str) -> list[int]:
         # BLIP-2 / InstructBLIP's processor: the image tokens, then the text tokenized as usual (bos first).
