@@ -158,3 +158,17 @@ def test_a_missing_part_of_the_extra_vocabulary_is_named(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="decoder.lm_head.weight: of its 302 rows, 2 are in no file tensor"):
         Pipeline.from_checkpoint(folder)
+
+
+def test_the_planner_prices_the_checkpoint_as_built(tmp_path):
+    # The perceiver's own head size, its missing projection and biases, and cross-attention keys
+    # and values read from the perceiver's width all change the parameter count.
+    from omnifuse.interop import read_any_config
+    from omnifuse.planner.arch import from_model_config
+    from omnifuse.planner.costs import count_parameters
+
+    config = read_any_config(save_idefics(tmp_path, seed=9, qk_norms=True))
+    predicted, built = from_model_config(config).parameters(), count_parameters(config)
+    assert predicted["connector"] == built["connector"]
+    assert predicted["decoder"] == built["decoder"] + built["cross_attention"]
+    assert predicted["total"] == pytest.approx(built["total"], rel=1e-3)  # the ViT's pre-norm left out

@@ -26,7 +26,7 @@ def _cache_dir(tmp_path, monkeypatch):
 
 # --- architecture arithmetic -----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny-early", "tiny-cross", "llava-1.5-7b"])
+@pytest.mark.parametrize("name", ["tiny-early", "tiny-cross", "tiny-flamingo", "llava-1.5-7b"])
 def test_parameter_formula_matches_the_built_model(name):
     config = get_preset(name)
     predicted = from_model_config(config).parameters()
@@ -46,6 +46,7 @@ def test_parameter_formula_matches_the_built_model(name):
     ("smolvlm-instruct", 2.25e9, None),
     ("gemma-3-27b", 27.4e9, None),
     ("blip-2", 3.74e9, None),
+    ("idefics-9b", 8.93e9, None),
 ])
 def test_published_architectures_have_their_published_sizes(name, total, active):
     params = PUBLISHED[name].parameters()
@@ -331,7 +332,9 @@ def test_prefill_flops_are_twice_the_active_weights_per_token_plus_attention(nam
     tokens = 1000
     embeddings = (d.vocab + d.extra_embeddings) * d.hidden * (1 if d.tied else 2)
     active = d.parameters() - d.inactive_parameters() - embeddings
-    cross_weights = d.cross_layers * (4 * d.hidden * d.heads * d.head_dim + 3 * d.hidden * d.intermediate)
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    cross_weights = d.cross_layers * (2 * d.hidden * q + 2 * (d.cross_kv_dim or d.hidden) * kv
+                                      + 3 * d.hidden * d.intermediate)
     flops = PUBLISHED[name].prefill_flops(tokens, [])
     windowed = d.windowed_layers
     keys = (d.layers - windowed) * tokens + windowed * min(tokens, d.window)  # per query, summed over layers

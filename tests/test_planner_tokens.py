@@ -25,7 +25,7 @@ from omnifuse.planner.tokens import (
 MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "o1", "gemini-2.0-flash", "gemini-2.5-pro",
           "claude-3.5-sonnet", "llama-3.2-11b-vision", "llama-3.2-90b-vision", "llava-1.5-7b", "llava-next-7b",
           "qwen2-vl-7b", "qwen2.5-vl-7b", "llama-4-scout", "llama-4-maverick", "idefics3-8b", "smolvlm-256m",
-          "smolvlm-instruct", "gemma-3-27b", "blip-2", "flamingo-80b"]
+          "smolvlm-instruct", "gemma-3-27b", "blip-2", "idefics-9b", "flamingo-80b"]
 
 # (width, height): tiny, thin both ways, tile boundaries +-1, photo and screen sizes, huge.
 SIZES = [(1, 1), (13, 13), (29, 57), (7, 300), (300, 7), (64, 128), (128, 64), (224, 224), (336, 336),
@@ -97,7 +97,7 @@ def test_context_windows():
 
 def test_cross_attention_models():
     assert {m for m, r in RULES.items() if r.fusion == "cross"} == {
-        "llama-3.2-11b-vision", "llama-3.2-90b-vision", "flamingo-80b"}
+        "llama-3.2-11b-vision", "llama-3.2-90b-vision", "idefics-9b", "flamingo-80b"}
 
 
 def test_module_does_not_import_torch():

@@ -106,9 +106,10 @@ class ConnectorArch:
     ``kind``: ``linear`` / ``mlp`` (on merged positions), ``pool_linear`` (average pool, then a
     linear), ``qformer`` (``queries`` learned queries, ``layers`` BERT layers of width ``hidden``,
     cross-attention every ``cross_every``-th from the first), ``perceiver`` (``queries`` latents,
-    ``layers`` layers of width ``hidden``). ``intermediate``: their feed-forward width (0: 4 x
-    hidden). ``mlp_out``: a second out x out layer after the projection (omnifuse's mlp projection
-    of pixel shuffle and pooling)."""
+    ``layers`` layers of width ``hidden``, attention ``attention`` wide (0: hidden; IDEFICS's
+    heads x head_dim), feed-forward biases ``bias``, no projection to the decoder when not
+    ``project``). ``intermediate``: their feed-forward width (0: 4 x hidden). ``mlp_out``: a second
+    out x out layer after the projection (omnifuse's mlp projection of pixel shuffle and pooling)."""
 
     kind: str  # linear | mlp | pool_linear | qformer | perceiver
     in_dim: int  # encoder channels per position (before merging)
@@ -121,6 +122,8 @@ class ConnectorArch:
     cross_every: int = 2
     intermediate: int = 0
     mlp_out: bool = False
+    attention: int = 0
+    project: bool = True
 
     @property
     def _cross_layers(self) -> int:
@@ -137,9 +140,11 @@ class ConnectorArch:
             cross = 2 * q * q + 2 * self.in_dim * q  # q, o from the queries; k, v from the image
             return self.queries * q + self.layers * layer + self._cross_layers * cross + q * self.out_dim
         if self.kind == "perceiver":
-            h, i = self.hidden, self.intermediate or 4 * self.hidden
-            proj_in = self.in_dim * h if self.in_dim != h else 0
-            return self.queries * h + proj_in + self.layers * (4 * h * h + 2 * h * i) + h * self.out_dim
+            h, i, a = self.hidden, self.intermediate or 4 * self.hidden, self.attention or self.hidden
+            proj_in = (self.in_dim + 1) * h if self.in_dim != h else 0
+            layer = 3 * 2 * h + 4 * h * a + 2 * h * i + (i + h) * self.bias  # 3 norms, attention, MLP
+            proj = (h + 1) * self.out_dim if self.project else 0
+            return self.queries * h + proj_in + self.layers * layer + 2 * h + proj
         extra = self.out_dim * self.out_dim if self.mlp_out else 0
         return d_in * self.out_dim + extra + self.out_dim * self.bias
 
@@ -158,10 +163,11 @@ class ConnectorArch:
             cross = self._cross_layers * (2 * m * 2 * q * q + 2 * e * 2 * self.in_dim * q + 4 * m * e * q)
             return crops * (self_part + cross + 2 * m * q * self.out_dim)
         if self.kind == "perceiver":
-            h, m, i = self.hidden, self.queries, self.intermediate or 4 * self.hidden
+            h, m, i, a = self.hidden, self.queries, self.intermediate or 4 * self.hidden, self.attention or self.hidden
             proj_in = 2 * e * self.in_dim * h if self.in_dim != h else 0
-            layer = 2 * m * 2 * h * h + 2 * (e + m) * 2 * h * h + 4 * m * (e + m) * h + 2 * m * 2 * h * i
-            return crops * (proj_in + self.layers * layer + 2 * m * h * self.out_dim)
+            layer = 2 * m * 2 * h * a + 2 * (e + m) * 2 * h * a + 4 * m * (e + m) * a + 2 * m * 2 * h * i
+            proj = 2 * m * h * self.out_dim if self.project else 0
+            return crops * (proj_in + self.layers * layer + proj)
         if self.kind == "pool_linear" and self.queries:  # pooled to a fixed count per crop
             tokens = crops * self.queries
         return 2 * tokens * (d_in * self.out_dim + (self.out_dim * self.out_dim if self.mlp_out else 0))
@@ -191,8 +197,12 @@ class DecoderArch:
     # ``window`` positions (Gemma 3 sliding window, Llama 4 chunked attention).
     window: int = 0
     global_every: int = 0
-    # Gated cross-attention layers (Llama 3.2 Vision), each with its own MLP of ``intermediate``.
+    # Gated cross-attention layers (Llama 3.2 Vision), each with its own MLP of ``intermediate``,
+    # keys and values projected from media states ``cross_kv_dim`` wide (0: hidden; IDEFICS: the
+    # perceiver's width), q/k RMSNorm when ``cross_qk_norm``.
     cross_layers: int = 0
+    cross_kv_dim: int = 0
+    cross_qk_norm: bool = True
 
     @property
     def moe_layers(self) -> int:
@@ -216,8 +226,10 @@ class DecoderArch:
         moe = self.moe_layers
         mlps = (self.layers - moe) * self._mlp_params(self.intermediate) + moe * (
             (self.experts + self.shared_experts) * self._mlp_params(self.expert_intermediate) + h * self.experts)
-        cross = self.cross_layers * (self._attention_params() + self._mlp_params(self.intermediate) + 2 * h
-                                     + 2 * self.head_dim + 2)  # + norms, q/k norms and the two gates
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        cross_attention = 2 * h * q + 2 * (self.cross_kv_dim or h) * kv  # q, o; k, v from the media
+        cross = self.cross_layers * (cross_attention + self._mlp_params(self.intermediate) + 2 * h
+                                     + 2 * self.head_dim * self.cross_qk_norm + 2)  # + norms, q/k norms, the two gates
         body = self.layers * (self._attention_params() + 2 * h) + mlps + cross + h
         return body + (self.vocab + self.extra_embeddings) * h + (0 if self.tied else self.vocab * h)
 
@@ -333,7 +345,7 @@ class Architecture:
         cross = 0
         if d.cross_layers and states:
             q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-            cross = d.cross_layers * (2 * states * d.hidden * 2 * kv + 2 * s * (2 * d.hidden * q)
+            cross = d.cross_layers * (2 * states * (d.cross_kv_dim or d.hidden) * 2 * kv + 2 * s * (2 * d.hidden * q)
                                       + 2 * s * d.mlp_matrices * d.hidden * d.intermediate + 4 * s * states * q)
         head = 2 * d.hidden * d.vocab
         return {"encoder": encoder, "decoder": decoder, "cross_attention": cross, "lm_head": head,
@@ -358,7 +370,8 @@ def connector_arch(config: ModelConfig) -> ConnectorArch:
     if c.type in ("qformer", "perceiver"):
         return ConnectorArch(kind=c.type, **common, hidden=c.hidden_size or v.feature_dim, queries=c.output_tokens,
                              layers=c.num_layers, cross_every=c.cross_attention_every,
-                             intermediate=c.intermediate_size)
+                             intermediate=c.intermediate_size, attention=c.num_heads * c.head_dim,
+                             project=c.projection != "none")
     if c.type == "pixel_shuffle":
         return ConnectorArch(kind="linear", **common, merge=c.scale_factor ** 2, mlp_out=c.projection == "mlp")
     if c.type == "pool":
@@ -381,7 +394,8 @@ def from_model_config(config: ModelConfig) -> Architecture:
     decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
                           tied=d.tie_embeddings, qkv_bias=d.attention_bias or d.qkv_bias, extra_embeddings=d.extra_embeddings,
-                          cross_layers=sum(s.cross_attention for s in specs) + int(config.final_cross_attention))
+                          cross_layers=sum(s.cross_attention for s in specs) + int(config.final_cross_attention),
+                          cross_kv_dim=config.media_width, cross_qk_norm=config.fusion.cross_attention_qk_norm)
     if v is None:  # a text-only model
         return Architecture(name=config.name, decoder=decoder, source=f"omnifuse config {config.name}")
     if v.type == "mllama":

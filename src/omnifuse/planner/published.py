@@ -98,4 +98,13 @@ PUBLISHED: dict[str, Architecture] = {
         connector=ConnectorArch(kind="qformer", in_dim=1408, out_dim=2560, hidden=768, queries=32, layers=12),
         source="Salesforce/blip2-opt-2.7b config.json (EVA ViT-g without its last layer; Q-Former; OPT-2.7B)",
         notes=("OPT's learned positions and biases outside attention are left out (<0.2% of parameters)",)),
+    "idefics-9b": Architecture(
+        name="idefics-9b",
+        decoder=DecoderArch(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, intermediate=11008,
+                            vocab=32002, cross_layers=8, cross_kv_dim=1280, cross_qk_norm=False),
+        encoder=EncoderArch(hidden=1280, layers=32, heads=16, intermediate=5120, patch=14, image_size=224),
+        connector=ConnectorArch(kind="perceiver", in_dim=1280, out_dim=4096, hidden=1280, queries=64, layers=6,
+                                attention=16 * 96, bias=False, project=False),
+        source="HuggingFaceM4/idefics-9b config.json (LLaMA-7B + 2 extra tokens, a gated cross-attention block "
+               "every 4th layer; CLIP ViT-H/14; perceiver of 6 layers, 16 heads of 96, at the tower's width)"),
 }

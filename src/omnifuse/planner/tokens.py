@@ -494,6 +494,16 @@ def _flamingo(width: int, height: int, options: TokenOptions) -> TokenCount:
                       note="64 Perceiver latents via cross-attention; 1 <image> marker")
 
 
+_IDEFICS_SOURCE = ("transformers models/idefics/{configuration,processing}_idefics.py; HuggingFaceM4/idefics-9b "
+                   "config.json (resampler_n_latents=64)")
+
+
+def _idefics(width: int, height: int, options: TokenOptions) -> TokenCount:
+    return TokenCount(3, cross_states_prefill=64, cross_states_decode=64,
+                      note="64 perceiver latents via cross-attention (any size); <fake_token_around_image><image>"
+                           "<fake_token_around_image> in the context (one marker fewer right after another image)")
+
+
 def _flamingo_video(seconds: float, fps: float, width: int, height: int, options: TokenOptions) -> TokenCount:
     return TokenCount(1, cross_states_prefill=64, cross_states_decode=64,
                       note="a whole video -> 64 Perceiver latents; 1 <image> marker")
@@ -537,6 +547,7 @@ RULES: dict[str, TokenRule] = {r.model: r for r in (
     _entry("smolvlm-instruct", _IDEFICS3_SOURCE, _idefics3(1536, 384, 81), 16_384),
     _entry("gemma-3-27b", _GEMMA3_SOURCE, _gemma3, 131_072),  # 128k (model card)
     _entry("blip-2", _BLIP2_SOURCE, _blip2, 2048),  # blip2-opt-2.7b: OPT max_position_embeddings 2048
+    _entry("idefics-9b", _IDEFICS_SOURCE, _idefics, 2048, fusion="cross"),  # max_position_embeddings 2048
     _entry("flamingo-80b", _FLAMINGO_SOURCE, _flamingo, None, fusion="cross", video=_flamingo_video),  # unpublished
 )}
 
