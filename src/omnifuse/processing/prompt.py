@@ -232,9 +232,9 @@ class PromptLayout:
         prompt = self.place_media(prompt, {m: len(c) for m, c in counts.items()})  # errors name "the prompt"
         if chat:
             return self.encode_conversation_with_order([{"role": "user", "content": prompt}], counts)
-        if self.frames_text:
-            prompt = self._idefics_frames(prompt)
-        if not self.has_media:
+        if self.frames_text:  # IdeficsProcessor: its bos as text, the framed prompt, no special tokens added
+            ids = self.tokenizer.encode((self.tokenizer.bos_token or "") + self._idefics_frames(prompt), add_bos=False)
+        elif not self.has_media:
             ids = self.tokenizer.encode(prompt)
         elif self.text.bos_after_leading_images:
             ids = self._bos_after_leading_images(prompt)

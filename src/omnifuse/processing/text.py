@@ -72,6 +72,11 @@ class Tokenizer:
         return token_id
 
     @property
+    def bos_token(self) -> str | None:
+        """The bos token's text (what a processor that writes it into the prompt writes)."""
+        return self._template_tokens.get("bos_token")
+
+    @property
     def image_token_id(self) -> int:
         return self.placeholder_id("image")
 
