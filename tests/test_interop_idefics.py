@@ -172,3 +172,13 @@ def test_the_planner_prices_the_checkpoint_as_built(tmp_path):
     assert predicted["connector"] == built["connector"]
     assert predicted["decoder"] == built["decoder"] + built["cross_attention"]
     assert predicted["total"] == pytest.approx(built["total"], rel=1e-3)  # the ViT's pre-norm left out
+
+
+def test_an_image_costs_its_placeholder_and_two_markers_in_the_context(tmp_path):
+    from omnifuse.planner.costs import image_cost
+
+    pipe = Pipeline.from_checkpoint(save_idefics(tmp_path, seed=10, latents=5))
+    ids, _ = pipe.prompt_and_media("<image>", {"image": pipe.process_images([S[0]])})
+    cost = image_cost(pipe.model.config, 40, 30)
+    assert cost.context_tokens == len(ids) - 1 == 3  # the bos aside
+    assert cost.cross_attention_states_prefill == cost.cross_attention_states_decode == 5

@@ -213,7 +213,7 @@ def image_cost(config: ModelConfig, width: int, height: int, processor=None) -> 
     n = processor.num_tokens(width, height)
     fusion = _fusion(config)
     context = fusion.context_tokens(n)
-    if config.text.image_span and context == n:  # early fusion: the crops' marker tokens too
+    if config.text.image_span:  # the marker tokens around the image's tokens (or its one cross-attention placeholder)
         from omnifuse.processing.prompt import MediaShape, span_marker_tokens
 
         context += span_marker_tokens(config.text.image_span, MediaShape(n, canvas))
