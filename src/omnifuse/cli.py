@@ -1,4 +1,4 @@
-"""The ``omnifuse`` command line: generate, info, train, arena, plan, demo."""
+"""The ``omnifuse`` command line: generate, info, train, arena, plan, serve, demo."""
 
 from __future__ import annotations
 
@@ -117,6 +117,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
             media = f"{result.prompt_tokens} prompt tokens"
         print(f"[{len(result.tokens)} tokens, {media}, KV cache {result.kv_cache_bytes:,} bytes, "
               f"{elapsed:.2f} s, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from omnifuse.config import ConfigError
+    from omnifuse.serving.app import ServeSettings, create_app
+    from omnifuse.serving.media import MediaLimits
+
+    args.merge_tokens = 0
+    root = Path(args.media_root) if args.media_root else None
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"--media-root {args.media_root}: not a folder")
+    for name in ("max_batch", "max_queue", "max_media", "max_image_pixels", "max_video_frames"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    pipe = _pipeline(args)
+    name = args.served_model_name or args.preset or Path(args.checkpoint).resolve().name
+    mib = 1 << 20
+    settings = ServeSettings(
+        model_name=name, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+        kv_cache_bytes=int(args.kv_cache_mb * mib) if args.kv_cache_mb else None,
+        encoder_cache_bytes=int(args.encoder_cache_mb * mib), api_key=args.api_key or os.environ.get("OMNIFUSE_API_KEY"),
+        media_root=root, max_body_bytes=int(args.max_body_mb * mib),
+        limits=MediaLimits(max_media=args.max_media, max_image_pixels=args.max_image_pixels,
+                           max_audio_seconds=args.max_audio_seconds, max_video_frames=args.max_video_frames))
+    app = create_app(pipe, settings)
+    engine = app.state.engine
+    print(f"omnifuse serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.context} "
+          f"positions, KV cache {engine.kv_cache_bytes / mib:.1f} MiB)", file=sys.stderr)
+    # Connections beyond what the queue and the batch can hold get 503 from uvicorn at once.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
+                limit_concurrency=args.max_queue + args.max_batch + 16)
     return 0
 
 
@@ -239,6 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewer image tokens (--json gives the count)")
     _add_device_args(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named preset (random weights, seeded)")
+    src.add_argument("--checkpoint", help="an omnifuse or Hugging Face checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model name clients send (default: the preset or folder name)")
+    s.add_argument("--max-batch", type=int, default=8, help="most requests decoding at once (rows of the batch)")
+    s.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 with Retry-After")
+    s.add_argument("--context", type=int, help="positions per request, prompt and output (default: the model's)")
+    s.add_argument("--kv-cache-mb", type=float,
+                   help="KV-cache budget: the batch gets as many rows as it holds at --context, up to --max-batch")
+    s.add_argument("--encoder-cache-mb", type=float, default=256, help="media encoder outputs kept for reuse")
+    s.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (CPU)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNIFUSE_API_KEY if set)")
+    s.add_argument("--media-root", help="a folder whose files requests may name (file: URLs or relative paths)")
+    s.add_argument("--max-body-mb", type=float, default=32, help="largest request body (413 beyond)")
+    s.add_argument("--max-media", type=int, default=8, help="media parts per request")
+    s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height of one image")
+    s.add_argument("--max-audio-seconds", type=float, default=120.0)
+    s.add_argument("--max-video-frames", type=int, default=64)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_device_args(s)
+    s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="parameters, visual tokens and cache sizes of a model")
     src = i.add_mutually_exclusive_group()

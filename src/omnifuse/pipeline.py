@@ -144,6 +144,18 @@ class Pipeline:
             items = [self._with_instruction(item, prompt) for item in items]
         return ids, items
 
+    def conversation_and_media(self, messages: Sequence[dict], media: dict[str, Sequence]
+                               ) -> tuple[list[int], list, list[tuple[str, int]]]:
+        """(token ids, the media items in conversation order, that order as (modality, index within
+        the modality)) for ``messages`` (``[{"role", "content": str}]``, each item's placeholder in
+        a user turn) rendered with the chat template."""
+        ids, order = self.layout.encode_conversation_with_order(messages, media)
+        items = [media[m][k] for m, k in order]
+        if self.instruction_tokenizer is not None and items:
+            text = "\n".join(m["content"] for m in messages if m["role"] == "user")
+            items = [self._with_instruction(item, text) for item in items]
+        return ids, items, order
+
     def _with_instruction(self, item, prompt: str):
         """The image with the prompt in its connector's vocabulary: the text as the user gave it, the
         image placeholders left out (InstructBLIP's processor hands its Q-Former the text it was given,

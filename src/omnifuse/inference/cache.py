@@ -25,6 +25,13 @@ class LayerKVCache:
         self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> LayerKVCache:
+        """A cache over existing tensors (a view of another cache's rows)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
@@ -100,6 +107,20 @@ class KVCache:
         self.next_position[row] = 0
         self.lengths[row] = 0
 
+    def narrow(self, n: int) -> KVCache:
+        """Rows ``0..n-1`` as a cache of their own over the same storage: a step run on it writes
+        this cache's keys, values, key mask and positions; its ``lengths`` are a copy, which
+        ``absorb`` takes back."""
+        view = KVCache.__new__(KVCache)
+        view.layers = [LayerKVCache.of(layer.k[:n], layer.v[:n]) for layer in self.layers]
+        view.key_mask, view.next_position = self.key_mask[:n], self.next_position[:n]
+        view.lengths, view.max_len = self.lengths[:n], self.max_len
+        return view
+
+    def absorb(self, view: KVCache) -> None:
+        """Take back the lengths of a ``narrow`` view after a step ran on it."""
+        self.lengths[:view.batch_size] = view.lengths
+
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
@@ -168,6 +189,11 @@ class CrossAttentionCache:
         self.last_row_visible[row] = other.last_row_visible[other_row]
         self._update_mask()
 
+    def narrow(self, n: int) -> CrossAttentionCache:
+        """Rows ``0..n-1`` over the same storage (decode only reads it)."""
+        return CrossAttentionCache({i: (k[:n], v[:n]) for i, (k, v) in self.kv.items()}, self.valid[:n],
+                                   self.last_row_visible[:n])
+
     def release(self, row: int) -> None:
         """Free ``row``: no media (zero K/V, nothing visible)."""
         for k, v in self.kv.values():
@@ -200,6 +226,14 @@ class InferenceCache:
         self.self_attn.release(row)
         if self.cross is not None:
             self.cross.release(row)
+
+    def narrow(self, n: int) -> InferenceCache:
+        """Rows ``0..n-1`` (a running batch kept in its first rows) over the same storage, so a
+        decode step costs ``n`` rows, not the capacity; ``absorb`` it after the step."""
+        return InferenceCache(self.self_attn.narrow(n), self.cross.narrow(n) if self.cross is not None else None)
+
+    def absorb(self, view: InferenceCache) -> None:
+        self.self_attn.absorb(view.self_attn)
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,365 @@
+"""The continuous-batching engine behind ``omnifuse serve``.
+
+One thread owns the model. Between decode steps it admits waiting requests in arrival order
+(FIFO) while the running batch has a free row: each is prefilled alone into its own cache, then
+moved into the batch's cache (``InferenceCache.insert``), and its first token sampled. Every step
+then decodes one token for all running requests at once, each row at its own length and position
+(contract: a request's tokens never depend on what else shares its batch). Running requests keep
+rows ``0..n-1``, so a step computes over ``n`` rows, not the batch's capacity; a finished or
+cancelled request leaves at once and the last row moves into its place.
+
+The batch's cache is preallocated: ``rows`` rows of ``context`` positions, as many rows as the
+KV-cache byte budget holds (``kv_cache_bytes``) up to ``max_batch``. Media encoder outputs are
+kept in an LRU cache keyed by each item's ``digest`` (its bytes and processing settings) within
+``encoder_cache_bytes``: a hit skips the encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from omnifuse.errors import USER_ERRORS, BatchFullError, ContextOverflowError, RequestError
+from omnifuse.inference.sampling import SamplingConfig, sample_next
+
+__all__ = ["Engine", "EngineRequest", "Event", "Params", "run_alone"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    """One request's generation settings."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: tuple[int, ...] = ()
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed, stop_token_ids=self.stop_token_ids)
+
+
+@dataclass
+class Event:
+    """What the engine reports for a request: a text delta (``token`` set), or the end."""
+
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    cached_media_tokens: int = 0  # with the end: media tokens whose encoder output came from the cache
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    items: list  # processed media items in prompt order
+    params: Params
+    on_event: Callable[[Event], None]
+    digests: list[str | None] = field(default_factory=list)  # per item: its encoder-cache key (None: not cached)
+    # filled in by the engine
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _text: str = ""  # text emitted so far
+    _generator: torch.Generator | None = None
+    _cached_tokens: int = 0
+
+    def cancel(self) -> None:
+        """Leave the queue or the batch at the engine's next step (a client that went away)."""
+        self.cancelled = True
+
+
+class _EncoderCache:
+    """Encoder outputs by item digest, least recently used evicted first, within ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.bytes = budget, 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.nbytes
+        if size > self.budget or key in self.entries:
+            return
+        while self.bytes + size > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        self.entries[key] = value
+        self.bytes += size
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
+                 kv_cache_bytes: int | None = None, encoder_cache_bytes: int = 256 << 20,
+                 on_step: Callable[[Engine], None] | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.context = int(context or model.config.decoder.max_position)
+        if self.context > model.config.decoder.max_position:
+            raise RequestError(f"context {self.context} exceeds the model's {model.config.decoder.max_position} positions")
+        per_row = model.new_cache(1, self.context).nbytes  # self-attention K/V of one full-length row
+        rows = max_batch if kv_cache_bytes is None else min(max_batch, kv_cache_bytes // max(per_row, 1))
+        if rows < 1:
+            raise RequestError(f"a KV-cache budget of {kv_cache_bytes:,} bytes holds no row: one row of "
+                               f"{self.context} positions takes {per_row:,} bytes")
+        self.rows, self.max_queue = int(rows), max_queue
+        self.cache = model.new_cache(self.rows, self.context)
+        self.encoder_cache = _EncoderCache(encoder_cache_bytes)
+        self.running: list[EngineRequest] = []  # row i holds running[i]
+        self.waiting: deque[EngineRequest] = deque()
+        self._last = torch.zeros(self.rows, dtype=torch.long, device=model.device)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_step = on_step
+        self.steps = 0
+
+    # ------------------------------------------------------------------ client side (any thread)
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="omnifuse-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def check(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
+        """The max_tokens a request may take (``None``: up to the context); refuses a prompt that
+        leaves no room, or a max_tokens beyond the context, naming the numbers."""
+        if not prompt_ids:
+            raise RequestError("the prompt has no tokens")
+        room = self.context - len(prompt_ids)
+        if room < 1:
+            raise ContextOverflowError(f"the prompt is {len(prompt_ids)} tokens (text and media) but the context is "
+                                       f"{self.context}: shorten it or send fewer or smaller media")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ContextOverflowError(f"max_tokens {max_tokens} + the prompt's {len(prompt_ids)} tokens exceed the "
+                                       f"context of {self.context}; at most {room} tokens can follow this prompt")
+        return max_tokens
+
+    def submit(self, request: EngineRequest) -> EngineRequest:
+        """Queue a request (FIFO); ``BatchFullError`` when the queue is full."""
+        self.check(request.prompt_ids, request.params.max_tokens)
+        with self._cond:
+            if len(self.waiting) >= self.max_queue:
+                raise BatchFullError(f"the queue is full ({len(self.waiting)} waiting requests, at most "
+                                     f"{self.max_queue}); retry later")
+            self.waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self.running)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not (self._stopping or self.waiting or self.running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            try:
+                self._admit()
+                self._step()
+            except Exception as e:  # an engine bug must not leave clients waiting forever
+                log.exception("engine step failed")
+                for request in [*self.running, *self._drain_waiting()]:
+                    self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
+                self.running.clear()
+                for row in range(self.rows):
+                    self.cache.release(row)
+            if self.on_step is not None:
+                self.on_step(self)
+        for request in [*self.running, *self._drain_waiting()]:
+            self._finish(request, "cancelled", error="the server is shutting down")
+
+    def _drain_waiting(self) -> list[EngineRequest]:
+        with self._cond:
+            out = list(self.waiting)
+            self.waiting.clear()
+        return out
+
+    def _next_waiting(self) -> EngineRequest | None:
+        with self._cond:
+            if any(r.cancelled for r in self.waiting):  # clients that left while queued
+                for request in [r for r in self.waiting if r.cancelled]:
+                    self._finish(request, "cancelled")
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            if not self.waiting or len(self.running) >= self.rows:
+                return None
+            return self.waiting.popleft()
+
+    def _admit(self) -> None:
+        while (request := self._next_waiting()) is not None:
+            try:
+                token = self._prefill(request)
+            except USER_ERRORS as e:  # what the model refuses (a media/placeholder mismatch): that request only
+                self._finish(request, "error", error=str(e))
+                continue
+            except Exception as e:
+                log.exception("prefill failed")
+                self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
+                continue
+            self._accept(request, token)
+            if request.finished_at is not None:
+                self.cache.release(len(self.running) - 1)
+                self.running.pop()
+
+    def _with_features(self, request: EngineRequest) -> list:
+        items = []
+        keys = list(request.digests) + [None] * (len(request.items) - len(request.digests))
+        for item, key in zip(request.items, keys):
+            if key is None or item.features is not None:
+                items.append(item)
+                continue
+            features = self.encoder_cache.get(key)
+            if features is None:
+                features = self.model.media_features([item])[0]
+                self.encoder_cache.put(key, features)
+            else:
+                request._cached_tokens += item.num_tokens
+            items.append(dataclasses.replace(item, features=features))
+        return items
+
+    def _prefill(self, request: EngineRequest) -> int:
+        items = self._with_features(request)
+        own = self.model.new_cache(1, len(request.prompt_ids))
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        logits = self.model(ids, images=[items] if items else None, cache=own, last_only=True)[:, -1]
+        row = len(self.running)
+        self.cache.insert(row, own)
+        self.running.append(request)
+        params = request.params
+        if params.temperature > 0:
+            request._generator = torch.Generator(device=self.model.device)
+            request._generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        return int(self._sample(logits, [request])[0])
+
+    def _sample(self, logits: torch.Tensor, requests: list[EngineRequest]) -> list[int]:
+        out = logits.argmax(dim=-1).tolist()  # greedy rows: one argmax for the batch
+        for i, request in enumerate(requests):
+            if request.params.temperature > 0:
+                out[i] = int(sample_next(logits[i:i + 1], request.params.sampling(), request._generator)[0])
+        return out
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        n = len(self.running)
+        if not n:
+            return
+        view = self.cache.narrow(n)
+        active = torch.ones(n, 1, dtype=torch.long, device=self._last.device)
+        logits = self.model(self._last[:n, None], active, cache=view, last_only=True)[:, -1]
+        self.cache.absorb(view)
+        self.steps += 1
+        for request, token in zip(list(self.running), self._sample(logits, self.running)):
+            self._accept(request, token)
+        self._drop_finished()
+
+    def _accept(self, request: EngineRequest, token: int) -> None:
+        now = time.perf_counter()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        request.tokens.append(token)
+        self._last[self.running.index(request)] = token
+        params = request.params
+        stopped = token in params.stop_token_ids
+        text = self.tokenizer.decode(request.tokens[:-1] if stopped else request.tokens)
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, stopped = text[:cut], True
+        if stopped or len(request.tokens) >= params.max_tokens:
+            self._emit_text(request, text, final=True)
+            self._finish(request, "stop" if stopped else "length")
+        else:
+            self._emit_text(request, text, final=False, token=token)
+
+    def _emit_text(self, request: EngineRequest, text: str, final: bool, token: int | None = None) -> None:
+        if not final:
+            # Hold back an incomplete UTF-8 character and any tail that may begin a stop string.
+            text = text.rstrip("\ufffd")
+            hold = max((k for s in request.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - hold]
+        if len(text) > len(request._text) and text.startswith(request._text):
+            delta = text[len(request._text):]
+            request._text = text
+            request.on_event(Event(text=delta, token=token))
+        elif token is not None:
+            request.on_event(Event(token=token))
+
+    def _finish(self, request: EngineRequest, reason: str, error: str | None = None) -> None:
+        if request.finished_at is not None:
+            return
+        request.finished_at = time.perf_counter()
+        request.on_event(Event(finish_reason=reason, error=error, cached_media_tokens=request._cached_tokens))
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, "cancelled")
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        row = 0
+        while row < len(self.running):
+            if self.running[row].finished_at is None:
+                row += 1
+                continue
+            last = len(self.running) - 1
+            if row != last:  # the last row moves into the freed one: running rows stay 0..n-1
+                self.cache.insert(row, self.cache, last)
+                self._last[row] = self._last[last]
+                self.running[row] = self.running[last]
+            self.cache.release(last)
+            self.running.pop()
+
+
+def run_alone(model, tokenizer, prompt_ids: list[int], items: list, params: Params) -> list[int]:
+    """The tokens one request gets with the engine to itself (tests and benchmarks compare with it)."""
+    engine = Engine(model, tokenizer, max_batch=1, context=len(prompt_ids) + params.max_tokens)
+    request = EngineRequest(prompt_ids, items, params, on_event=lambda _e: None)
+    engine.submit(request)
+    engine._admit()
+    while engine.running:
+        engine._step()
+    return request.tokens
