@@ -268,8 +268,11 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     # -------------------------------------------------------------- errors in OpenAI's format
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        errors = exc.errors()
+        # Of a union's alternatives, the one that got furthest says most (a bad part, not "not a string").
+        first = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type")).endswith("_type"))) \
+            if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _is_type_name(x)]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
@@ -484,6 +487,11 @@ def create_app(pipeline, settings: ServeSettings | None = None):
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _is_type_name(part) -> bool:
+    """pydantic's names for union branches in an error location (``str``, ``list[...]``)."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
 class _BodyTooLarge(StarletteHTTPException):

@@ -1,0 +1,381 @@
+"""``omnifuse serve`` through the official ``openai`` client and plain HTTP: text, image, audio and
+video parts, streaming and not, usage equal to ``omnifuse generate --json``, and what hostile or
+broken requests get (4xx in OpenAI's error format, never a 500)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from fractions import Fraction
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import scene
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from omnifuse.cli import main
+from omnifuse.pipeline import Pipeline
+from omnifuse.serving.app import ServeSettings, create_app
+from omnifuse.serving.media import MediaLimits
+
+MODEL = "tiny-omni-early"
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _wav(seconds: float = 1.5, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    sf.write(buffer, 0.4 * np.sin(2 * np.pi * 440 * t), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def _mp4(path, frames: int = 3) -> bytes:
+    from test_video import make_video
+
+    make_video(path, [Fraction(i, 2) for i in range(frames)])  # 2 fps
+    return path.read_bytes()
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class LiveServer:
+    """The app on a free localhost port, in a thread (uvicorn), for real clients."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "scene.png").write_bytes(_png(scene(40, 30, 3)))
+    return {"root": root, "png": _png(scene(48, 40, 1)), "wav": _wav(), "mp4": _mp4(root / "clip.mp4")}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_preset(MODEL)
+
+
+@pytest.fixture(scope="module")
+def server(pipe, media):
+    live = LiveServer(create_app(pipe, ServeSettings(model_name=MODEL, max_batch=4, media_root=media["root"])))
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _parts(media):
+    return [{"type": "text", "text": "Look: "},
+            {"type": "image_url", "image_url": {"url": _data_uri(media["png"], "image/png")}},
+            {"type": "text", "text": " and listen "},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(media["wav"]).decode(), "format": "wav"}},
+            {"type": "text", "text": " and watch "},
+            {"type": "video_url", "video_url": {"url": _data_uri(media["mp4"], "video/mp4")}},
+            {"type": "text", "text": " What is it?"}]
+
+
+def test_a_chat_with_every_modality_matches_generate_json(client, media, tmp_path, capsys):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": _parts(media)}],
+                                           max_tokens=8, temperature=0)
+    (tmp_path / "a.png").write_bytes(media["png"])
+    (tmp_path / "a.wav").write_bytes(media["wav"])
+    (tmp_path / "a.mp4").write_bytes(media["mp4"])
+    code = main(["generate", "--preset", MODEL, "--chat", "--image", str(tmp_path / "a.png"), "--audio",
+                 str(tmp_path / "a.wav"), "--video", str(tmp_path / "a.mp4"), "--prompt",
+                 "Look: <image> and listen <audio> and watch <video> What is it?", "--max-new-tokens", "8", "--json"])
+    expected = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert reply.choices[0].message.content == expected["text"]
+    usage = reply.usage
+    assert usage.prompt_tokens == expected["prompt_tokens"]
+    assert usage.completion_tokens == expected["completion_tokens"] == 8
+    details = usage.prompt_tokens_details.model_dump()
+    assert details["image_tokens"] == expected["images"][0]["tokens"]
+    assert details["audio_tokens"] == expected["audio"][0]["tokens"]
+    assert details["video_tokens"] == expected["videos"][0]["tokens"]
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_streaming_gives_the_same_text_and_usage_at_the_end(client, media):
+    messages = [{"role": "user", "content": _parts(media)[:2]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_the_encoder_cache_hit_is_reported_and_changes_nothing(client, media, server):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "scene.png"}},
+                                             {"type": "text", "text": "colour?"}]}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.model_dump()["image_tokens"]
+
+
+def test_completions_n_seed_and_stop(client):
+    base = client.completions.create(model=MODEL, prompt="the red square", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    stop = text[4:6]
+    stopped = client.completions.create(model=MODEL, prompt="the red square", max_tokens=12, temperature=0, stop=stop)
+    assert stopped.choices[0].text == text[:text.find(stop)] and stopped.choices[0].finish_reason == "stop"
+    a = client.completions.create(model=MODEL, prompt="hi", max_tokens=8, temperature=1.0, seed=7, n=2)
+    b = client.completions.create(model=MODEL, prompt="hi", max_tokens=8, temperature=1.0, seed=7, n=2)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.usage.completion_tokens == 16 and a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_greedy_answers_under_concurrent_load_equal_one_by_one(client, media):
+    prompts = [f"{w} circle and {v}" for w, v in zip(["red", "blue", "green", "a", "two", "the"], range(6))]
+    images = [None, media["png"], None, media["png"], None, None]
+
+    def ask(i):
+        content = [{"type": "text", "text": prompts[i]}]
+        if images[i]:
+            content.insert(0, {"type": "image_url", "image_url": {"url": _data_uri(images[i], "image/png")}})
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                              max_tokens=5 + 3 * i, temperature=0).choices[0].message.content
+
+    alone = [ask(i) for i in range(len(prompts))]
+    together: list = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("omnifuse_requests_total", "omnifuse_prompt_tokens_total", "omnifuse_generation_tokens_total",
+                 "omnifuse_queue_depth", "omnifuse_running_batch", "omnifuse_time_to_first_token_seconds_bucket",
+                 "omnifuse_time_per_output_token_seconds_bucket", "omnifuse_encoder_cache_hits"):
+        assert name in text, name
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert httpx.get(server.url + "/health").json()["running"] == 1
+    deadline = time.time() + 20
+    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+# ------------------------------------------------------------------ hostile and broken requests
+
+def _post(server, body=None, **kwargs):
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30, **kwargs)
+
+
+def _error(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def _chat(content):
+    return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+
+
+def _image(url):
+    return [{"type": "image_url", "image_url": {"url": url}}]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"model": MODEL}, "messages: Field required"),
+    ({"model": MODEL, "messages": []}, "messages: List should have at least 1 item"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    (_chat([{"type": "file", "file": {}}]), "does not match any of the expected tags"),
+    ({**_chat("hi"), "temperature": "hot"}, "temperature"),
+    ({**_chat("hi"), "presence_penalty": 1.5}, "presence_penalty"),
+    ({**_chat("hi"), "tools": []}, "tools: Extra inputs are not permitted"),
+    ({**_chat("hi"), "n": 100}, "n: Input should be less than or equal to 8"),
+    (_chat([{"type": "text", "text": "x"}] * 300), "at most 256 items"),
+    (_chat(_image("data:image/png;base64,@@@not-base64@@@")), "not valid base64"),
+    (_chat(_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())), "not a readable image"),
+    (_chat(_image("https://example.com/cat.png")), "https URLs are refused: the server fetches nothing"),
+    (_chat(_image("gopher://x/y")), "unsupported URL scheme 'gopher'"),
+    (_chat(_image("../etc/passwd")), "may not contain '..'"),
+    (_chat(_image("/etc/passwd")), "outside the media root"),
+    (_chat(_image("missing.png")), "no such file under the media root"),
+    (_chat(_image("data:image/png;base64,") ), "not valid base64|is empty"),
+    (_chat([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]), "cannot decode audio"),
+    (_chat([{"type": "video_url", "video_url": {"url": _data_uri(b"\x00" * 64, "video/mp4")}}]), "video"),
+    (_chat("<image> where is the image?"), "1 image placeholder"),
+    ({**_chat("hi"), "max_tokens": 5000}, "max_tokens 5000 \\+ the prompt's .* exceed the context of 2048"),
+    ({**_chat("hi"), "model": "gpt-4o"}, "model 'gpt-4o' is not served here"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem(server, body, words):
+    response = _post(server, body)
+    assert 400 <= response.status_code < 500, response.text
+    error = _error(response, response.status_code)
+    assert __import__("re").search(words, error["message"]), error["message"]
+
+
+def test_media_over_the_limits_are_refused_naming_the_limit(pipe, media, tmp_path):
+    limits = MediaLimits(max_media=2, max_image_pixels=1000, max_audio_seconds=1.0, max_video_frames=1)
+    app = create_app(pipe, ServeSettings(model_name=MODEL, limits=limits))
+    live = LiveServer(app)
+    try:
+        big = _chat(_image(_data_uri(_png(scene(50, 40, 2)), "image/png")))
+        assert "more than the 1,000 allowed (--max-image-pixels)" in _error(_post(live, big), 400)["message"]
+        many = _chat(_image(_data_uri(_png(scene(20, 20, 2)), "image/png")) * 3)
+        assert "more than 2 media parts" in _error(_post(live, many), 400)["message"]
+        audio = _chat([{"type": "input_audio", "input_audio": {"data": base64.b64encode(media["wav"]).decode(),
+                                                               "format": "wav"}}])
+        assert "more than the 1 s allowed (--max-audio-seconds)" in _error(_post(live, audio), 400)["message"]
+        video = _chat([{"type": "video_url", "video_url": {"url": _data_uri(media["mp4"], "video/mp4")}}])
+        assert "max_frames" in _error(_post(live, video), 400)["message"]
+    finally:
+        live.close()
+
+
+def test_a_symlink_out_of_the_media_root_is_refused(server, media, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(media["png"])
+    (media["root"] / "link.png").symlink_to(secret)
+    error = _error(_post(server, _chat(_image("link.png"))), 400)
+    assert "outside the media root" in error["message"]
+    assert _post(server, _chat(_image("file://" + str(media["root"] / "scene.png")))).status_code == 200
+
+
+def test_bodies_too_large_are_413_with_or_without_a_length(pipe):
+    live = LiveServer(create_app(pipe, ServeSettings(model_name=MODEL, max_body_bytes=2000)))
+    try:
+        body = _chat("x" * 5000)
+        assert _error(_post(live, body), 413)["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            data = json.dumps(body).encode()
+            for i in range(0, len(data), 500):
+                yield data[i:i + 500]
+
+        response = httpx.post(live.url + "/v1/chat/completions", content=chunks(),
+                              headers={"Content-Type": "application/json"}, timeout=30)
+        assert _error(response, 413)["code"] == "request_too_large"
+        assert _post(live, _chat("hi")).status_code == 200  # and the server is still up
+    finally:
+        live.close()
+
+
+def test_the_api_key_is_enforced(pipe):
+    live = LiveServer(create_app(pipe, ServeSettings(model_name=MODEL, api_key="s3cret")))
+    try:
+        assert _error(_post(live, _chat("hi")), 401)["code"] == "invalid_api_key"
+        assert _post(live, _chat("hi"), headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert _post(live, _chat("hi"), headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(live.url + "/health").status_code == 200  # the health check needs no key
+        keyed = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert keyed.models.list().data[0].id == MODEL
+    finally:
+        live.close()
+
+
+def test_a_full_queue_answers_429_with_retry_after(pipe):
+    live = LiveServer(create_app(pipe, ServeSettings(model_name=MODEL, max_batch=1, max_queue=1)))
+    try:
+        long = {**_chat("go"), "max_tokens": 1000, "temperature": 0}
+        threads = [threading.Thread(target=_post, args=(live, long)) for _ in range(2)]
+        threads[0].start()
+        deadline = time.time() + 10
+        while httpx.get(live.url + "/health").json()["running"] < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        threads[1].start()
+        while httpx.get(live.url + "/health").json()["waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        response = _post(live, long)
+        assert _error(response, 429)["code"] == "queue_full" and response.headers["Retry-After"] == "1"
+    finally:
+        live.close()  # cancels the two long requests
+        for t in threads:
+            t.join(timeout=30)
+
+
+def test_malformed_json_is_a_400_in_openai_format(server):
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": ',
+                          headers={"Content-Type": "application/json"})
+    assert "not valid JSON" in _error(response, 400)["message"]
+
+
+def test_the_default_bind_is_this_machine_only():
+    from omnifuse.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--preset", MODEL])
+    assert args.host == "127.0.0.1"
+
+
+def test_no_request_the_schema_allows_gives_a_500(pipe):
+    """Every endpoint of the published OpenAPI schema, fuzzed by schemathesis (a bounded run)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    app = create_app(pipe, ServeSettings(model_name=MODEL, max_batch=2))
+    app.state.engine.start()  # the ASGI test transport runs no lifespan
+    failures, calls = [], []
+    try:
+        for result in schemathesis.openapi.from_asgi("/openapi.json", app).get_all_operations():
+            operation = result.ok()
+
+            @given(case=operation.as_strategy())
+            @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def check(case):
+                if isinstance(case.body, dict) and "model" in case.body:
+                    # The served name, so that requests reach the prompt, media and generation paths;
+                    # few tokens, so that a run stays short.
+                    case.body["model"] = MODEL
+                    for key in ("max_tokens", "max_completion_tokens"):
+                        if isinstance(case.body.get(key), int) and case.body[key] > 4:
+                            case.body[key] = 4
+                response = case.call()
+                calls.append(response.status_code)
+                if response.status_code >= 500:
+                    failures.append((case.method, case.path, case.body, response.text))
+
+            check()
+    finally:
+        app.state.engine.stop()
+    assert not failures
+    assert len(calls) > 60 and any(400 <= c < 500 for c in calls) and calls.count(200) > 10

@@ -1,0 +1,175 @@
+"""The serving engine (continuous batching): a greedy request gets the tokens it gets alone while
+others join and leave its batch; rows are freed at once; the encoder cache skips the encoder and
+changes nothing; stop strings, queue limits and context limits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import PLACEHOLDER, make_model, scene, tiny_config
+
+from omnifuse.errors import BatchFullError, ContextOverflowError
+from omnifuse.inference import SamplingConfig, generate
+from omnifuse.processing.text import load_tokenizer
+from omnifuse.serving.engine import Engine, EngineRequest, Params
+
+
+def _requests(model, n=6):
+    """(prompt ids, images, max tokens): with and without images of different sizes, of different
+    lengths, wanting different numbers of tokens (so they leave the batch at different steps)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for k in range(n):
+        sizes = [[(40, 56)], [], [(70, 30), (32, 32)]][k % 3]
+        images = [model.image_processor(scene(w, h, 10 * k + i)) for i, (w, h) in enumerate(sizes)]
+        ids = torch.randint(0, 256, (3 + 2 * k,), generator=g).tolist()
+        for img in images:
+            ids += [PLACEHOLDER] * model.fusion.placeholder_tokens(img.num_tokens) + [65, 66]
+        out.append((ids, images, 4 + 3 * k))
+    return out
+
+
+def _alone(model, ids, images, n):
+    return generate(model, [ids], [images] if images else None, SamplingConfig(max_new_tokens=n), include_stop=True)[0]
+
+
+def _submit(engine, ids, images, n, events=None):
+    request = EngineRequest(ids, images, Params(max_tokens=n), on_event=(events.append if events is not None else
+                                                                            lambda _e: None))
+    return engine.submit(request)
+
+
+@pytest.mark.parametrize("fusion", ["early", "cross"])
+def test_greedy_tokens_do_not_depend_on_who_joins_or_leaves(fusion):
+    model = make_model(tiny_config(fusion), gates=0.5)
+    tokenizer = load_tokenizer(model.config.text)
+    requests = _requests(model)
+    expected = [_alone(model, *r) for r in requests]
+    assert len({tuple(e) for e in expected}) == len(expected)
+    engine = Engine(model, tokenizer, max_batch=3, context=160)
+    handles = [_submit(engine, *r) for r in requests[:2]]
+    engine._admit()
+    for _ in range(2):
+        engine._step()
+    handles += [_submit(engine, *r) for r in requests[2:]]  # more than the free rows: some wait
+    steps_with = []
+    while engine.running or engine.waiting:
+        engine._admit()
+        steps_with.append(len(engine.running))
+        engine._step()
+    assert max(steps_with) == 3 and min(steps_with) < 3  # the batch filled, and rows left before others
+    assert [h.tokens for h in handles] == expected
+    assert all(length == 0 for length in engine.cache.self_attn.lengths)  # every row freed
+
+
+def test_the_engine_thread_serves_concurrent_submitters():
+    model = make_model(tiny_config("early"))
+    tokenizer = load_tokenizer(model.config.text)
+    requests = _requests(model, 4)
+    expected = [_alone(model, *r) for r in requests]
+    engine = Engine(model, tokenizer, max_batch=2, context=160).start()
+    done = [threading.Event() for _ in requests]
+    handles: list = [None] * len(requests)
+
+    def client(i):
+        handles[i] = EngineRequest(requests[i][0], requests[i][1], Params(max_tokens=requests[i][2]),
+                                   on_event=lambda e, i=i: done[i].set() if e.finish_reason else None)
+        engine.submit(handles[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    assert all(d.wait(timeout=60) for d in done)
+    engine.stop()
+    assert [h.tokens for h in handles] == expected
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_step():
+    model = make_model(tiny_config("early"))
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160)
+    (a_ids, a_img, _), (b_ids, b_img, _) = _requests(model, 2)
+    events = []
+    a = _submit(engine, a_ids, a_img, 50, events)
+    b = _submit(engine, b_ids, b_img, 10)
+    engine._admit()
+    engine._step()
+    a.cancel()
+    engine._step()
+    assert engine.running == [b] and events[-1].finish_reason == "cancelled"
+    assert len(a.tokens) == 2  # the first token at prefill, one step, then gone
+    while engine.running:
+        engine._step()
+    assert b.tokens == _alone(model, b_ids, b_img, 10)
+
+
+def test_a_hit_in_the_encoder_cache_skips_the_encoder_and_changes_nothing():
+    model = make_model(tiny_config("early"))
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160)
+    ids, images, n = _requests(model, 1)[0]
+    calls = []
+    encoder = model.encoders["image"]
+    hook = encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        runs = []
+        for _ in range(2):
+            events = []
+            request = EngineRequest(ids, images, Params(max_tokens=n), on_event=events.append, digests=["img-0"])
+            engine.submit(request)
+            while engine.waiting or engine.running:
+                engine._admit()
+                engine._step()
+            runs.append((request.tokens, events[-1].cached_media_tokens))
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the second request's image came from the cache
+    assert runs[0][0] == runs[1][0] == _alone(model, ids, images, n)
+    assert (runs[0][1], runs[1][1]) == (0, images[0].num_tokens)
+    assert engine.encoder_cache.hits == 1 and engine.encoder_cache.misses == 1
+
+
+def test_the_encoder_cache_evicts_the_least_recently_used_within_its_budget():
+    from omnifuse.serving.engine import _EncoderCache
+
+    cache = _EncoderCache(budget=3 * 400)
+    for k in "abc":
+        cache.put(k, torch.zeros(100))  # 400 bytes each
+    cache.get("a")
+    cache.put("d", torch.zeros(100))
+    assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 1200
+    cache.put("huge", torch.zeros(1000))  # larger than the whole budget: not kept
+    assert "huge" not in cache.entries
+
+
+def test_stop_strings_end_the_text_before_them():
+    model = make_model(tiny_config("early"))
+    tokenizer = load_tokenizer(model.config.text)
+    ids, images, _ = _requests(model, 1)[0]
+    free = _alone(model, ids, images, 12)
+    text = tokenizer.decode(free)
+    stop = text[3:5]
+    engine = Engine(model, tokenizer, max_batch=1, context=160)
+    events = []
+    request = EngineRequest(ids, images, Params(max_tokens=12, stop=(stop,)), on_event=events.append)
+    engine.submit(request)
+    while engine.waiting or engine.running:
+        engine._admit()
+        engine._step()
+    streamed = "".join(e.text for e in events)
+    assert streamed == text[:text.find(stop)] and events[-1].finish_reason == "stop"
+
+
+def test_queue_and_context_limits_are_named():
+    model = make_model(tiny_config("early"))
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=1, max_queue=1, context=40)
+    _submit(engine, [1, 2, 3], [], 5)
+    with pytest.raises(BatchFullError, match="the queue is full .1 waiting"):
+        _submit(engine, [1, 2, 3], [], 5)
+    with pytest.raises(ContextOverflowError, match="max_tokens 38 \\+ the prompt's 3 tokens exceed the context of 40"):
+        engine.check([1, 2, 3], 38)
+    with pytest.raises(ContextOverflowError, match="the prompt is 40 tokens"):
+        engine.check(list(range(40)), None)
+    assert engine.check([1, 2, 3], None) == 37
+    with pytest.raises(ValueError, match="holds no row"):
+        Engine(model, load_tokenizer(model.config.text), context=40, kv_cache_bytes=100)
