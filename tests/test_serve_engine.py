@@ -173,3 +173,15 @@ def test_queue_and_context_limits_are_named():
     assert engine.check([1, 2, 3], None) == 37
     with pytest.raises(ValueError, match="holds no row"):
         Engine(model, load_tokenizer(model.config.text), context=40, kv_cache_bytes=100)
+
+
+def test_identical_requests_share_a_batch_as_two():
+    # Two clients sending the same prompt and image: two requests, each with its own row and tokens.
+    model = make_model(tiny_config("early"))
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160)
+    (ids, images, n), (_, same_images, _) = _requests(model, 1)[0], _requests(model, 1)[0]  # equal, not the same
+    a, b = _submit(engine, ids, images, n), _submit(engine, list(ids), same_images, n)
+    while engine.waiting or engine.running:
+        engine._admit()
+        engine._step()
+    assert a.tokens == b.tokens == _alone(model, ids, images, n)

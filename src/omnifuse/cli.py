@@ -151,6 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = app.state.engine
     print(f"omnifuse serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.context} "
           f"positions, KV cache {engine.kv_cache_bytes / mib:.1f} MiB)", file=sys.stderr)
+    # The engine thread hands the GIL back and forth with the event loop's thread between torch calls;
+    # Python's default 5 ms switch interval would stall every decode step behind the loop's work.
+    sys.setswitchinterval(0.0002)
     # Connections beyond what the queue and the batch can hold get 503 from uvicorn at once.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
                 limit_concurrency=args.max_queue + args.max_batch + 16)

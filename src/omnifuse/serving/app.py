@@ -179,13 +179,14 @@ def _metrics(registry):
 
 
 class _Stream:
-    """A request's events, handed from the engine thread to the event loop."""
+    """A request's events, handed from the engine thread to the event loop as (choice index, event)
+    on ``queue`` (the ``n`` choices of one streamed response share one queue)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None = None, index: int = 0) -> None:
+        self.loop, self.queue, self.index = loop, queue if queue is not None else asyncio.Queue(), index
 
     def __call__(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
 
 
 def create_app(pipeline, settings: ServeSettings | None = None):
@@ -356,13 +357,13 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     async def _run(http: Request, body, prepared: Prepared, kind: str):
         loop = asyncio.get_running_loop()
         params = [_params(body, prepared, i) for i in range(body.n)]
-        streams = [_Stream(loop) for _ in params]
+        shared = asyncio.Queue() if body.stream else None
+        streams = [_Stream(loop, shared, i) for i in range(len(params))]
         requests = [_submit(prepared, p, s) for p, s in zip(params, streams)]
         metrics["prompt_tokens"].inc(len(prepared.prompt_ids))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            return EventSourceResponse(_sse(http, body, prepared, kind, rid, requests, streams), ping=15,
-                                       sep="\n")
+            return EventSourceResponse(_sse(http, body, prepared, kind, rid, requests, shared), ping=15, sep="\n")
         try:
             finals = await asyncio.gather(*(_collect(http, s, r) for s, r in zip(streams, requests)))
         finally:
@@ -387,7 +388,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
         text = ""
         while True:
             try:
-                event = await asyncio.wait_for(stream.queue.get(), timeout=1.0)
+                _, event = await asyncio.wait_for(stream.queue.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     request.cancel()
@@ -400,7 +401,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
                                 event.error or "generation failed", "invalid_request_error")
             return text, "length" if event.finish_reason == "length" else "stop", request
 
-    async def _sse(http: Request, body, prepared: Prepared, kind: str, rid: str, requests, streams):
+    async def _sse(http: Request, body, prepared: Prepared, kind: str, rid: str, requests, events: asyncio.Queue):
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -415,23 +416,13 @@ def create_app(pipeline, settings: ServeSettings | None = None):
                 out["usage"] = None
             return json.dumps(out, ensure_ascii=False)
 
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream: _Stream):
-            while True:
-                event = await stream.queue.get()
-                await merged.put((i, event))
-                if event.finish_reason is not None:
-                    return
-
-        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         try:
             if kind == "chat":
                 for i in range(len(requests)):
                     yield chunk(i, None, None, first=True)
             done, completion, cached = 0, 0, 0
             while done < len(requests):
-                i, event = await merged.get()
+                i, event = await events.get()
                 if event.finish_reason is None:
                     if event.text:
                         yield chunk(i, event.text, None)
@@ -453,8 +444,6 @@ def create_app(pipeline, settings: ServeSettings | None = None):
         finally:  # the client went away (or the stream ended): free the rows now
             for r in requests:
                 r.cancel()
-            for p in pumps:
-                p.cancel()
 
     # -------------------------------------------------------------- routes
     @app.post("/v1/chat/completions")

@@ -61,7 +61,7 @@ class Event:
     cached_media_tokens: int = 0  # with the end: media tokens whose encoder output came from the cache
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two with the same prompt are still two (and their tensors never compare)
 class EngineRequest:
     prompt_ids: list[int]
     items: list  # processed media items in prompt order
@@ -192,7 +192,6 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while True:
             with self._cond:
                 while not (self._stopping or self.waiting or self.running):
@@ -262,6 +261,7 @@ class Engine:
             items.append(dataclasses.replace(item, features=features))
         return items
 
+    @torch.inference_mode()
     def _prefill(self, request: EngineRequest) -> int:
         items = self._with_features(request)
         own = self.model.new_cache(1, len(request.prompt_ids))
@@ -283,6 +283,7 @@ class Engine:
                 out[i] = int(sample_next(logits[i:i + 1], request.params.sampling(), request._generator)[0])
         return out
 
+    @torch.inference_mode()
     def _step(self) -> None:
         self._drop_cancelled()
         n = len(self.running)
