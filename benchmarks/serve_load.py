@@ -17,7 +17,8 @@ after the other so that they never share the CPU:
   ratio).
 
 Prints output tokens/s, time to first token and inter-token latency (p50 / p95) for each, and the
-ratios. Targets (float32, CPU): at 8 concurrent, >= 6x transformers' sequential generate and >= 2x
+ratios, and the planner's decode prediction for this checkpoint next to the measured one. Targets
+(float32, CPU): at 8 concurrent, >= 6x transformers' sequential generate and >= 2x
 transformers serve; at 32 concurrent no errors and a throughput no lower than at 8.
 """
 
@@ -332,6 +333,15 @@ def main() -> None:
                   f"{(text8.tokens / text8.seconds) / (hf8.tokens / hf8.seconds):.2f}x (target >= 2x)")
         else:
             print(f"transformers serve: {hf_failure or 'no tokens came back'}")
+        from omnifuse.planner.plan import Workload, plan, resolve_model
+        from omnifuse.planner.resources import local_cpu
+
+        predicted = plan(resolve_model(str(folder)), Workload(images=((320, 240),), text_tokens=25,
+                                                              output_tokens=args.max_tokens, concurrency=8),
+                         accelerator=local_cpu(), dtype="fp32")["latency"]["decode_tokens_per_s"]
+        measured = 8 / (omni[8].row("")["itl p50"] / 1000)
+        print(f"decode at batch 8: the planner (omnifuse plan --model DIR --gpu cpu --dtype fp32 --concurrency 8) "
+              f"predicts {predicted:.0f} tok/s; measured 8 / ITL p50 = {measured:.0f} tok/s")
         if 32 in omni:
             at32 = omni[32].tokens / omni[32].seconds
             print(f"omnifuse serve at 32 concurrent: {omni[32].errors} errors, {at32 / at8:.2f}x the throughput at 8 "

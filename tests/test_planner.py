@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -191,7 +192,7 @@ def test_compare_applies_an_assumed_architecture_to_closed_models_only(capsys):
 def test_moe_decode_reads_only_routed_experts_at_batch_one():
     h100 = load_hardware()["h100"]
     model = resolve_model("llama-4-scout")
-    one = plan(model, Workload(text_tokens=100, output_tokens=10), accelerator=h100)
+    one = plan(model, Workload(text_tokens=100, output_tokens=10, concurrency=1), accelerator=h100)
     many = plan(model, Workload(text_tokens=100, output_tokens=10, concurrency=64), accelerator=h100)
     # batch 1 reads about the active weights; 64 requests touch nearly every expert
     assert many["latency"]["decode_s_per_token"] > 4 * one["latency"]["decode_s_per_token"]
@@ -447,3 +448,35 @@ def test_compare_names_the_models_that_ignore_a_setting(capsys):
     ignored = {p["model"]: [n for n in p["notes"] if "ignored" in n] for p in json.loads(capsys.readouterr().out)}
     assert ignored == {"gpt-4o": [], "llava-1.5-7b": ["--detail low is ignored by llava-1.5-7b's image rule"],
                        "claude-3.5-sonnet": ["--detail low is ignored by claude-3.5-sonnet's image rule"]}
+
+
+def test_the_default_batch_is_the_knee_of_throughput_within_memory():
+    """Without --concurrency the serving estimate runs the batch a continuous-batching server would:
+    the smallest that reaches 98% of the throughput of the largest batch whose caches fit."""
+    h100 = load_hardware()["h100"]
+    model = resolve_model("llava-1.5-7b")
+    work = Workload(images=((336, 336),), text_tokens=50, output_tokens=100)
+    auto = plan(model, work, accelerator=h100)
+    batch = auto["serving"]["concurrency"]
+    assert batch > 8 and "within memory" in auto["serving"]["concurrency_choice"]
+
+    def tps(c):
+        return plan(model, dataclasses.replace(work, concurrency=c), accelerator=h100)["latency"]["decode_tokens_per_s"]
+
+    fits = int(auto["serving"]["concurrency_choice"].split(": ")[1].split(" ")[0].replace(",", ""))
+    assert tps(batch) >= 0.98 * tps(fits) > tps(batch - 1)
+    assert auto["serving"]["gpus_per_replica"] == 1  # the choice stays on the GPUs the weights need
+    one = plan(model, dataclasses.replace(work, concurrency=1), accelerator=h100)
+    assert one["serving"]["concurrency"] == 1 and one["serving"]["concurrency_choice"] == "set by --concurrency"
+
+
+def test_a_checkpoint_folder_is_planned_from_its_config(tmp_path):
+    from hf_fixtures import save_llava
+
+    from omnifuse.interop import read_any_config
+
+    folder = save_llava(tmp_path / "llava")
+    p = plan(resolve_model(str(folder)), Workload(images=((64, 48),), text_tokens=10))
+    config = read_any_config(folder)
+    assert p["parameters"]["total"] == count_parameters(config)["total"]
+    assert p["context_tokens"] == 10 + config.tokens_per_crop

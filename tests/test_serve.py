@@ -379,3 +379,47 @@ def test_no_request_the_schema_allows_gives_a_500(pipe):
         app.state.engine.stop()
     assert not failures
     assert len(calls) > 60 and any(400 <= c < 500 for c in calls) and calls.count(200) > 10
+
+
+def test_a_hugging_face_llava_folder_serves_what_generate_gives(tmp_path, capsys):
+    from hf_fixtures import save_llava
+
+    folder = save_llava(tmp_path / "llava", seed=3)
+    image = scene(50, 40, 4)
+    image.save(tmp_path / "a.png")
+    live = LiveServer(create_app(Pipeline.from_checkpoint(folder), ServeSettings(model_name="llava")))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        content = [{"type": "image_url", "image_url": {"url": _data_uri(_png(image), "image/png")}},
+                   {"type": "text", "text": "what is the colour of the circle"}]
+        reply = client.chat.completions.create(model="llava", messages=[{"role": "user", "content": content}],
+                                               max_tokens=12, temperature=0)
+    finally:
+        live.close()
+    code = main(["generate", "--checkpoint", str(folder), "--chat", "--image", str(tmp_path / "a.png"), "--prompt",
+                 "<image>what is the colour of the circle", "--max-new-tokens", "12", "--json"])
+    expected = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert reply.choices[0].message.content == expected["text"]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected["prompt_tokens"],
+                                                                          expected["completion_tokens"])
+    assert reply.usage.prompt_tokens_details.model_dump()["image_tokens"] == expected["visual_tokens"]
+
+
+def test_a_cross_attention_model_reports_its_cross_attention_states(media, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    app = create_app(Pipeline.from_preset("tiny-cross"), ServeSettings(model_name="tiny-cross"))
+    with TestClient(app) as http:
+        reply = http.post("/v1/chat/completions", json={
+            "model": "tiny-cross", "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _data_uri(media["png"], "image/png")}},
+                {"type": "text", "text": "colour?"}]}]}).json()
+    (tmp_path / "a.png").write_bytes(media["png"])
+    assert main(["generate", "--preset", "tiny-cross", "--chat", "--image", str(tmp_path / "a.png"), "--prompt",
+                 "<image>colour?", "--max-new-tokens", "6", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    details = reply["usage"]["prompt_tokens_details"]
+    assert reply["usage"]["prompt_tokens"] == expected["prompt_tokens"]
+    assert details["cross_attention_states"] == expected["cross_attention_states_prefill"] > 0
+    assert reply["choices"][0]["message"]["content"] == expected["text"]

@@ -59,7 +59,8 @@ def add_plan_parser(sub) -> None:
                        description="Map images, audio and video through each model's published token rule "
                                    "to context tokens, KV cache, FLOPs, roofline latency, GPUs and cost.")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", help="a model name (see --list), an omnifuse preset or a model config file")
+    who.add_argument("--model", help="a model name (see --list), an omnifuse preset, a model config file or a "
+                                     "checkpoint folder")
     who.add_argument("--preset", help="an omnifuse preset (with --measure: build it and check the prediction)")
     who.add_argument("--compare", help="several models side by side, comma-separated")
     who.add_argument("--list", action="store_true", help="list the models the planner knows")
@@ -71,7 +72,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--text-tokens", type=int, default=0, help="prompt text tokens per request")
     p.add_argument("--output-tokens", type=int, default=0, help="generated tokens per request")
     p.add_argument("--requests-per-day", type=int, default=0, help="for $/day: the vendor API and self-hosting")
-    p.add_argument("--concurrency", type=int, default=1, help="requests served at once per replica")
+    p.add_argument("--concurrency", type=int, help="requests decoding at once per replica (default: the batch with "
+                                                   "the highest throughput within memory, as omnifuse serve runs)")
     p.add_argument("--gpu", default="h100", help="accelerator for latency and GPU counts: h100, h200, a100, "
                                                  "tpu-v5p, cpu (this machine), or one from --hardware")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"], help="weights")

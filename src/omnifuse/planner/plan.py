@@ -46,7 +46,8 @@ class Workload:
     text_tokens: int = 0
     output_tokens: int = 0
     requests_per_day: int = 0
-    concurrency: int = 1
+    # Requests decoding at once per replica; None: the batch with the highest throughput within memory.
+    concurrency: int | None = None
 
     def __post_init__(self) -> None:
         for w, h in self.images:
@@ -63,7 +64,7 @@ class Workload:
         for name in ("audio_seconds", "video_seconds", "fps"):  # nan and inf would reach int() as a traceback
             if not math.isfinite(getattr(self, name)):
                 raise PlanError(f"{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if self.concurrency < 1:
+        if self.concurrency is not None and self.concurrency < 1:
             raise PlanError(f"concurrency must be at least 1, got {self.concurrency}")
 
 
@@ -108,9 +109,14 @@ def resolve_model(name: str, assume: str | None = None) -> PlanModel:
     elif Path(name).suffix in (".yaml", ".yml", ".json") and Path(name).is_file():
         config = load_config(name)
         plan_model = PlanModel(config.name or name, None, config, from_model_config(config))
+    elif Path(name).is_dir():  # a checkpoint folder, omnifuse or Hugging Face (its config only)
+        from omnifuse.interop import read_any_config
+
+        config = read_any_config(name)
+        plan_model = PlanModel(config.name or Path(name).name, None, config, from_model_config(config))
     else:
         raise PlanError(f"unknown model {name!r}; known models: {', '.join(known_models())} "
-                        "(or an omnifuse model config file)")
+                        "(or an omnifuse model config file, or a checkpoint folder)")
     if assume:
         if plan_model.arch is not None:
             raise PlanError(f"{name} has a published architecture; --assume-architecture is for closed models")
@@ -349,17 +355,46 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
     return out
 
 
+MAX_BATCH = 4096  # the largest batch the automatic choice considers
+
+
+def _best_batch(arch: Architecture, out: dict, acc: Accelerator, workload: Workload, dtype: str, kv_dtype: str,
+                prefill_flops: int, states: int, weights: float, per_gpu: float) -> tuple[int, str]:
+    """The batch a continuous-batching server runs (``omnifuse serve``): as many requests' caches as
+    fit beside the weights on the GPUs the weights need, but no more than it takes to reach 98% of
+    that batch's decode throughput (past the roofline's knee a larger batch only adds latency)."""
+    gpus = max(1, math.ceil(weights / per_gpu))
+    kv = max(1, out["kv_cache_bytes"])
+    fits = int(min(MAX_BATCH, max(1, (gpus * per_gpu - weights) // kv)))
+
+    def tokens_per_s(batch: int) -> float:
+        return _latency(arch, out["parameters"]["total"], acc, dtype, DTYPE_BYTES[kv_dtype], out["context_tokens"],
+                        workload.output_tokens, prefill_flops, states, batch, gpus)["decode_tokens_per_s"]
+
+    best = tokens_per_s(fits)
+    lo, hi = 1, fits  # throughput does not fall as the batch grows: the smallest batch within 2% of the best
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if tokens_per_s(mid) >= 0.98 * best else (mid + 1, hi)
+    why = (f"the highest decode throughput within memory: {fits:,} requests' caches fit beside the weights on "
+           f"{gpus} {acc.key}, a larger batch gains < 2%; --concurrency sets another")
+    return lo, why
+
+
 def _serve(arch: Architecture, out: dict, acc: Accelerator, workload: Workload, dtype: str, kv_dtype: str,
            prefill_flops: int, states: int) -> dict[str, Any]:
-    c = workload.concurrency
     weights = out["parameters"]["total"] * DTYPE_BYTES[dtype]
-    need = weights + c * out["kv_cache_bytes"]
     per_gpu = acc.memory_gb * 2 ** 30 * MEMORY_HEADROOM
+    c, why = workload.concurrency, "set by --concurrency"
+    if c is None:
+        c, why = _best_batch(arch, out, acc, workload, dtype, kv_dtype, prefill_flops, states, weights, per_gpu)
+    need = weights + c * out["kv_cache_bytes"]
     gpus = max(1, math.ceil(need / per_gpu))
     lat = _latency(arch, out["parameters"]["total"], acc, dtype, DTYPE_BYTES[kv_dtype], out["context_tokens"], workload.output_tokens,
                    prefill_flops, states, c, gpus)
     serving: dict[str, Any] = {"accelerator": acc.key, "accelerator_name": acc.name, "dtype": dtype,
-                               "concurrency": c, "memory_bytes": int(need), "gpus_per_replica": gpus}
+                               "concurrency": c, "concurrency_choice": why, "memory_bytes": int(need),
+                               "gpus_per_replica": gpus}
     if workload.requests_per_day:
         per_second = workload.requests_per_day / 86400
         throughput = c / lat["request_s"]  # requests per second one replica finishes

@@ -96,7 +96,8 @@ def plan_table(p: dict[str, Any]):
         lat, srv = p["latency"], p["serving"]
         t.add_row(f"prefill on {lat['accelerator']}", _seconds(lat["prefill_s"]), "roofline (lower bound)")
         t.add_row("decode step", _seconds(lat["decode_s_per_token"]),
-                  f"batch {srv['concurrency']}: {lat['decode_tokens_per_s']:,.0f} tok/s")
+                  f"batch {srv['concurrency']}: {lat['decode_tokens_per_s']:,.0f} tok/s"
+                  + ("" if srv["concurrency_choice"].startswith("set by") else f" ({srv['concurrency_choice']})"))
         t.add_row("GPUs per replica", f"{srv['gpus_per_replica']}",
                   f"{_bytes(srv['memory_bytes'])} of weights + cache at {srv['dtype']}")
         if "gpus" in srv:
