@@ -43,6 +43,30 @@ def write_word_tokenizer(folder: Path, vocab_size: int, specials: dict[str, int]
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
+def edit_config(folder: Path, **changes) -> None:
+    """Change ``config.json`` keys in place: ``"section.key": value`` for a nested one; None removes it."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        target = data[section] if section else data
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    path.write_text(json.dumps(data))
+
+
+def generate_json(capsys, *argv) -> dict:
+    """``omnifuse generate ARGV --json`` in this process: its JSON, once it exited 0 without a warning."""
+    from omnifuse.cli import main
+
+    code = main(["generate", *(str(a) for a in argv), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and "warning" not in captured.err.lower(), captured.err
+    return json.loads(captured.out)
+
+
 def randomise(model: torch.nn.Module, std: float = 0.08, seed: int = 0) -> None:
     """Spread the weights so greedy decoding has clear winners (no near-ties between two implementations)."""
     g = torch.Generator().manual_seed(seed)

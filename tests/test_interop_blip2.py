@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import scene
-from hf_fixtures import save_blip2
+from hf_fixtures import edit_config, generate_json, save_blip2
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -95,8 +95,6 @@ def test_left_padded_batch_matches_reference_generate(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["blip-2", "instructblip"])
 def test_greedy_32_tokens_through_the_cli_equal_reference_generate(tmp_path, capsys, model_type):
-    from omnifuse.cli import main
-
     folder = save_blip2(tmp_path / "ckpt", model_type=model_type, seed=5)
     ref, processor = _reference(folder, model_type)
     image = scene(64, 48, 6)
@@ -106,11 +104,8 @@ def test_greedy_32_tokens_through_the_cli_equal_reference_generate(tmp_path, cap
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=32, do_sample=False)
     expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-    code = main(["generate", "--checkpoint", str(folder), "--image", str(tmp_path / "a.png"), "--prompt", prompt,
-                 "--max-new-tokens", "32", "--json"])
-    captured = capsys.readouterr()
-    assert code == 0 and "warning" not in captured.err.lower()
-    result = json.loads(captured.out)
+    result = generate_json(capsys, "--checkpoint", folder, "--image", tmp_path / "a.png", "--prompt", prompt,
+                           "--max-new-tokens", 32)
     assert result["tokens"] == expected and result["visual_tokens"] == 6
     assert len(expected) >= 8  # a real sequence, not an immediate stop
 
@@ -139,27 +134,14 @@ def test_files_from_before_transformers_5_load_the_same(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
-def _edit_config(folder, **changes):
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        target = data[section] if section else data
-        if value is None:
-            target.pop(name, None)
-        else:
-            target[name] = value
-    path.write_text(json.dumps(data))
-
-
 def test_unsupported_or_inconsistent_checkpoints_are_named(tmp_path):
     folder = save_blip2(tmp_path, seed=7)
     config, processor_config = (folder / "config.json").read_text(), (folder / "processor_config.json").read_text()
-    _edit_config(folder, **{"text_config.model_type": "opt"})
+    edit_config(folder, **{"text_config.model_type": "opt"})
     with pytest.raises(CheckpointError, match="language model 'opt' is not supported"):
         Pipeline.from_checkpoint(folder)
     (folder / "config.json").write_text(config)
-    _edit_config(folder, image_token_index=None)
+    edit_config(folder, image_token_index=None)
     with pytest.raises(CheckpointError, match="no image_token_index"):
         Pipeline.from_checkpoint(folder)
     (folder / "config.json").write_text(config)
@@ -167,7 +149,7 @@ def test_unsupported_or_inconsistent_checkpoints_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="num_query_tokens 32 but the model has 6 queries"):
         Pipeline.from_checkpoint(folder)
     (folder / "processor_config.json").write_text(processor_config)
-    _edit_config(folder, **{"qformer_config.num_hidden_layers": 5})
+    edit_config(folder, **{"qformer_config.num_hidden_layers": 5})
     with pytest.raises(CheckpointError, match="missing keys"):
         Pipeline.from_checkpoint(folder)
     (folder / "config.json").write_text(config)

@@ -9,12 +9,10 @@ written as one string with an ``<image>`` where each image goes.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import scene
-from hf_fixtures import save_idefics
+from hf_fixtures import edit_config, generate_json, save_idefics
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -106,8 +104,6 @@ def test_left_padded_batch_matches_reference_generate(tmp_path):
 
 
 def test_greedy_32_tokens_through_the_cli_equal_reference_generate(tmp_path, capsys):
-    from omnifuse.cli import main
-
     folder = save_idefics(tmp_path / "ckpt", seed=5, interval=1, qk_norms=True)
     ref, processor = _reference(folder)
     image = scene(64, 48, 6)
@@ -117,22 +113,10 @@ def test_greedy_32_tokens_through_the_cli_equal_reference_generate(tmp_path, cap
     with torch.no_grad():
         out = ref.generate(**inputs, max_new_tokens=32, do_sample=False)
     expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-    code = main(["generate", "--checkpoint", str(folder), "--image", str(tmp_path / "a.png"), "--prompt", prompt,
-                 "--max-new-tokens", "32", "--json"])
-    captured = capsys.readouterr()
-    assert code == 0 and "warning" not in captured.err.lower()
-    result = json.loads(captured.out)
+    result = generate_json(capsys, "--checkpoint", folder, "--image", tmp_path / "a.png", "--prompt", prompt,
+                           "--max-new-tokens", 32)
     assert result["tokens"] == expected
     assert len(expected) >= 8  # a real sequence, not an immediate stop
-
-
-def _edit_config(folder, **changes):
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        (data[section] if section else data)[name] = value
-    path.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -144,7 +128,7 @@ def _edit_config(folder, **changes):
 ])
 def test_unsupported_or_inconsistent_checkpoints_are_named(tmp_path, change, message):
     folder = save_idefics(tmp_path, seed=7)
-    _edit_config(folder, **change)
+    edit_config(folder, **change)
     with pytest.raises(CheckpointError, match=message):
         Pipeline.from_checkpoint(folder)
 
