@@ -99,6 +99,15 @@ def test_top_k_and_top_p_restrict_the_support():
     assert picks == {0, 1}
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 5e-324), (5e-324, 1.0), (1e-30, 1e-300)])
+def test_extreme_but_valid_settings_sample_the_top_token(temperature, top_p):
+    # A top_p that rounds to 0 in float32, or a temperature so small that logits / t overflow,
+    # still leave the most likely token (a server receives such values from fuzzers and clients).
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 5.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, SamplingConfig(temperature=temperature, top_p=top_p), g).tolist() == [0, 1]
+
+
 def test_context_overflow_is_an_error_and_new_tokens_are_capped():
     model = make_model(tiny_config("early"))  # max_position 512
     with pytest.raises(ContextOverflowError, match="600.*512"):

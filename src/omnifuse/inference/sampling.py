@@ -32,9 +32,11 @@ class SamplingConfig:
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits: (B, V) -> token ids (B,)."""
-    if cfg.temperature == 0.0:
+    if cfg.temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 rounds to 0: greedy
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    # Shifted so the top logit is 0 before dividing: a tiny temperature gives -inf, never inf - inf.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -43,6 +45,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass before it already reaches top_p; the top token always stays.
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # even when top_p rounds to 0 in float32
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
