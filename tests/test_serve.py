@@ -427,3 +427,19 @@ def test_a_cross_attention_model_reports_its_cross_attention_states(media, tmp_p
     assert reply["usage"]["prompt_tokens"] == expected["prompt_tokens"]
     assert details["cross_attention_states"] == expected["cross_attention_states_prefill"] > 0
     assert reply["choices"][0]["message"]["content"] == expected["text"]
+
+
+def test_the_media_limit_counts_every_message_of_the_conversation_once(pipe, media):
+    from fastapi.testclient import TestClient
+
+    app = create_app(pipe, ServeSettings(model_name=MODEL, limits=MediaLimits(max_media=2)))
+    part = _image(_data_uri(media["png"], "image/png"))
+    messages = [{"role": "user", "content": part}, {"role": "assistant", "content": "a picture"},
+                {"role": "user", "content": part + [{"type": "text", "text": "and this one?"}]}]
+    with TestClient(app) as http:
+        two = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": messages})
+        three = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": messages + [
+            {"role": "user", "content": part}]})
+    assert two.status_code == 200, two.text
+    assert two.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 2 * 64
+    assert "more than 2 media parts" in _error(three, 400)["message"]

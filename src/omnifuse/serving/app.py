@@ -108,21 +108,16 @@ class _Preparer:
         return "audio", _decode_base64(part.input_audio.data, f"{where}.input_audio.data", limit)
 
     def chat(self, body: ChatRequest) -> Prepared:
-        layout = self.pipe.layout
         messages, media, keys = [], {}, {}
-        n_media = 0
         for i, message in enumerate(body.messages):
             messages.append({"role": "system" if message.role == "developer" else message.role,
-                             "content": self._content(message, i, media, keys, n_media)})
-            n_media = sum(len(v) for v in media.values())
-        for modality in media:
-            if modality not in layout.tokens:
-                kinds = ", ".join(layout.tokens) or "no media (a text-only model)"
-                raise MediaError(f"{self.settings.model_name} takes {kinds}, not {modality}", "messages")
+                             "content": self._content(message, i, media, keys)})
         ids, items, order = self.pipe.conversation_and_media(messages, media)
         return self._prepared(ids, items, [keys[m][k] for m, k in order])
 
-    def _content(self, message: Message, i: int, media: dict, keys: dict, n_before: int) -> str:
+    def _content(self, message: Message, i: int, media: dict, keys: dict) -> str:
+        """The message's text with each media part's placeholder where the part was; the parts'
+        items and cache keys are appended to ``media`` and ``keys`` (the conversation's so far)."""
         if isinstance(message.content, str):
             return message.content
         text = ""
@@ -133,7 +128,7 @@ class _Preparer:
                 continue
             if message.role != "user":
                 raise MediaError(f"{where}: media parts go in user messages, not {message.role}", where)
-            if n_before + sum(len(v) for v in media.values()) >= self.limits.max_media:
+            if sum(len(v) for v in media.values()) >= self.limits.max_media:
                 raise MediaError(f"{where}: more than {self.limits.max_media} media parts in one request "
                                  "(--max-media)", where)
             modality, data = self._media_bytes(part, where)
@@ -359,7 +354,14 @@ def create_app(pipeline, settings: ServeSettings | None = None):
         params = [_params(body, prepared, i) for i in range(body.n)]
         shared = asyncio.Queue() if body.stream else None
         streams = [_Stream(loop, shared, i) for i in range(len(params))]
-        requests = [_submit(prepared, p, s) for p, s in zip(params, streams)]
+        requests: list[EngineRequest] = []
+        try:
+            for p, s in zip(params, streams):
+                requests.append(_submit(prepared, p, s))
+        except _ApiError:  # the queue filled between choices: none of them runs
+            for r in requests:
+                r.cancel()
+            raise
         metrics["prompt_tokens"].inc(len(prepared.prompt_ids))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
