@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnifuse.errors import USER_ERRORS, BatchFullError, ContextOverflowError
 from omnifuse.serving.engine import Engine, EngineRequest, Event, Params
-from omnifuse.serving.media import MediaError, MediaLimits, check_image, digest, read_reference
+from omnifuse.serving.media import MediaError, MediaLimits, check_image, decode_base64, digest, read_reference
 from omnifuse.serving.schemas import ChatRequest, CompletionRequest, Message
 
 __all__ = ["ServeSettings", "create_app"]
@@ -103,9 +103,7 @@ class _Preparer:
             return "image", read_reference(part.image_url.url, f"{where}.image_url.url", self.settings.media_root, limit)
         if part.type == "video_url":
             return "video", read_reference(part.video_url.url, f"{where}.video_url.url", self.settings.media_root, limit)
-        from omnifuse.serving.media import _decode_base64
-
-        return "audio", _decode_base64(part.input_audio.data, f"{where}.input_audio.data", limit)
+        return "audio", decode_base64(part.input_audio.data, f"{where}.input_audio.data", limit)
 
     def chat(self, body: ChatRequest) -> Prepared:
         messages, media, keys = [], {}, {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omnifuse.errors import RequestError
 
-__all__ = ["MediaError", "MediaLimits", "digest", "read_reference"]
+__all__ = ["MediaError", "MediaLimits", "check_image", "decode_base64", "digest", "read_reference"]
 
 
 class MediaError(RequestError):
@@ -43,7 +43,7 @@ class MediaLimits:
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.ASCII)
 
 
-def _decode_base64(payload: str, param: str, limit: int) -> bytes:
+def decode_base64(payload: str, param: str, limit: int) -> bytes:
     if len(payload) > (limit + 2) // 3 * 4 + 4:
         raise MediaError(f"{param}: the media is more than {limit:,} bytes (the server's limit per item)", param)
     try:
@@ -63,7 +63,7 @@ def read_reference(url: str, param: str, media_root: Path | None, limit: int) ->
         m = _DATA_URI.match(url)
         if m is None or not m.group("b64"):
             raise MediaError(f"{param}: a data: URI must be data:<type>;base64,<data>", param)
-        return _decode_base64(url[m.end():], param, limit)
+        return decode_base64(url[m.end():], param, limit)
     scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*):", url)
     if scheme and scheme.group(1).lower() in ("http", "https", "ftp"):
         raise MediaError(f"{param}: {scheme.group(1)} URLs are refused: the server fetches nothing; send the media "
