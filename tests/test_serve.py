@@ -334,6 +334,14 @@ def test_a_full_queue_answers_429_with_retry_after(pipe):
             t.join(timeout=30)
 
 
+def test_context_overflow_names_what_is_too_long(server):
+    too_long = _error(_post(server, _chat("x" * 3000)), 400)
+    assert too_long["code"] == "context_length_exceeded" and too_long["param"] == "messages"
+    assert "but the context is 2048" in too_long["message"]
+    too_many = _error(_post(server, {**_chat("hi"), "max_tokens": 2040}), 400)
+    assert too_many["code"] == "context_length_exceeded" and too_many["param"] == "max_tokens"
+
+
 def test_malformed_json_is_a_400_in_openai_format(server):
     response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": ',
                           headers={"Content-Type": "application/json"})

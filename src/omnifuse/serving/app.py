@@ -297,8 +297,9 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     def _user_error(e: Exception) -> _ApiError:
         if isinstance(e, BatchFullError):
             return _ApiError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        if isinstance(e, ContextOverflowError):
-            return _ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
+        if isinstance(e, ContextOverflowError):  # the prompt alone, or the prompt with max_tokens
+            param = "max_tokens" if "max_tokens" in str(e) else "messages"
+            return _ApiError(400, str(e), param=param, code="context_length_exceeded")
         return _ApiError(400, str(e), param=getattr(e, "param", None))
 
     # -------------------------------------------------------------- generation core
