@@ -1,8 +1,10 @@
 """A running batch of independent requests (the core of continuous batching).
 
-Each request is prefilled alone into its own cache, then inserted into a free row of the batch's
-cache; every ``step`` decodes one token for all active rows at once, each row at its own length
-and position. A request's tokens do not depend on what else shares the batch, or on when it joined.
+Each request is prefilled alone into its own cache, then inserted into the lowest free row of the
+batch's cache; every ``step`` decodes one token for all active rows at once, each row at its own
+length and position, with its own sampling settings. A step computes the rows up to the highest
+one in use (through a view of the cache), so it costs the batch's occupancy, not its capacity. A
+request's tokens do not depend on what else shares the batch, or on when it joined.
 """
 
 from __future__ import annotations
@@ -18,36 +20,34 @@ from omnifuse.inference.sampling import SamplingConfig, sample_next
 __all__ = ["DecodeBatch", "Request"]
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: two with the same prompt are still two
 class Request:
     row: int
+    sampling: SamplingConfig
     tokens: list[int] = field(default_factory=list)  # generated so far, a final stop token included
     done: bool = False
+    generator: torch.Generator | None = None  # its own, seeded from sampling.seed, when it samples
 
 
 class DecodeBatch:
-    """``add(prompt_ids, images)`` prefills a request and places it in a free row; ``step()``
-    decodes one token for every unfinished request; finished rows are freed for new requests."""
+    """``add(prompt_ids, images, sampling)`` prefills a request and places it in a free row;
+    ``step()`` decodes one token for every unfinished request; ``remove`` frees a row."""
 
     def __init__(self, model, max_rows: int, max_len: int, sampling: SamplingConfig = SamplingConfig()) -> None:
+        """``sampling``: the settings of requests added without their own."""
         self.model, self.sampling, self.max_len = model, sampling, max_len
         self.cache: InferenceCache = model.new_cache(max_rows, max_len)
         self.requests: dict[int, Request] = {}
         self._last = torch.zeros(max_rows, dtype=torch.long, device=model.device)  # each row's latest token
-        self._stops = set(sampling.stop_token_ids)
-        self._generator = None
-        if sampling.temperature > 0:
-            self._generator = torch.Generator(device=model.device)
-            self._generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
 
     @property
     def free_rows(self) -> list[int]:
         return [r for r in range(self.cache.self_attn.batch_size) if r not in self.requests]
 
     @torch.inference_mode()
-    def add(self, prompt_ids: list[int], images=None) -> Request:
-        """Prefill ``prompt_ids`` (with its processed images) alone, insert it into a free row and
-        sample its first token."""
+    def add(self, prompt_ids: list[int], images=None, sampling: SamplingConfig | None = None) -> Request:
+        """Prefill ``prompt_ids`` (with its processed media items) alone, insert it into the lowest
+        free row and sample its first token."""
         free = self.free_rows
         if not free:
             raise BatchFullError(f"the batch is full ({len(self.requests)} requests); wait for a request to finish")
@@ -59,16 +59,28 @@ class DecodeBatch:
         own = self.model.new_cache(1, len(prompt_ids))
         ids = torch.tensor([prompt_ids], device=self.model.device)
         logits = self.model(ids, images=[list(images)] if images else None, cache=own, last_only=True)[:, -1]
-        request = Request(free[0])
+        request = Request(free[0], sampling or self.sampling)
+        if request.sampling.temperature > 0:
+            request.generator = torch.Generator(device=self.model.device)
+            seed = request.sampling.seed
+            request.generator.manual_seed(seed if seed is not None else torch.seed())
         self.cache.insert(request.row, own)
         self.requests[request.row] = request
-        self._accept(request, int(sample_next(logits, self.sampling, self._generator)[0]))
+        self._accept(request, self._sample(logits, [request])[0])
         return request
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        out = logits.argmax(dim=-1).tolist()  # greedy rows: one argmax for the batch
+        for i, request in enumerate(requests):
+            if request.generator is not None:
+                out[i] = int(sample_next(logits[i:i + 1], request.sampling, request.generator)[0])
+        return out
 
     def _accept(self, request: Request, token: int) -> None:
         request.tokens.append(token)
         self._last[request.row] = token
-        if token in self._stops or len(request.tokens) >= self.sampling.max_new_tokens:
+        if token in request.sampling.stop_token_ids or len(request.tokens) >= request.sampling.max_new_tokens:
             request.done = True
 
     @torch.inference_mode()
@@ -77,16 +89,18 @@ class DecodeBatch:
         running = [r for r in self.requests.values() if not r.done]
         if not running:
             return []
-        rows = torch.tensor([r.row for r in running], device=self._last.device)
         full = [r.row for r in running if self.cache.self_attn.lengths[r.row] >= self.max_len]
         if full:  # prompt + max_new_tokens is more than the cache holds
             raise ContextOverflowError(f"rows {full} hold {self.max_len} tokens, the batch's cache length; "
                                        "remove them or build the batch with a larger max_len")
-        active = torch.zeros(self._last.shape[0], 1, dtype=torch.long, device=self._last.device)
+        n = max(self.requests) + 1  # rows above the highest in use take no part
+        rows = torch.tensor([r.row for r in running], device=self._last.device)
+        active = torch.zeros(n, 1, dtype=torch.long, device=self._last.device)
         active[rows] = 1  # idle and finished rows take no step: their length and position stay
-        logits = self.model(self._last[:, None], active, cache=self.cache, last_only=True)[:, -1]
-        tokens = sample_next(logits[rows], self.sampling, self._generator)
-        for request, token in zip(running, tokens.tolist()):
+        view = self.cache.narrow(n)
+        logits = self.model(self._last[:n, None], active, cache=view, last_only=True)[:, -1]
+        self.cache.absorb(view)
+        for request, token in zip(running, self._sample(logits[rows], running)):
             self._accept(request, token)
         return running
 

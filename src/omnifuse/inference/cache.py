@@ -228,7 +228,7 @@ class InferenceCache:
             self.cross.release(row)
 
     def narrow(self, n: int) -> InferenceCache:
-        """Rows ``0..n-1`` (a running batch kept in its first rows) over the same storage, so a
+        """Rows ``0..n-1`` (a running batch fills its lowest rows first) over the same storage, so a
         decode step costs ``n`` rows, not the capacity; ``absorb`` it after the step."""
         return InferenceCache(self.self_attn.narrow(n), self.cross.narrow(n) if self.cross is not None else None)
 

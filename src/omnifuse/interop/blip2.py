@@ -40,15 +40,13 @@ from omnifuse.interop.hf import (
     Reshaped,
     Split,
     build_on_meta,
-    check_pixel_steps,
     llama_decoder_key_map,
     llama_decoder_kwargs,
     load_mapped,
-    per_channel,
     placeholder_text,
-    read_image_processor_config,
     read_json_if_present,
-    warn_processor_defaults,
+    square_stretch_config,
+    vision_activation,
 )
 
 __all__ = ["blip2_config", "blip2_key_map", "load_blip2"]
@@ -64,38 +62,18 @@ _QFORMER_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12
 # BlipImageProcessor's class defaults.
 _PROCESSOR_DEFAULTS = dict(resample=3, size={"height": 384, "width": 384}, do_resize=True, do_rescale=True,
                            rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the BERT tokenizer
 
 
 def _image_config(folder: Path, side: int) -> tuple[ImageConfig, int | None]:
     """(the processor's settings as an ImageConfig, its saved ``num_query_tokens`` if any)."""
-    pre, source = read_image_processor_config(folder)
     queries = read_json_if_present(folder / "processor_config.json").get("num_query_tokens")
-    if source is None:
-        warn_processor_defaults(folder, f"BLIP defaults (a bicubic stretch to {side} x {side}, mean {CLIP_MEAN}, "
-                                        f"std {CLIP_STD})")
-        return ImageConfig(mode="fixed", image_size=side, resize="resize"), queries
-    pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
-    where = f"{folder / source}"
-    check_pixel_steps(pre, where, "BLIP-2", (3, "bicubic"))
-    size = pre["size"]
-    if not (isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width")):
-        raise CheckpointError(f"{where}: size {size} is not supported (a square {{\"height\": N, \"width\": N}})")
-    if int(size["height"]) != side:
-        raise CheckpointError(f"{where}: images become {size['height']} x {size['width']} but the vision tower "
-                              f"takes {side} x {side}")
-    return ImageConfig(mode="fixed", image_size=side, resize="resize",
-                       mean=per_channel(pre["image_mean"], f"{where}: image_mean"),
-                       std=per_channel(pre["image_std"], f"{where}: image_std")), queries
+    return square_stretch_config(folder, side, _PROCESSOR_DEFAULTS, "BLIP-2"), queries
 
 
 def _vision_config(vision: dict[str, Any], where: str) -> VisionConfig:
     v = {**_VISION_DEFAULTS, **vision}
-    act = _ACTIVATIONS.get(v["hidden_act"])
-    if act is None:
-        raise CheckpointError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported "
-                              f"(supported: {sorted(_ACTIVATIONS)})")
+    act = vision_activation(v["hidden_act"], where)
     if not v["qkv_bias"]:
         raise CheckpointError(f"{where}: vision qkv_bias=false is not supported (BLIP-2 and InstructBLIP have it on)")
     return VisionConfig(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),

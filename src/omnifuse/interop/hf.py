@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from omnifuse.checkpoint import CheckpointError, missing_keys, parameter_count, raise_if_mismatched, read_config_json
+from omnifuse.config import CLIP_MEAN, CLIP_STD, ImageConfig
 
 __all__ = [
     "KeyMap",
@@ -38,6 +39,8 @@ __all__ = [
     "read_hf_config",
     "read_image_processor_config",
     "rope_settings",
+    "square_stretch_config",
+    "vision_activation",
 ]
 
 
@@ -333,6 +336,36 @@ def check_pixel_steps(pre: dict[str, Any], where: str, family: str, resample: tu
         raise CheckpointError(f"{where}: only {', '.join(names[:-1])} and {names[-1]} all on are supported")
 
 
+def square_stretch_config(folder: Path, side: int, defaults: dict[str, Any], family: str,
+                          size_key: str | None = None) -> ImageConfig:
+    """The ImageConfig of a processor that stretches every image to the vision tower's square with
+    bicubic resampling (BLIP-2 / InstructBLIP, IDEFICS), from the folder's saved settings over the
+    class ``defaults``. ``size_key``: a key that, when saved, overrides ``size`` (IDEFICS's
+    ``image_size``). A folder without settings gets the defaults at ``side``, with a warning."""
+    pre, source = read_image_processor_config(folder)
+    if source is None:
+        warn_processor_defaults(folder, f"{family} defaults (a bicubic stretch to {side} x {side}, mean {CLIP_MEAN}, "
+                                        f"std {CLIP_STD})")
+        return ImageConfig(mode="fixed", image_size=side, resize="resize")
+    pre = {**defaults, **{k: v for k, v in pre.items() if v is not None}}
+    where = f"{folder / source}"
+    check_pixel_steps(pre, where, family, (3, "bicubic"))
+    size = pre["size"]
+    if size_key and pre.get(size_key):
+        height = width = pre[size_key]
+    else:
+        height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (None, None)
+    if not height or height != width:
+        accepted = f" or {size_key}" if size_key else ""
+        raise CheckpointError(f"{where}: size {size} is not supported (a square {{\"height\": N, \"width\": N}}"
+                              f"{accepted})")
+    if int(height) != side:
+        raise CheckpointError(f"{where}: images become {height} x {width} but the vision tower takes {side} x {side}")
+    return ImageConfig(mode="fixed", image_size=side, resize="resize",
+                       mean=per_channel(pre["image_mean"], f"{where}: image_mean"),
+                       std=per_channel(pre["image_std"], f"{where}: image_std"))
+
+
 def per_channel(value: Any, where: str) -> tuple[float, float, float]:
     """An ``image_mean`` / ``image_std`` setting as three floats (transformers also takes one number)."""
     values = [value] * 3 if isinstance(value, (int, float)) else value
@@ -395,7 +428,17 @@ def token_id_of(folder: Path, text: str) -> int | None:
 SIGLIP_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
                               num_channels=3, image_size=224, patch_size=32, hidden_act="gelu_pytorch_tanh",
                               layer_norm_eps=1e-6)
-_SIGLIP_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+# HF vision towers' hidden_act names -> omnifuse's (nn/mlp.py ACTIVATIONS).
+VISION_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+def vision_activation(name: str, where: str) -> str:
+    """omnifuse's name for a HF vision tower's ``hidden_act``; an unsupported one is named."""
+    act = VISION_ACTIVATIONS.get(name)
+    if act is None:
+        raise CheckpointError(f"{where}: vision hidden_act {name!r} is not supported "
+                              f"(supported: {sorted(VISION_ACTIVATIONS)})")
+    return act
 
 
 def siglip_vision_kwargs(vision: dict[str, Any], where: str) -> dict[str, Any]:
@@ -404,10 +447,7 @@ def siglip_vision_kwargs(vision: dict[str, Any], where: str) -> dict[str, Any]:
     Every crop the reference's processor makes is full size, where its bucketed position ids are the
     learned grid itself (tests/test_interop_siglip.py)."""
     v = {**SIGLIP_VISION_DEFAULTS, **vision}
-    act = _SIGLIP_ACTIVATIONS.get(v["hidden_act"])
-    if act is None:
-        raise CheckpointError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported "
-                              f"(supported: {sorted(_SIGLIP_ACTIVATIONS)})")
+    act = vision_activation(v["hidden_act"], where)
     return dict(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), hidden_size=int(v["hidden_size"]),
                 num_layers=int(v["num_hidden_layers"]), num_heads=int(v["num_attention_heads"]),
                 intermediate_size=int(v["intermediate_size"]), num_channels=int(v["num_channels"]), use_cls=False,

@@ -42,13 +42,11 @@ from omnifuse.interop.hf import (
     KeyMap,
     Rows,
     build_on_meta,
-    check_pixel_steps,
     llama_decoder_kwargs,
     load_mapped,
-    per_channel,
-    read_image_processor_config,
+    square_stretch_config,
     token_id_of,
-    warn_processor_defaults,
+    vision_activation,
 )
 from omnifuse.processing.prompt import FAKE_IMAGE_TOKEN
 
@@ -62,44 +60,17 @@ _PERCEIVER_DEFAULTS = dict(resampler_n_latents=64, resampler_depth=6, resampler_
 # IdeficsImageProcessor's class defaults.
 _PROCESSOR_DEFAULTS = dict(resample=3, size={"height": 224, "width": 224}, do_resize=True, do_rescale=True,
                            rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 IMAGE_TOKEN = "<image>"
 
 
 def _image_config(folder: Path, side: int) -> ImageConfig:
-    pre, source = read_image_processor_config(folder)
-    if source is None:
-        warn_processor_defaults(folder, f"IDEFICS defaults (a bicubic stretch to {side} x {side}, mean {CLIP_MEAN}, "
-                                        f"std {CLIP_STD})")
-        return ImageConfig(mode="fixed", image_size=side, resize="resize")
-    pre = {**_PROCESSOR_DEFAULTS, **{k: v for k, v in pre.items() if v is not None}}
-    where = f"{folder / source}"
-    check_pixel_steps(pre, where, "IDEFICS", (3, "bicubic"))
-    # IdeficsImageProcessor: image_size (the published files' key), when given, overrides size.
-    size = pre["size"]
-    if "image_size" in pre:
-        height = width = pre["image_size"]
-    elif isinstance(size, dict):
-        height, width = size.get("height"), size.get("width")
-    else:
-        height = width = None
-    if not height or height != width:
-        raise CheckpointError(f"{where}: size {size} is not supported (a square {{\"height\": N, \"width\": N}} "
-                              "or image_size)")
-    if int(height) != side:
-        raise CheckpointError(f"{where}: images become {height} x {width} but the vision tower takes {side} x {side} "
-                              "(IDEFICS does not interpolate its position embeddings at inference)")
-    return ImageConfig(mode="fixed", image_size=side, resize="resize",
-                       mean=per_channel(pre["image_mean"], f"{where}: image_mean"),
-                       std=per_channel(pre["image_std"], f"{where}: image_std"))
+    # IdeficsImageProcessor: image_size (the published files' key), when saved, overrides size.
+    return square_stretch_config(folder, side, _PROCESSOR_DEFAULTS, "IDEFICS", size_key="image_size")
 
 
 def _vision_config(vision: dict[str, Any], where: str) -> VisionConfig:
     v = {**_VISION_DEFAULTS, **vision}
-    act = _ACTIVATIONS.get(v["hidden_act"])
-    if act is None:
-        raise CheckpointError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported "
-                              f"(supported: {sorted(_ACTIVATIONS)})")
+    act = vision_activation(v["hidden_act"], where)
     return VisionConfig(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
                         hidden_size=int(v["embed_dim"]), num_layers=int(v["num_hidden_layers"]),
                         num_heads=int(v["num_attention_heads"]), intermediate_size=int(v["intermediate_size"]),

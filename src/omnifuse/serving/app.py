@@ -77,7 +77,8 @@ class _Preparer:
         import dataclasses
 
         self.pipe, self.settings, self.limits = pipeline, settings, settings.limits
-        self.settings_of = dataclasses.asdict(pipeline.model.config)  # processing and encoder settings
+        # Every processing and encoder setting, serialised once (each media item's cache key holds it).
+        self.settings_of = json.dumps(dataclasses.asdict(pipeline.model.config), sort_keys=True, default=str)
 
     def _item(self, modality: str, data: bytes, param: str):
         limits, pipe = self.limits, self.pipe

@@ -1,16 +1,15 @@
 """The continuous-batching engine behind ``omnifuse serve``.
 
-One thread owns the model. Between decode steps it admits waiting requests in arrival order
-(FIFO) while the running batch has a free row: each is prefilled alone into its own cache, then
-moved into the batch's cache (``InferenceCache.insert``), and its first token sampled. Every step
-then decodes one token for all running requests at once, each row at its own length and position
-(contract: a request's tokens never depend on what else shares its batch). Running requests keep
-rows ``0..n-1``, so a step computes over ``n`` rows, not the batch's capacity; a finished or
-cancelled request leaves at once and the last row moves into its place.
+One thread owns the model and a ``DecodeBatch`` (inference/batching.py: the rows, their cache,
+prefill-alone-then-insert and the batched decode step). Between decode steps the engine admits
+waiting requests in arrival order (FIFO) while the batch has a free row; every step decodes one
+token for all running requests (contract: a request's tokens never depend on what else shares its
+batch). A finished or cancelled request leaves at once. On top of the batch the engine keeps the
+queue, stop strings, the text each request has been sent, and its events.
 
 The batch's cache is preallocated: ``rows`` rows of ``context`` positions, as many rows as the
 KV-cache byte budget holds (``kv_cache_bytes``) up to ``max_batch``. Media encoder outputs are
-kept in an LRU cache keyed by each item's ``digest`` (its bytes and processing settings) within
+kept in an LRU cache keyed by each item's digest (its bytes and processing settings) within
 ``encoder_cache_bytes``: a hit skips the encoder.
 """
 
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from omnifuse.errors import USER_ERRORS, BatchFullError, ContextOverflowError, RequestError
-from omnifuse.inference.sampling import SamplingConfig, sample_next
+from omnifuse.inference.batching import DecodeBatch, Request
+from omnifuse.inference.sampling import SamplingConfig
 
-__all__ = ["Engine", "EngineRequest", "Event", "Params", "run_alone"]
+__all__ = ["Engine", "EngineRequest", "Event", "Params"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EngineRequest:
     first_token_at: float | None = None
     finished_at: float | None = None
     _text: str = ""  # text emitted so far
-    _generator: torch.Generator | None = None
+    _slot: Request | None = None  # its row in the batch while it runs
     _cached_tokens: int = 0
 
     def cancel(self) -> None:
@@ -125,11 +125,10 @@ class Engine:
             raise RequestError(f"a KV-cache budget of {kv_cache_bytes:,} bytes holds no row: one row of "
                                f"{self.context} positions takes {per_row:,} bytes")
         self.rows, self.max_queue = int(rows), max_queue
-        self.cache = model.new_cache(self.rows, self.context)
+        self.batch = DecodeBatch(model, self.rows, self.context)
         self.encoder_cache = _EncoderCache(encoder_cache_bytes)
-        self.running: list[EngineRequest] = []  # row i holds running[i]
+        self.running: list[EngineRequest] = []  # in the order they were admitted
         self.waiting: deque[EngineRequest] = deque()
-        self._last = torch.zeros(self.rows, dtype=torch.long, device=model.device)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -137,6 +136,10 @@ class Engine:
         self.steps = 0
 
     # ------------------------------------------------------------------ client side (any thread)
+    @property
+    def cache(self):
+        return self.batch.cache
+
     @property
     def kv_cache_bytes(self) -> int:
         return self.cache.nbytes
@@ -205,9 +208,7 @@ class Engine:
                 log.exception("engine step failed")
                 for request in [*self.running, *self._drain_waiting()]:
                     self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
-                self.running.clear()
-                for row in range(self.rows):
-                    self.cache.release(row)
+                self._drop_finished()
             if self.on_step is not None:
                 self.on_step(self)
         for request in [*self.running, *self._drain_waiting()]:
@@ -240,10 +241,8 @@ class Engine:
                 log.exception("prefill failed")
                 self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
                 continue
-            self._accept(request, token)
-            if request.finished_at is not None:
-                self.cache.release(len(self.running) - 1)
-                self.running.pop()
+            self._after_token(request, token)
+            self._drop_finished()
 
     def _with_features(self, request: EngineRequest) -> list:
         items = []
@@ -263,47 +262,26 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, request: EngineRequest) -> int:
-        items = self._with_features(request)
-        own = self.model.new_cache(1, len(request.prompt_ids))
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)
-        logits = self.model(ids, images=[items] if items else None, cache=own, last_only=True)[:, -1]
-        row = len(self.running)
-        self.cache.insert(row, own)
+        """Into the batch (its first token sampled); the request's tokens are its row's."""
+        request._slot = self.batch.add(request.prompt_ids, self._with_features(request), request.params.sampling())
+        request.tokens = request._slot.tokens
         self.running.append(request)
-        params = request.params
-        if params.temperature > 0:
-            request._generator = torch.Generator(device=self.model.device)
-            request._generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        return int(self._sample(logits, [request])[0])
+        return request.tokens[-1]
 
-    def _sample(self, logits: torch.Tensor, requests: list[EngineRequest]) -> list[int]:
-        out = logits.argmax(dim=-1).tolist()  # greedy rows: one argmax for the batch
-        for i, request in enumerate(requests):
-            if request.params.temperature > 0:
-                out[i] = int(sample_next(logits[i:i + 1], request.params.sampling(), request._generator)[0])
-        return out
-
-    @torch.inference_mode()
     def _step(self) -> None:
         self._drop_cancelled()
-        n = len(self.running)
-        if not n:
+        if not self.running:
             return
-        view = self.cache.narrow(n)
-        active = torch.ones(n, 1, dtype=torch.long, device=self._last.device)
-        logits = self.model(self._last[:n, None], active, cache=view, last_only=True)[:, -1]
-        self.cache.absorb(view)
+        by_slot = {r._slot: r for r in self.running}
+        for slot in self.batch.step():
+            self._after_token(by_slot[slot], slot.tokens[-1])
         self.steps += 1
-        for request, token in zip(list(self.running), self._sample(logits, self.running)):
-            self._accept(request, token)
         self._drop_finished()
 
-    def _accept(self, request: EngineRequest, token: int) -> None:
-        now = time.perf_counter()
+    def _after_token(self, request: EngineRequest, token: int) -> None:
+        """Stop tokens, stop strings and the length limit; the text the client has not seen yet."""
         if request.first_token_at is None:
-            request.first_token_at = now
-        request.tokens.append(token)
-        self._last[self.running.index(request)] = token
+            request.first_token_at = time.perf_counter()
         params = request.params
         stopped = token in params.stop_token_ids
         text = self.tokenizer.decode(request.tokens[:-1] if stopped else request.tokens)
@@ -341,26 +319,6 @@ class Engine:
         self._drop_finished()
 
     def _drop_finished(self) -> None:
-        row = 0
-        while row < len(self.running):
-            if self.running[row].finished_at is None:
-                row += 1
-                continue
-            last = len(self.running) - 1
-            if row != last:  # the last row moves into the freed one: running rows stay 0..n-1
-                self.cache.insert(row, self.cache, last)
-                self._last[row] = self._last[last]
-                self.running[row] = self.running[last]
-            self.cache.release(last)
-            self.running.pop()
-
-
-def run_alone(model, tokenizer, prompt_ids: list[int], items: list, params: Params) -> list[int]:
-    """The tokens one request gets with the engine to itself (tests and benchmarks compare with it)."""
-    engine = Engine(model, tokenizer, max_batch=1, context=len(prompt_ids) + params.max_tokens)
-    request = EngineRequest(prompt_ids, items, params, on_event=lambda _e: None)
-    engine.submit(request)
-    engine._admit()
-    while engine.running:
-        engine._step()
-    return request.tokens
+        for request in [r for r in self.running if r.finished_at is not None]:
+            self.batch.remove(request._slot)
+            self.running.remove(request)

@@ -94,7 +94,8 @@ def read_reference(url: str, param: str, media_root: Path | None, limit: int) ->
 
 
 def check_image(data: bytes, param: str, limits: MediaLimits):
-    """A PIL image of ``data`` once its header's size is within the limit (nothing decoded before)."""
+    """``data`` opened as an image (its header read, nothing decoded) once its size is within the
+    server's limit; the image processor decodes it (``processing/image.load_image``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -105,10 +106,6 @@ def check_image(data: bytes, param: str, limits: MediaLimits):
     if w * h > limits.max_image_pixels:
         raise MediaError(f"{param}: the image is {w} x {h} = {w * h:,} pixels, more than the {limits.max_image_pixels:,} "
                          "allowed (--max-image-pixels)", param)
-    try:
-        image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError(f"{param}: the image cannot be decoded ({type(e).__name__}: {e})", param) from None
     return image
 
 
