@@ -31,25 +31,16 @@ def _add_device_args(p: argparse.ArgumentParser, training: bool = False) -> None
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on a CPU, bfloat16 on a GPU")
 
 
+def _pipeline_options(args: argparse.Namespace) -> dict:
+    """The model options of generate / serve, as ``load_pipeline``'s keywords (plain, picklable values)."""
+    return {"preset": args.preset, "checkpoint": args.checkpoint, "device": args.device, "dtype": args.dtype,
+            "quantize": args.quantize, "merge_tokens": getattr(args, "merge_tokens", 0)}
+
+
 def _pipeline(args: argparse.Namespace):
-    import torch
+    from omnifuse.pipeline import load_pipeline
 
-    from omnifuse.pipeline import Pipeline
-    from omnifuse.runtime import choose_device, choose_dtype
-
-    device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
-    if args.quantize and (device.type != "cpu" or dtype != torch.float32):
-        from omnifuse.config import ConfigError
-
-        raise ConfigError("--quantize int8 runs on the CPU in float32 (no --device cuda or --dtype)")
-    if args.preset:
-        pipe = Pipeline.from_preset(args.preset, seed=0, device=device, dtype=dtype)
-    else:
-        pipe = Pipeline.from_checkpoint(args.checkpoint, device=device, dtype=dtype)
-    if getattr(args, "merge_tokens", 0):
-        pipe.merge_tokens(args.merge_tokens)
-    return (pipe.quantize(args.quantize) if args.quantize else pipe).pack()  # pack: the linears int8 left
+    return load_pipeline(**_pipeline_options(args))
 
 
 def _device_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -137,7 +128,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_queue", "max_media", "max_image_pixels", "max_video_frames"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    pipe = _pipeline(args)
     name = args.served_model_name or args.preset or Path(args.checkpoint).resolve().name
     mib = 1 << 20
     settings = ServeSettings(
@@ -147,7 +137,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         media_root=root, max_body_bytes=int(args.max_body_mb * mib),
         limits=MediaLimits(max_media=args.max_media, max_image_pixels=args.max_image_pixels,
                            max_audio_seconds=args.max_audio_seconds, max_video_frames=args.max_video_frames))
-    app = create_app(pipe, settings)
+    if args.ray:
+        from omnifuse.serving import replicas
+
+        _check_model_source(args)  # before Ray starts: a wrong name or folder is said here, not in a replica log
+        return replicas.run(_pipeline_options(args), settings, replicas=args.replicas, host=args.host,
+                            port=args.port, address=args.ray_address, cpus=args.replica_cpus)
+    if args.replicas != 1 or args.ray_address:
+        raise ConfigError("--replicas and --ray-address need --ray (one process serves one replica)")
+    app = create_app(_pipeline(args), settings)
     engine = app.state.engine
     print(f"omnifuse serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.context} "
           f"positions, KV cache {engine.kv_cache_bytes / mib:.1f} MiB)", file=sys.stderr)
@@ -158,6 +156,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
                 limit_concurrency=args.max_queue + args.max_batch + 16)
     return 0
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """A clear error now for an unknown preset or an unreadable checkpoint folder."""
+    if args.preset:
+        from omnifuse.presets import get_preset
+
+        get_preset(args.preset)
+    else:
+        from omnifuse.interop import read_any_config
+
+        read_any_config(args.checkpoint)
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -301,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height of one image")
     s.add_argument("--max-audio-seconds", type=float, default=120.0)
     s.add_argument("--max-video-frames", type=int, default=64)
+    s.add_argument("--ray", action="store_true", help="run replicas on Ray Serve (pip install 'omnifuse[ray]')")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the server behind Ray's proxy")
+    s.add_argument("--ray-address", help="with --ray: join this Ray cluster (e.g. auto) instead of starting one here")
+    s.add_argument("--replica-cpus", type=float,
+                   help="with --ray: CPUs (and torch threads) per replica (default: this machine's cores shared out)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_device_args(s)
     s.set_defaults(func=cmd_serve)

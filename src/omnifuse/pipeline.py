@@ -26,6 +26,7 @@ from omnifuse.presets import get_preset
 from omnifuse.processing.image import ProcessedImage
 from omnifuse.processing.prompt import PromptLayout
 from omnifuse.processing.text import InstructionTokenizer, Tokenizer, load_instruction_tokenizer, load_tokenizer
+from omnifuse.runtime import choose_device, choose_dtype
 
 __all__ = ["GenerationResult", "Pipeline"]
 
@@ -266,3 +267,24 @@ class Pipeline:
         callback = (lambda _row, tok: on_token(tok)) if on_token is not None else None
         return self.generate_batch([prompt], [list(images)], sampling, chat, callback, [list(audio)], [list(video)],
                                    fps, max_frames)[0]
+
+
+def load_pipeline(*, preset: str | None = None, checkpoint: str | Path | None = None, device: str | None = None,
+                  dtype: str | None = None, quantize: str | None = None, merge_tokens: int = 0,
+                  seed: int = 0) -> Pipeline:
+    """The pipeline ``omnifuse generate`` and ``omnifuse serve`` run: a preset (seeded random weights)
+    or a checkpoint folder, on ``device`` in ``dtype`` (names; None picks as ``runtime`` does), with
+    token merging, int8 weights and packed float32 linears as asked."""
+    if (preset is None) == (checkpoint is None):
+        raise ConfigError("give a preset or a checkpoint folder (one of them)")
+    device_ = choose_device(device)
+    dtype_ = choose_dtype(dtype, device_)
+    if quantize and (device_.type != "cpu" or dtype_ != torch.float32):
+        raise ConfigError("--quantize int8 runs on the CPU in float32 (no --device cuda or --dtype)")
+    if preset is not None:
+        pipe = Pipeline.from_preset(preset, seed=seed, device=device_, dtype=dtype_)
+    else:
+        pipe = Pipeline.from_checkpoint(checkpoint, device=device_, dtype=dtype_)
+    if merge_tokens:
+        pipe.merge_tokens(merge_tokens)
+    return (pipe.quantize(quantize) if quantize else pipe).pack()  # pack: the linears int8 left

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -203,6 +205,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     metrics["encoder_hits"].set_function(lambda: engine.encoder_cache.hits)
     metrics["encoder_misses"].set_function(lambda: engine.encoder_cache.misses)
     created = int(time.time())
+    replica = f"{socket.gethostname()}:{os.getpid()}"  # which server answered, behind a load balancer
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -471,7 +474,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": engine.running_rows, "waiting": engine.queue_depth}
+        return {"status": "ok", "running": engine.running_rows, "waiting": engine.queue_depth, "replica": replica}
 
     @app.get("/metrics")
     async def prometheus_metrics():
