@@ -146,6 +146,20 @@ def test_the_encoder_cache_hit_is_reported_and_changes_nothing(client, media, se
     assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.model_dump()["image_tokens"]
 
 
+def test_media_are_processed_on_the_engine_thread_only(client, media, pipe, monkeypatch):
+    # torch's OpenMP pools are per thread: a second long-lived torch thread slows every decode step
+    threads = []
+    process = pipe.process
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return process(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "process", recording)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": _parts(media)}], max_tokens=2)
+    assert threads == ["omnifuse-engine"] * 3
+
+
 def test_completions_n_seed_and_stop(client):
     base = client.completions.create(model=MODEL, prompt="the red square", max_tokens=12, temperature=0)
     text = base.choices[0].text

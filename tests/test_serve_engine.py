@@ -5,6 +5,7 @@ changes nothing; stop strings, queue limits and context limits."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -185,3 +186,43 @@ def test_identical_requests_share_a_batch_as_two():
         engine._admit()
         engine._step()
     assert a.tokens == b.tokens == _alone(model, ids, images, n)
+
+
+def test_one_off_torch_work_runs_on_a_thread_that_exits():
+    from omnifuse.serving.engine import on_fresh_thread
+
+    before = threading.active_count()
+    names = []
+    assert on_fresh_thread(lambda x: names.append(threading.current_thread().name) or x + 1, 41) == 42
+    assert names == ["omnifuse-setup"] and threading.active_count() == before
+    with pytest.raises(ContextOverflowError, match="too long"):
+        on_fresh_thread(lambda: (_ for _ in ()).throw(ContextOverflowError("too long")))
+
+
+def test_work_handed_to_the_engine_runs_on_its_thread_and_stops_with_it():
+    from omnifuse.serving.engine import EngineStopped
+
+    model = make_model(tiny_config("early"))
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=64)
+    assert engine.call(lambda: threading.current_thread().name).result() == threading.current_thread().name
+    engine.start()
+    try:
+        assert engine.call(lambda: threading.current_thread().name).result(timeout=10) == "omnifuse-engine"
+        with pytest.raises(ValueError, match="bad media"):  # the caller gets the job's exception
+            engine.call(lambda: (_ for _ in ()).throw(ValueError("bad media"))).result(timeout=10)
+        release = threading.Event()
+        blocker = engine.call(release.wait, 10)
+        while not blocker.running():  # the engine thread is in it
+            time.sleep(0.01)
+        pending = engine.call(lambda: "never")
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        while not engine._stopping:
+            time.sleep(0.01)
+        release.set()
+        stopper.join(timeout=30)
+        assert blocker.result(timeout=10) is True
+        with pytest.raises(EngineStopped, match="shutting down"):
+            pending.result(timeout=10)
+    finally:
+        engine.stop()

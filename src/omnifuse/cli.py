@@ -145,7 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             port=args.port, address=args.ray_address, cpus=args.replica_cpus)
     if args.replicas != 1 or args.ray_address:
         raise ConfigError("--replicas and --ray-address need --ray (one process serves one replica)")
-    app = create_app(_pipeline(args), settings)
+    from omnifuse.serving.engine import on_fresh_thread
+
+    app = create_app(on_fresh_thread(_pipeline, args), settings)  # torch runs on the engine thread alone
     engine = app.state.engine
     print(f"omnifuse serve: {name} on http://{args.host}:{args.port}/v1 ({engine.rows} rows of {engine.context} "
           f"positions, KV cache {engine.kv_cache_bytes / mib:.1f} MiB)", file=sys.stderr)

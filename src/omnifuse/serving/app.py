@@ -17,6 +17,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,19 @@ class Prepared:
     media_tokens: dict[str, int]  # modality -> tokens its items produce
 
 
+@dataclass
+class _Gathered:
+    """A chat request read and checked, nothing processed yet: messages with a placeholder where
+    each media part was, and the parts' bytes (modality, bytes, where in the request)."""
+
+    messages: list[dict]
+    parts: list[tuple[str, bytes, str]]
+
+
 class _Preparer:
-    """Turns validated requests into token ids and processed media items (in a worker thread)."""
+    """Turns validated requests into token ids and processed media items, in two steps: ``gather``
+    (a worker thread: bytes, base64, the media root, limits and image headers; no torch) and
+    ``process`` (the engine thread, the only one that runs torch: see ``engine.on_fresh_thread``)."""
 
     def __init__(self, pipeline, settings: ServeSettings) -> None:
         import dataclasses
@@ -108,17 +120,16 @@ class _Preparer:
             return "video", read_reference(part.video_url.url, f"{where}.video_url.url", self.settings.media_root, limit)
         return "audio", decode_base64(part.input_audio.data, f"{where}.input_audio.data", limit)
 
-    def chat(self, body: ChatRequest) -> Prepared:
-        messages, media, keys = [], {}, {}
+    def gather(self, body: ChatRequest) -> _Gathered:
+        messages, parts = [], []
         for i, message in enumerate(body.messages):
             messages.append({"role": "system" if message.role == "developer" else message.role,
-                             "content": self._content(message, i, media, keys)})
-        ids, items, order = self.pipe.conversation_and_media(messages, media)
-        return self._prepared(ids, items, [keys[m][k] for m, k in order])
+                             "content": self._content(message, i, parts)})
+        return _Gathered(messages, parts)
 
-    def _content(self, message: Message, i: int, media: dict, keys: dict) -> str:
-        """The message's text with each media part's placeholder where the part was; the parts'
-        items and cache keys are appended to ``media`` and ``keys`` (the conversation's so far)."""
+    def _content(self, message: Message, i: int, parts: list) -> str:
+        """The message's text with each media part's placeholder where the part was; the parts are
+        appended to ``parts`` (the conversation's so far)."""
         if isinstance(message.content, str):
             return message.content
         text = ""
@@ -129,18 +140,28 @@ class _Preparer:
                 continue
             if message.role != "user":
                 raise MediaError(f"{where}: media parts go in user messages, not {message.role}", where)
-            if sum(len(v) for v in media.values()) >= self.limits.max_media:
+            if len(parts) >= self.limits.max_media:
                 raise MediaError(f"{where}: more than {self.limits.max_media} media parts in one request "
                                  "(--max-media)", where)
             modality, data = self._media_bytes(part, where)
             if modality not in self.pipe.layout.tokens:
                 kinds = ", ".join(self.pipe.layout.tokens) or "no media (it is a text-only model)"
                 raise MediaError(f"{where}: {self.settings.model_name} takes {kinds}, not {modality}", where)
+            if modality == "image":
+                check_image(data, where, self.limits)  # the header only: a size over the limit is never decoded
+            parts.append((modality, data, where))
+            text += self.pipe.layout.tokens[modality]
+        return text
+
+    def process(self, gathered: _Gathered) -> Prepared:
+        media: dict[str, list] = {}
+        keys: dict[str, list] = {}
+        for modality, data, where in gathered.parts:
             item, key = self._item(modality, data, where)
             media.setdefault(modality, []).append(item)
             keys.setdefault(modality, []).append(key)
-            text += self.pipe.layout.tokens[modality]
-        return text
+        ids, items, order = self.pipe.conversation_and_media(gathered.messages, media)
+        return self._prepared(ids, items, [keys[m][k] for m, k in order])
 
     def completion(self, prompt: str) -> Prepared:
         ids, items = self.pipe.prompt_and_media(prompt, {})
@@ -322,9 +343,11 @@ def create_app(pipeline, settings: ServeSettings | None = None):
                       top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_strings(),
                       stop_token_ids=tuple(pipeline.stop_token_ids))
 
-    async def _prepare(fn, *args) -> Prepared:
+    async def _prepare(fn, *args, on_engine: Callable | None = None) -> Prepared:
+        """``fn(*args)`` in a worker thread; then ``on_engine`` of its result on the engine thread."""
         try:
-            return await run_in_threadpool(fn, *args)
+            out = await run_in_threadpool(fn, *args)
+            return out if on_engine is None else await asyncio.wrap_future(engine.call(on_engine, out))
         except MediaError as e:
             raise _ApiError(400, str(e), param=e.param) from None
         except USER_ERRORS as e:
@@ -454,7 +477,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: Request):
         _check_model(body.model)  # before any media is decoded
-        prepared = await _prepare(preparer.chat, body)
+        prepared = await _prepare(preparer.gather, body, on_engine=preparer.process)
         return await _run(http, body, prepared, "chat")
 
     @app.post("/v1/completions")

@@ -11,6 +11,10 @@ The batch's cache is preallocated: ``rows`` rows of ``context`` positions, as ma
 KV-cache byte budget holds (``kv_cache_bytes``) up to ``max_batch``. Media encoder outputs are
 kept in an LRU cache keyed by each item's digest (its bytes and processing settings) within
 ``encoder_cache_bytes``: a hit skips the encoder.
+
+The engine thread is the only long-lived thread of the server that runs torch: requests' media are
+processed there too (``Engine.call``), and one-off work elsewhere runs on a thread that exits
+(``on_fresh_thread``, which says why).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,7 +35,7 @@ from omnifuse.errors import USER_ERRORS, BatchFullError, ContextOverflowError, R
 from omnifuse.inference.batching import DecodeBatch, Request
 from omnifuse.inference.sampling import SamplingConfig
 
-__all__ = ["Engine", "EngineRequest", "Event", "Params"]
+__all__ = ["Engine", "EngineRequest", "EngineStopped", "Event", "Params", "on_fresh_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,33 @@ class EngineRequest:
         self.cancelled = True
 
 
+def on_fresh_thread(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` computed on a new thread that then exits (its exception re-raised here).
+
+    libgomp, the OpenMP runtime of torch's CPU wheels, gives every thread that runs a parallel op a
+    pool of worker threads of its own, and once it manages more threads than there are cores it
+    stops spinning between parallel regions and sleeps on a futex instead: each of a decode step's
+    hundreds of ops then pays a sleep and a wake-up (measured on two cores: 1.3x to 2x slower
+    decoding, about 190 context switches per token). A pool goes when its thread exits. So the
+    server runs torch on one long-lived thread only, the engine's: one-off work on other threads
+    (loading the model, allocating the batch) goes through this function.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="omnifuse-setup")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class _EncoderCache:
     """Encoder outputs by item digest, least recently used evicted first, within ``budget`` bytes."""
 
@@ -111,6 +144,19 @@ class _EncoderCache:
         self.bytes += size
 
 
+class EngineStopped(RuntimeError):
+    """Work handed to an engine that stopped before it ran."""
+
+
+def _run_job(fn: Callable, args: tuple, future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # the caller's to handle (a media error is a 400)
+        future.set_exception(e)
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
                  kv_cache_bytes: int | None = None, encoder_cache_bytes: int = 256 << 20,
@@ -119,16 +165,17 @@ class Engine:
         self.context = int(context or model.config.decoder.max_position)
         if self.context > model.config.decoder.max_position:
             raise RequestError(f"context {self.context} exceeds the model's {model.config.decoder.max_position} positions")
-        per_row = model.new_cache(1, self.context).nbytes  # self-attention K/V of one full-length row
+        per_row = on_fresh_thread(lambda: model.new_cache(1, self.context).nbytes)  # K/V of one full-length row
         rows = max_batch if kv_cache_bytes is None else min(max_batch, kv_cache_bytes // max(per_row, 1))
         if rows < 1:
             raise RequestError(f"a KV-cache budget of {kv_cache_bytes:,} bytes holds no row: one row of "
                                f"{self.context} positions takes {per_row:,} bytes")
         self.rows, self.max_queue = int(rows), max_queue
-        self.batch = DecodeBatch(model, self.rows, self.context)
+        self.batch = on_fresh_thread(DecodeBatch, model, self.rows, self.context)
         self.encoder_cache = _EncoderCache(encoder_cache_bytes)
         self.running: list[EngineRequest] = []  # in the order they were admitted
         self.waiting: deque[EngineRequest] = deque()
+        self._jobs: deque[tuple[Callable, tuple, Future]] = deque()  # work for the engine thread (torch)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -157,6 +204,18 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+    def call(self, fn: Callable, *args) -> Future:
+        """``fn(*args)`` on the engine thread, before its next admission and step (a request's
+        media processing: torch work belongs on that thread). Runs here when no engine thread runs."""
+        future: Future = Future()
+        with self._cond:
+            if self._thread is not None and not self._stopping:
+                self._jobs.append((fn, args, future))
+                self._cond.notify_all()
+                return future
+        _run_job(fn, args, future)
+        return future
 
     def check(self, prompt_ids: Sequence[int], max_tokens: int | None) -> int:
         """The max_tokens a request may take (``None``: up to the context); refuses a prompt that
@@ -197,10 +256,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self.waiting or self.running):
+                while not (self._stopping or self.waiting or self.running or self._jobs):
                     self._cond.wait()
                 if self._stopping:
                     break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for job in jobs:
+                _run_job(*job)
             try:
                 self._admit()
                 self._step()
@@ -213,6 +276,11 @@ class Engine:
                 self.on_step(self)
         for request in [*self.running, *self._drain_waiting()]:
             self._finish(request, "cancelled", error="the server is shutting down")
+        with self._cond:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for _, _, future in jobs:
+            future.set_exception(EngineStopped("the server is shutting down"))
 
     def _drain_waiting(self) -> list[EngineRequest]:
         with self._cond:

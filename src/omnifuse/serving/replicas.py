@@ -39,11 +39,12 @@ def replica_builder(model_options: dict, settings: ServeSettings, threads: int |
 
         from omnifuse.pipeline import load_pipeline
         from omnifuse.serving.app import create_app
+        from omnifuse.serving.engine import on_fresh_thread
 
         if threads:
             torch.set_num_threads(threads)
         sys.setswitchinterval(0.0002)  # as cmd_serve: the engine thread and the event loop share the GIL
-        return create_app(load_pipeline(**model_options), settings)
+        return create_app(on_fresh_thread(load_pipeline, **model_options), settings)
 
     return build
 
