@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import httpx
@@ -313,6 +315,33 @@ def test_bodies_too_large_are_413_with_or_without_a_length(pipe):
         assert _post(live, _chat("hi")).status_code == 200  # and the server is still up
     finally:
         live.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
+def test_memory_returns_to_its_baseline_after_bursts_of_big_bodies(server):
+    junk = base64.b64encode(os.urandom(15 << 20)).decode()
+    bodies = [json.dumps(body).encode() for body in (
+        _chat(_image("data:image/png;base64," + junk)),  # valid base64, not an image
+        _chat(_image("data:image/png;base64," + "@" * (20 << 20))),  # not base64
+        _chat([{"type": "text", "text": "x" * 4000}] * 4000))]  # too many parts
+    del junk
+    baseline = _rss()
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda b: httpx.post(server.url + "/v1/chat/completions", content=b, timeout=60,
+                                                       headers={"Content-Type": "application/json"}).status_code,
+                                  bodies * 3))
+        assert set(codes) == {400}
+    deadline = time.time() + 15
+    while _rss() > baseline + (48 << 20) and time.time() < deadline:  # released a second after the burst
+        time.sleep(0.25)
+    assert _rss() <= baseline + (48 << 20), f"{(_rss() - baseline) >> 20} MiB more than before the bursts"
+    assert _post(server, _chat("hi")).status_code == 200
 
 
 def test_the_api_key_is_enforced(pipe):

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnifuse.errors import USER_ERRORS, BatchFullError, ContextOverflowError
 from omnifuse.serving.engine import Engine, EngineRequest, Event, Params
 from omnifuse.serving.media import MediaError, MediaLimits, check_image, decode_base64, digest, read_reference
+from omnifuse.serving.memory import mmap_large_allocations, release_heap
 from omnifuse.serving.schemas import ChatRequest, CompletionRequest, Message
 
 __all__ = ["ServeSettings", "create_app"]
@@ -49,6 +50,9 @@ class ServeSettings:
     media_root: Path | None = None
     max_body_bytes: int = 32 << 20
     limits: MediaLimits = field(default_factory=MediaLimits)
+
+
+_LARGE_BODY = 1 << 20  # bytes: a body this big is followed by release_heap once no other is in flight
 
 
 class _ApiError(Exception):
@@ -215,6 +219,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     from starlette.concurrency import run_in_threadpool
 
     settings = settings or ServeSettings()
+    mmap_large_allocations()
     engine = Engine(pipeline.model, pipeline.tokenizer, max_batch=settings.max_batch, context=settings.context,
                     max_queue=settings.max_queue, kv_cache_bytes=settings.kv_cache_bytes,
                     encoder_cache_bytes=settings.encoder_cache_bytes)
@@ -275,12 +280,35 @@ def create_app(pipeline, settings: ServeSettings | None = None):
                 nonlocal seen
                 message = await receive()
                 if message["type"] == "http.request":
+                    before = seen
                     seen += len(message.get("body", b""))
+                    if before <= _LARGE_BODY < seen:
+                        large["in_flight"] += 1
                     if seen > limit:
                         raise _BodyTooLarge(limit)
                 return message
 
-            await self.asgi(scope, counted, send)
+            try:
+                await self.asgi(scope, counted, send)
+            finally:
+                if seen > _LARGE_BODY:
+                    _large_done()
+
+    large = {"in_flight": 0, "release": None}
+
+    def _large_done() -> None:
+        # Big bodies (base64 media) leave freed heap that glibc keeps, some of it only once the cyclic
+        # collector has run (an error's traceback holds the body). A second after the last of them is
+        # answered: collect, and hand the free heap back to the OS, so a burst of big requests does
+        # not raise the server's memory for good.
+        large["in_flight"] -= 1
+        if large["in_flight"] == 0 and large["release"] is None:
+            large["release"] = asyncio.get_running_loop().call_later(1.0, _release)
+
+    def _release() -> None:
+        large["release"] = None
+        if large["in_flight"] == 0:
+            release_heap()
 
     app.add_middleware(_Guard)
 
