@@ -110,7 +110,7 @@ def _read_measurement(path: Path) -> dict[str, Any]:
     return data
 
 
-BANDWIDTH_METHOD = "packed float32 linears, 8 rows, 256 MiB of weights"
+BANDWIDTH_METHOD = "packed float32 linears, 256 MiB of weights: 8 rows for bandwidth, 512 rows for FLOP/s"
 
 
 def _measure_cpu() -> dict[str, Any]:
@@ -118,31 +118,29 @@ def _measure_cpu() -> dict[str, Any]:
 
     import torch
 
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    gflops = 2 * n ** 3 / best / 1e9
-    # A decode step reads every weight once for a few rows: what bounds it is the rate the linears
-    # omnifuse runs on a CPU (oneDNN-packed float32, nn/packed.py) stream weights at for a small
-    # batch (a third to half of a plain copy's bandwidth on the CPUs seen here), not copy bandwidth.
+    # Both figures come from the linears omnifuse runs on a CPU (oneDNN-packed float32,
+    # nn/packed.py), which run GEMMs about twice as fast as a plain torch.mm: a FLOP rate taken from
+    # torch.mm put the prefill "lower bound" above what prefill measures. A decode step reads every
+    # weight once for a few rows: what bounds it is the rate those linears stream weights at for a
+    # small batch (a third to half of a plain copy's bandwidth on the CPUs seen here). A prefill
+    # runs them on hundreds of rows: compute bound.
     from omnifuse.nn.packed import pack_linears
 
     layers = torch.nn.Sequential(*(torch.nn.Linear(2048, 4096, bias=False) for _ in range(8)))  # 256 MiB
     pack_linears(layers)
-    rows = torch.randn(8, 2048)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(4):
-            t0 = time.perf_counter()
-            for layer in layers:
-                layer(rows)
-            best = min(best, time.perf_counter() - t0)
-    bandwidth = 8 * 2048 * 4096 * 4 / best / 1e9
+
+    def best_time(rows: torch.Tensor, repeats: int) -> float:
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for layer in layers:
+                    layer(rows)
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    bandwidth = 8 * 2048 * 4096 * 4 / best_time(torch.randn(8, 2048), 4) / 1e9
+    gflops = 2 * 512 * 2048 * 4096 * 8 / best_time(torch.randn(512, 2048), 3) / 1e9
     try:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError):
