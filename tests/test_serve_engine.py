@@ -226,3 +226,17 @@ def test_work_handed_to_the_engine_runs_on_its_thread_and_stops_with_it():
             pending.result(timeout=10)
     finally:
         engine.stop()
+
+
+def test_a_steps_events_are_delivered_together():
+    model = make_model(tiny_config("early"))
+    batches = []
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=3, context=64, deliver=batches.append)
+    requests = [_submit(engine, [5 + i, 6, 7], [], 4) for i in range(3)]
+    engine._admit()
+    engine._flush()
+    assert [len(b) for b in batches] == [1, 1, 1]  # each prefill's first token at once, alone
+    batches.clear()
+    engine._step()
+    engine._flush()
+    assert len(batches) == 1 and {id(r) for r, _ in batches[0]} == {id(r) for r in requests}

@@ -210,6 +210,25 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
 
 
+def _deliver(batch: list[tuple[EngineRequest, Event]]) -> None:
+    """The events of one engine step, handed to their event loop in one wake-up (not one per
+    request: each wake-up is a thread switch that can preempt a decode step's OpenMP threads)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for request, event in batch:
+        stream = request.on_event
+        if isinstance(stream, _Stream):
+            by_loop.setdefault(stream.loop, []).append((stream.queue, (stream.index, event)))
+        else:
+            stream(event)
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 def create_app(pipeline, settings: ServeSettings | None = None):
     """The server's ASGI app around ``pipeline`` (its engine starts with the app and stops with it)."""
     from contextlib import asynccontextmanager
@@ -222,7 +241,7 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     mmap_large_allocations()
     engine = Engine(pipeline.model, pipeline.tokenizer, max_batch=settings.max_batch, context=settings.context,
                     max_queue=settings.max_queue, kv_cache_bytes=settings.kv_cache_bytes,
-                    encoder_cache_bytes=settings.encoder_cache_bytes)
+                    encoder_cache_bytes=settings.encoder_cache_bytes, deliver=_deliver)
     preparer = _Preparer(pipeline, settings)
     registry = CollectorRegistry()
     metrics = _metrics(registry)

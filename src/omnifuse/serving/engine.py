@@ -160,7 +160,10 @@ def _run_job(fn: Callable, args: tuple, future: Future) -> None:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
                  kv_cache_bytes: int | None = None, encoder_cache_bytes: int = 256 << 20,
-                 on_step: Callable[[Engine], None] | None = None) -> None:
+                 on_step: Callable[[Engine], None] | None = None,
+                 deliver: Callable[[list[tuple[EngineRequest, Event]]], None] | None = None) -> None:
+        """``deliver``: takes the events of one engine step (or one prefill) at once, e.g. to wake
+        an event loop once for all of them; by default each goes to its request's ``on_event``."""
         self.model, self.tokenizer = model, tokenizer
         self.context = int(context or model.config.decoder.max_position)
         if self.context > model.config.decoder.max_position:
@@ -180,6 +183,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.on_step = on_step
+        self._deliver = deliver
+        self._outbox: list[tuple[EngineRequest, Event]] = []
         self.steps = 0
 
     # ------------------------------------------------------------------ client side (any thread)
@@ -272,10 +277,12 @@ class Engine:
                 for request in [*self.running, *self._drain_waiting()]:
                     self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
                 self._drop_finished()
+            self._flush()  # the step's events, at once
             if self.on_step is not None:
                 self.on_step(self)
         for request in [*self.running, *self._drain_waiting()]:
             self._finish(request, "cancelled", error="the server is shutting down")
+        self._flush()
         with self._cond:
             jobs = list(self._jobs)
             self._jobs.clear()
@@ -309,8 +316,11 @@ class Engine:
                 log.exception("prefill failed")
                 self._finish(request, "error", error=f"internal error: {type(e).__name__}: {e}")
                 continue
+            finally:
+                self._flush()  # its first token now, not after the other prefills
             self._after_token(request, token)
             self._drop_finished()
+            self._flush()
 
     def _with_features(self, request: EngineRequest) -> list:
         items = []
@@ -371,15 +381,26 @@ class Engine:
         if len(text) > len(request._text) and text.startswith(request._text):
             delta = text[len(request._text):]
             request._text = text
-            request.on_event(Event(text=delta, token=token))
+            self._emit(request, Event(text=delta, token=token))
         elif token is not None:
-            request.on_event(Event(token=token))
+            self._emit(request, Event(token=token))
+
+    def _emit(self, request: EngineRequest, event: Event) -> None:
+        if self._deliver is None:
+            request.on_event(event)
+        else:
+            self._outbox.append((request, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            out, self._outbox = self._outbox, []
+            self._deliver(out)
 
     def _finish(self, request: EngineRequest, reason: str, error: str | None = None) -> None:
         if request.finished_at is not None:
             return
         request.finished_at = time.perf_counter()
-        request.on_event(Event(finish_reason=reason, error=error, cached_media_tokens=request._cached_tokens))
+        self._emit(request, Event(finish_reason=reason, error=error, cached_media_tokens=request._cached_tokens))
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled]:
