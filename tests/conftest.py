@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -57,3 +58,44 @@ def scene(width: int = 48, height: int = 40, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def replace():
     return dataclasses.replace
+
+
+@contextlib.contextmanager
+def served(args: list[str], log_path, timeout: float = 120):
+    """``omnifuse serve ARGS --port P`` in its own process, yielded as (url, process) once /health
+    answers; terminated (and waited for) on exit if it still runs."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "omnifuse", "serve", *args, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while True:
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, f"omnifuse serve did not answer /health in {timeout:g} s"
+                time.sleep(0.5)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -8,9 +8,6 @@ import base64
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import scene
+from conftest import scene, served
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -328,48 +325,28 @@ def _rss(pid: int) -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
 def test_memory_returns_to_its_baseline_after_bursts_of_big_bodies(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "omnifuse", "serve", "--preset", MODEL, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 120
-            while True:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.5)
-            junk = base64.b64encode(os.urandom(15 << 20)).decode()
-            bodies = [json.dumps(body).encode() for body in (
-                _chat(_image("data:image/png;base64," + junk)),  # valid base64, not an image
-                _chat(_image("data:image/png;base64," + "@" * (20 << 20))),  # not base64
-                _chat([{"type": "text", "text": "x" * 4000}] * 4000))]  # too many parts
-            assert httpx.post(url + "/v1/chat/completions", json=_chat("hi"), timeout=30).status_code == 200
-            baseline = _rss(proc.pid)
+    with served(["--preset", MODEL], tmp_path / "serve.log") as (url, proc):
+        junk = base64.b64encode(os.urandom(15 << 20)).decode()
+        bodies = [json.dumps(body).encode() for body in (
+            _chat(_image("data:image/png;base64," + junk)),  # valid base64, not an image
+            _chat(_image("data:image/png;base64," + "@" * (20 << 20))),  # not base64
+            _chat([{"type": "text", "text": "x" * 4000}] * 4000))]  # too many parts
+        assert httpx.post(url + "/v1/chat/completions", json=_chat("hi"), timeout=30).status_code == 200
+        baseline = _rss(proc.pid)
 
-            def post(body):
-                return httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
-                                  headers={"Content-Type": "application/json"}).status_code
+        def post(body):
+            return httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
+                              headers={"Content-Type": "application/json"}).status_code
 
-            for _ in range(3):
-                with ThreadPoolExecutor(8) as pool:
-                    assert set(pool.map(post, bodies * 3)) == {400}
-            deadline = time.time() + 15
-            while _rss(proc.pid) > baseline + (48 << 20) and time.time() < deadline:  # a second after the burst
-                time.sleep(0.25)
-            grown = _rss(proc.pid) - baseline
-            assert grown <= 48 << 20, f"{grown >> 20} MiB more than before the bursts"
-            assert httpx.post(url + "/v1/chat/completions", json=_chat("hi"), timeout=30).status_code == 200
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        for _ in range(3):
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(post, bodies * 3)) == {400}
+        deadline = time.time() + 15
+        while _rss(proc.pid) > baseline + (48 << 20) and time.time() < deadline:  # a second after the burst
+            time.sleep(0.25)
+        grown = _rss(proc.pid) - baseline
+        assert grown <= 48 << 20, f"{grown >> 20} MiB more than before the bursts"
+        assert httpx.post(url + "/v1/chat/completions", json=_chat("hi"), timeout=30).status_code == 200
 
 
 def test_the_api_key_is_enforced(pipe):
