@@ -105,7 +105,7 @@ def request_mix(n: int) -> list[dict]:
     out = []
     for k in range(n):
         text = " ".join(words[(k * 7 + i * 3) % len(words)] for i in range(12 + k % 5)) + " what colour"
-        image = _png(k % 4) if k % 2 == 0 else None
+        image = _png(k // 2 % 4) if k % 2 == 0 else None
         out.append({"text": text, "image": image})
     return out
 

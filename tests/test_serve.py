@@ -139,13 +139,32 @@ def test_streaming_gives_the_same_text_and_usage_at_the_end(client, media):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
-def test_the_encoder_cache_hit_is_reported_and_changes_nothing(client, media, server):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "scene.png"}},
-                                             {"type": "text", "text": "colour?"}]}]
-    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
-    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
-    assert first.choices[0].message.content == second.choices[0].message.content
-    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.model_dump()["image_tokens"]
+def test_cache_hits_are_reported_and_change_nothing(client, media, pipe):
+    def ask(before: str, after: str):
+        content = [{"type": "text", "text": before}, {"type": "image_url", "image_url": {"url": "scene.png"}},
+                   {"type": "text", "text": after}]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0)
+        return reply.choices[0].message.content, reply.usage
+
+    first, usage = ask("Here:", "colour?")
+    image_tokens = usage.prompt_tokens_details.model_dump()["image_tokens"]
+    again, usage = ask("Here:", "colour?")  # the prompt through the image: from the prefix cache
+    assert again == first and image_tokens < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    other, usage = ask("There:", "colour?")  # another beginning: the image's encoder output from its cache
+    assert usage.prompt_tokens_details.cached_tokens == image_tokens
+    cold = LiveServer(create_app(pipe, ServeSettings(model_name=MODEL, media_root=media["root"],
+                                                     encoder_cache_bytes=0, prefix_cache_bytes=0)))
+    try:  # the same answers with no cache at all
+        uncached = openai.OpenAI(base_url=cold.url + "/v1", api_key="x", max_retries=0)
+        for before, text in (("Here:", first), ("There:", other)):
+            content = [{"type": "text", "text": before}, {"type": "image_url", "image_url": {"url": "scene.png"}},
+                       {"type": "text", "text": "colour?"}]
+            reply = uncached.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                                     max_tokens=6, temperature=0)
+            assert reply.choices[0].message.content == text and reply.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        cold.close()
 
 
 def test_media_are_processed_on_the_engine_thread_only(client, media, pipe, monkeypatch):

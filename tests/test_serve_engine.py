@@ -107,7 +107,7 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step():
 
 def test_a_hit_in_the_encoder_cache_skips_the_encoder_and_changes_nothing():
     model = make_model(tiny_config("early"))
-    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160)
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160, prefix_cache_bytes=0)
     ids, images, n = _requests(model, 1)[0]
     calls = []
     encoder = model.encoders["image"]
@@ -121,7 +121,7 @@ def test_a_hit_in_the_encoder_cache_skips_the_encoder_and_changes_nothing():
             while engine.waiting or engine.running:
                 engine._admit()
                 engine._step()
-            runs.append((request.tokens, events[-1].cached_media_tokens))
+            runs.append((request.tokens, events[-1].cached_tokens))
     finally:
         hook.remove()
     assert len(calls) == 1  # the second request's image came from the cache
@@ -130,10 +130,51 @@ def test_a_hit_in_the_encoder_cache_skips_the_encoder_and_changes_nothing():
     assert engine.encoder_cache.hits == 1 and engine.encoder_cache.misses == 1
 
 
-def test_the_encoder_cache_evicts_the_least_recently_used_within_its_budget():
-    from omnifuse.serving.engine import _EncoderCache
+def _run(engine, ids, images, n, digests):
+    events = []
+    request = engine.submit(EngineRequest(ids, images, Params(max_tokens=n), on_event=events.append, digests=digests))
+    while engine.waiting or engine.running:
+        engine._admit()
+        engine._step()
+    return request.tokens, events[-1].cached_tokens
 
-    cache = _EncoderCache(budget=3 * 400)
+
+@pytest.mark.parametrize("fusion", ["early", "cross"])
+def test_a_prompt_that_begins_as_an_earlier_one_starts_from_its_keys_and_values(fusion):
+    model = make_model(tiny_config(fusion), gates=0.5)
+    engine = Engine(model, load_tokenizer(model.config.text), max_batch=2, context=160)
+    ids, images, n = _requests(model, 3)[2]  # text, two images, text
+    end = len(ids) - 2  # the prompt through its last image
+    other = ids[:end] + [70, 71, 72, 73]  # the same text and images, then another question
+    before = [ids[0] + 1] + ids[1:]  # another first token: nothing in common but the images
+    calls = []
+    hook = model.encoders["image"].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = _run(engine, ids, images, n, ["a", "b"])
+        again = _run(engine, ids, images, n, ["a", "b"])
+        asked = _run(engine, other, images, n, ["a", "b"])
+        moved = _run(engine, before, images, n, ["a", "b"])
+        changed = _run(engine, ids, images[::-1], n, ["b", "a"])  # other media at the same places
+    finally:
+        hook.remove()
+    assert first[0] == again[0] == _alone(model, ids, images, n)
+    assert asked[0] == _alone(model, other, images, n)
+    assert moved[0] == _alone(model, before, images, n)
+    assert changed[0] == _alone(model, ids, images[::-1], n)
+    if fusion == "early":
+        assert [c for _, c in (first, again, asked)] == [0, end, end]  # the prefix's tokens came from the cache
+        media = sum(i.num_tokens for i in images)
+        assert moved[1] == changed[1] == media  # prefix misses; the encoder cache's hits
+        assert engine.prefix_cache.hits == 2 and len(engine.prefix_cache.entries) == 3
+        assert len(calls) == 2  # each image encoded once
+    else:  # its media are not in the sequence: no prefix is kept
+        assert engine.prefix_cache.budget == 0 and not engine.prefix_cache.entries
+
+
+def test_the_encoder_cache_evicts_the_least_recently_used_within_its_budget():
+    from omnifuse.serving.engine import _LRUCache
+
+    cache = _LRUCache(budget=3 * 400)
     for k in "abc":
         cache.put(k, torch.zeros(100))  # 400 bytes each
     cache.get("a")

@@ -133,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         model_name=name, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
         kv_cache_bytes=int(args.kv_cache_mb * mib) if args.kv_cache_mb else None,
-        encoder_cache_bytes=int(args.encoder_cache_mb * mib), api_key=args.api_key or os.environ.get("OMNIFUSE_API_KEY"),
+        encoder_cache_bytes=int(args.encoder_cache_mb * mib), prefix_cache_bytes=int(args.prefix_cache_mb * mib),
+        api_key=args.api_key or os.environ.get("OMNIFUSE_API_KEY"),
         media_root=root, max_body_bytes=int(args.max_body_mb * mib),
         limits=MediaLimits(max_media=args.max_media, max_image_pixels=args.max_image_pixels,
                            max_audio_seconds=args.max_audio_seconds, max_video_frames=args.max_video_frames))
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-mb", type=float,
                    help="KV-cache budget: the batch gets as many rows as it holds at --context, up to --max-batch")
     s.add_argument("--encoder-cache-mb", type=float, default=256, help="media encoder outputs kept for reuse")
+    s.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="keys and values of prompts through their media, kept for prompts that begin the same (0: off)")
     s.add_argument("--quantize", choices=["int8"], help="int8 decoder weights (CPU)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $OMNIFUSE_API_KEY if set)")
     s.add_argument("--media-root", help="a folder whose files requests may name (file: URLs or relative paths)")

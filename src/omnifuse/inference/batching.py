@@ -5,6 +5,10 @@ batch's cache; every ``step`` decodes one token for all active rows at once, eac
 length and position, with its own sampling settings. A step computes the rows up to the highest
 one in use (through a view of the cache), so it costs the batch's occupancy, not its capacity. A
 request's tokens do not depend on what else shares the batch, or on when it joined.
+
+A request may start from a ``Prefix``: the keys and values an earlier prompt with the same first
+ids (and media) computed for them; only the rest of its prompt is prefilled (float differences of
+order 1e-6 from a whole prefill: a different split of the same sums).
 """
 
 from __future__ import annotations
@@ -17,7 +21,24 @@ from omnifuse.errors import BatchFullError, ContextOverflowError, RequestError
 from omnifuse.inference.cache import InferenceCache
 from omnifuse.inference.sampling import SamplingConfig, sample_next
 
-__all__ = ["DecodeBatch", "Request"]
+__all__ = ["DecodeBatch", "Prefix", "Request"]
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The self-attention keys and values of a prompt's first ``length`` positions, every layer's
+    (Hkv, length, Dh), to start another prompt with the same first ids and media from."""
+
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
 
 @dataclass(eq=False)  # a request is itself: two with the same prompt are still two
@@ -27,6 +48,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated so far, a final stop token included
     done: bool = False
     generator: torch.Generator | None = None  # its own, seeded from sampling.seed, when it samples
+    kept: Prefix | None = None  # its first positions' keys and values, when ``add`` was asked to keep them
 
 
 class DecodeBatch:
@@ -45,9 +67,15 @@ class DecodeBatch:
         return [r for r in range(self.cache.self_attn.batch_size) if r not in self.requests]
 
     @torch.inference_mode()
-    def add(self, prompt_ids: list[int], images=None, sampling: SamplingConfig | None = None) -> Request:
+    def add(self, prompt_ids: list[int], images=None, sampling: SamplingConfig | None = None,
+            prefix: Prefix | None = None, keep: int = 0) -> Request:
         """Prefill ``prompt_ids`` (with its processed media items) alone, insert it into the lowest
-        free row and sample its first token."""
+        free row and sample its first token.
+
+        ``prefix``: the keys and values of ``prompt_ids[:prefix.length]``, every media item inside
+        it (``images`` is then not needed): only the rest is prefilled. ``keep``: also keep the first
+        ``keep`` positions as the request's ``kept`` prefix, where they can start another prompt
+        (self-attention only, every position a real token at its own index; else ``kept`` is None)."""
         free = self.free_rows
         if not free:
             raise BatchFullError(f"the batch is full ({len(self.requests)} requests); wait for a request to finish")
@@ -57,9 +85,26 @@ class DecodeBatch:
             raise ContextOverflowError(f"the prompt is {len(prompt_ids)} tokens but the batch's cache length is "
                                        f"{self.max_len} (at most {self.max_len - 1} prompt tokens)")
         own = self.model.new_cache(1, len(prompt_ids))
-        ids = torch.tensor([prompt_ids], device=self.model.device)
+        start = 0
+        if prefix is not None:
+            start = prefix.length
+            if not 0 < start < len(prompt_ids):
+                raise RequestError(f"a prefix of {start} positions cannot start a prompt of {len(prompt_ids)}")
+            kv = own.self_attn
+            for layer, k, v in zip(kv.layers, prefix.k, prefix.v, strict=True):
+                layer.k[0, :, :start] = k
+                layer.v[0, :, :start] = v
+            kv.key_mask[0, :start] = True
+            kv.next_position[0] = kv.lengths[0] = start
+            images = None  # inside the prefix
+        ids = torch.tensor([prompt_ids[start:]], device=self.model.device)
         logits = self.model(ids, images=[list(images)] if images else None, cache=own, last_only=True)[:, -1]
         request = Request(free[0], sampling or self.sampling)
+        kv = own.self_attn
+        if 0 < keep < len(prompt_ids) and own.cross is None and int(kv.next_position[0]) == len(prompt_ids) \
+                and bool(kv.key_mask[0, :keep].all()):
+            request.kept = Prefix(tuple(layer.k[0, :, :keep].clone() for layer in kv.layers),
+                                  tuple(layer.v[0, :, :keep].clone() for layer in kv.layers))
         if request.sampling.temperature > 0:
             request.generator = torch.Generator(device=self.model.device)
             seed = request.sampling.seed

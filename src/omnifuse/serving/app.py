@@ -46,6 +46,7 @@ class ServeSettings:
     context: int | None = None
     kv_cache_bytes: int | None = None
     encoder_cache_bytes: int = 256 << 20
+    prefix_cache_bytes: int = 256 << 20
     api_key: str | None = None
     media_root: Path | None = None
     max_body_bytes: int = 32 << 20
@@ -196,6 +197,9 @@ def _metrics(registry):
         "encoder_hits": Gauge("omnifuse_encoder_cache_hits", "Media whose encoder output was reused",
                               registry=registry),
         "encoder_misses": Gauge("omnifuse_encoder_cache_misses", "Media encoded", registry=registry),
+        "prefix_hits": Gauge("omnifuse_prefix_cache_hits", "Prompts started from a kept prefix", registry=registry),
+        "prefix_misses": Gauge("omnifuse_prefix_cache_misses", "Prompts with media prefilled whole",
+                               registry=registry),
     }
 
 
@@ -241,7 +245,8 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     mmap_large_allocations()
     engine = Engine(pipeline.model, pipeline.tokenizer, max_batch=settings.max_batch, context=settings.context,
                     max_queue=settings.max_queue, kv_cache_bytes=settings.kv_cache_bytes,
-                    encoder_cache_bytes=settings.encoder_cache_bytes, deliver=_deliver)
+                    encoder_cache_bytes=settings.encoder_cache_bytes, prefix_cache_bytes=settings.prefix_cache_bytes,
+                    deliver=_deliver)
     preparer = _Preparer(pipeline, settings)
     registry = CollectorRegistry()
     metrics = _metrics(registry)
@@ -249,6 +254,8 @@ def create_app(pipeline, settings: ServeSettings | None = None):
     metrics["running"].set_function(lambda: engine.running_rows)
     metrics["encoder_hits"].set_function(lambda: engine.encoder_cache.hits)
     metrics["encoder_misses"].set_function(lambda: engine.encoder_cache.misses)
+    metrics["prefix_hits"].set_function(lambda: engine.prefix_cache.hits)
+    metrics["prefix_misses"].set_function(lambda: engine.prefix_cache.misses)
     created = int(time.time())
     replica = f"{socket.gethostname()}:{os.getpid()}"  # which server answered, behind a load balancer
 

@@ -20,6 +20,8 @@ processed there too (``Engine.call``), and one-off work elsewhere runs on a thre
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -64,7 +66,7 @@ class Event:
     token: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
-    cached_media_tokens: int = 0  # with the end: media tokens whose encoder output came from the cache
+    cached_tokens: int = 0  # with the end: prompt tokens from the prefix cache, else media tokens from the encoder cache
 
 
 @dataclass(eq=False)  # a request is itself: two with the same prompt are still two (and their tensors never compare)
@@ -116,15 +118,16 @@ def on_fresh_thread(fn: Callable, *args, **kwargs):
     return box["value"]
 
 
-class _EncoderCache:
-    """Encoder outputs by item digest, least recently used evicted first, within ``budget`` bytes."""
+class _LRUCache:
+    """Values (tensors, or anything with ``nbytes``) by key, least recently used evicted first,
+    within ``budget`` bytes: encoder outputs by item digest, prompt prefixes by ids and media."""
 
     def __init__(self, budget: int) -> None:
         self.budget, self.bytes = budget, 0
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, Any] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> Any:
         value = self.entries.get(key)
         if value is None:
             self.misses += 1
@@ -133,7 +136,7 @@ class _EncoderCache:
         self.hits += 1
         return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
+    def put(self, key: str, value: Any) -> None:
         size = value.nbytes
         if size > self.budget or key in self.entries:
             return
@@ -160,6 +163,7 @@ def _run_job(fn: Callable, args: tuple, future: Future) -> None:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
                  kv_cache_bytes: int | None = None, encoder_cache_bytes: int = 256 << 20,
+                 prefix_cache_bytes: int = 256 << 20,
                  on_step: Callable[[Engine], None] | None = None,
                  deliver: Callable[[list[tuple[EngineRequest, Event]]], None] | None = None) -> None:
         """``deliver``: takes the events of one engine step (or one prefill) at once, e.g. to wake
@@ -175,7 +179,12 @@ class Engine:
                                f"{self.context} positions takes {per_row:,} bytes")
         self.rows, self.max_queue = int(rows), max_queue
         self.batch = on_fresh_thread(DecodeBatch, model, self.rows, self.context)
-        self.encoder_cache = _EncoderCache(encoder_cache_bytes)
+        self.encoder_cache = _LRUCache(encoder_cache_bytes)
+        # Prompts that begin with the same ids and media (the same image asked about again, a
+        # conversation that grows) start from the keys and values kept for them: self-attention
+        # (in-sequence) models only, for the prompt up to its last media item.
+        self.prefix_cache = _LRUCache(prefix_cache_bytes if model.fusion.in_sequence else 0)
+        self._placeholders = frozenset(model.placeholder_ids.values())
         self.running: list[EngineRequest] = []  # in the order they were admitted
         self.waiting: deque[EngineRequest] = deque()
         self._jobs: deque[tuple[Callable, tuple, Future]] = deque()  # work for the engine thread (torch)
@@ -322,10 +331,20 @@ class Engine:
             self._drop_finished()
             self._flush()
 
+    @staticmethod
+    def _item_keys(request: EngineRequest) -> list[str | None]:
+        """Each item's cache key: its digest (bytes and processing settings), and the prompt it
+        reads where its connector reads one (InstructBLIP's instruction); None without a digest."""
+        keys = list(request.digests) + [None] * (len(request.items) - len(request.digests))
+        for i, (item, key) in enumerate(zip(request.items, keys)):
+            instruction = getattr(item, "instruction", None)
+            if key is not None and instruction is not None:
+                keys[i] = f"{key}:{hashlib.sha256(json.dumps(instruction.tolist()).encode()).hexdigest()}"
+        return keys
+
     def _with_features(self, request: EngineRequest) -> list:
         items = []
-        keys = list(request.digests) + [None] * (len(request.items) - len(request.digests))
-        for item, key in zip(request.items, keys):
+        for item, key in zip(request.items, self._item_keys(request)):
             if key is None or item.features is not None:
                 items.append(item)
                 continue
@@ -338,10 +357,33 @@ class Engine:
             items.append(dataclasses.replace(item, features=features))
         return items
 
+    def _prefix_key(self, request: EngineRequest) -> tuple[str | None, int]:
+        """The prefix cache's key for the prompt up to (and with) its last media item, and that
+        length; (None, 0) where nothing would be kept (no media, a media item without a digest)."""
+        keys = self._item_keys(request)
+        if not self.prefix_cache.budget or not keys or None in keys:
+            return None, 0
+        ids = request.prompt_ids
+        end = next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] in self._placeholders), 0)
+        if not 0 < end < len(ids):
+            return None, 0
+        h = hashlib.sha256(json.dumps([ids[:end], keys]).encode())
+        return h.hexdigest(), end
+
     @torch.inference_mode()
     def _prefill(self, request: EngineRequest) -> int:
         """Into the batch (its first token sampled); the request's tokens are its row's."""
-        request._slot = self.batch.add(request.prompt_ids, self._with_features(request), request.params.sampling())
+        key, length = self._prefix_key(request)
+        prefix = self.prefix_cache.get(key) if key is not None else None
+        if prefix is not None:  # the media and the ids before them computed already: the rest only
+            request._cached_tokens = length
+            request._slot = self.batch.add(request.prompt_ids, None, request.params.sampling(), prefix=prefix)
+        else:
+            request._slot = self.batch.add(request.prompt_ids, self._with_features(request),
+                                           request.params.sampling(), keep=length)
+            if key is not None and request._slot.kept is not None:
+                self.prefix_cache.put(key, request._slot.kept)
+            request._slot.kept = None
         request.tokens = request._slot.tokens
         self.running.append(request)
         return request.tokens[-1]
@@ -400,7 +442,7 @@ class Engine:
         if request.finished_at is not None:
             return
         request.finished_at = time.perf_counter()
-        self._emit(request, Event(finish_reason=reason, error=error, cached_media_tokens=request._cached_tokens))
+        self._emit(request, Event(finish_reason=reason, error=error, cached_tokens=request._cached_tokens))
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled]:
