@@ -10,7 +10,9 @@ queue, stop strings, the text each request has been sent, and its events.
 The batch's cache is preallocated: ``rows`` rows of ``context`` positions, as many rows as the
 KV-cache byte budget holds (``kv_cache_bytes``) up to ``max_batch``. Media encoder outputs are
 kept in an LRU cache keyed by each item's digest (its bytes and processing settings) within
-``encoder_cache_bytes``: a hit skips the encoder.
+``encoder_cache_bytes``: a hit skips the encoder. For in-sequence models the keys and values of a
+prompt through its last media item are kept too (``prefix_cache_bytes``), keyed by those ids and
+the media's keys: a prompt that begins the same prefills only the rest.
 
 The engine thread is the only long-lived thread of the server that runs torch: requests' media are
 processed there too (``Engine.call``), and one-off work elsewhere runs on a thread that exits
