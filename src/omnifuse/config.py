@@ -477,6 +477,16 @@ class DecoderConfig:
     rope_original_max_position: int = 8192
     # Layer kinds, repeated to num_layers (a pattern of 4 with a NoPE layer last: every 4th is NoPE).
     layer_pattern: tuple[LayerSpec, ...] = (LayerSpec(),)
+    # Mixture of experts (layers whose spec has feed_forward "moe"; nn/moe.py): each token goes to
+    # experts_per_token of num_experts SwiGLU experts of expert_intermediate_size (0: intermediate_size),
+    # beside an always-on shared expert of shared_expert_intermediate_size (0: none); router softmax
+    # (Mixtral: top-k of the softmax, renormalised, scaling the outputs) or sigmoid (Llama 4: the
+    # sigmoid of the top logits scaling the inputs).
+    num_experts: int = 0
+    experts_per_token: int = 1
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    router: str = "softmax"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -503,6 +513,16 @@ class DecoderConfig:
         _check(all(isinstance(s, LayerSpec) for s in self.layer_pattern), "decoder.layer_pattern holds layer specs")
         _check(not any(s.cross_attention for s in self.layer_pattern),
                "decoder.layer_pattern cannot place cross-attention: use fusion.cross_attention_layers")
+        if any(s.feed_forward == "moe" for s in self.layer_pattern):
+            from omnifuse.nn.moe import ROUTERS
+
+            _check(self.num_experts > 0, "decoder.layer_pattern has moe layers: decoder.num_experts must be positive")
+            _check(1 <= self.experts_per_token <= self.num_experts,
+                   f"decoder.experts_per_token must be in 1..{self.num_experts} (num_experts), "
+                   f"got {self.experts_per_token}")
+            _check(self.router in ROUTERS, f"decoder.router {self.router!r} unknown; known: {', '.join(ROUTERS)}")
+            _check(self.expert_intermediate_size >= 0 and self.shared_expert_intermediate_size >= 0,
+                   "decoder expert sizes must be positive (or 0)")
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,16 @@ def _dense(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
     return SwiGLU(d.hidden_size, d.intermediate_size)
 
 
+def _moe(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    from omnifuse.nn.moe import MoE
+
+    return MoE(d.hidden_size, d.expert_intermediate_size or d.intermediate_size, d.num_experts,
+               d.experts_per_token, d.router, d.shared_expert_intermediate_size)
+
+
 # kind -> builder(decoder config, layer spec) -> module
 ATTENTION: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"full": _full_attention}
-FEED_FORWARD: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"dense": _dense}
+FEED_FORWARD: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"dense": _dense, "moe": _moe}
 
 
 def build_layer(d: DecoderConfig, spec: LayerSpec) -> DecoderLayer:
