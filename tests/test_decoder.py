@@ -39,11 +39,11 @@ def test_layer_pattern_round_trips_and_bad_kinds_are_named():
     data["decoder"]["layer_pattern"][0]["attention"] = "sparse"
     with pytest.raises(ConfigError, match=r"attention 'sparse' unknown; known: \['full'\]"):
         config_from_dict(ModelConfig, data)
-    with pytest.raises(ConfigError, match="feed_forward 'moe' unknown"):
-        LayerSpec(feed_forward="moe")
+    with pytest.raises(ConfigError, match=r"feed_forward 'sparse' unknown; known: \['dense', 'moe'\]"):
+        LayerSpec(feed_forward="sparse")
     with pytest.raises(ConfigError, match="fusion.cross_attention_layers"):
         DecoderConfig(layer_pattern=(LayerSpec(cross_attention=True),))
-    assert set(ATTENTION) == {"full"} and set(FEED_FORWARD) == {"dense"}
+    assert set(ATTENTION) == {"full"} and set(FEED_FORWARD) == {"dense", "moe"}
 
 
 def _decoder(pattern, seed=0) -> TextDecoder:

@@ -81,9 +81,17 @@ def test_the_losses_reward_balance_and_reach_the_router():
 def _moe_config(**decoder):
     config = tiny_config("early")
     pattern = (LayerSpec(), LayerSpec(feed_forward="moe"))  # MoE on every other layer
-    d = dataclasses.replace(config.decoder, layer_pattern=pattern, num_experts=4, experts_per_token=2,
-                            expert_intermediate_size=64, shared_expert_intermediate_size=32, **decoder)
+    d = dataclasses.replace(config.decoder, **{"layer_pattern": pattern, "num_experts": 4, "experts_per_token": 2,
+                                               "expert_intermediate_size": 64,
+                                               "shared_expert_intermediate_size": 32, **decoder})
     return dataclasses.replace(config, decoder=d)
+
+
+def test_a_moe_config_round_trips():
+    from omnifuse.config import ModelConfig, config_from_dict, config_to_dict
+
+    config = _moe_config(router="sigmoid", experts_per_token=1)
+    assert config_from_dict(ModelConfig, config_to_dict(config)) == config
 
 
 def test_a_decoder_with_moe_on_every_other_layer_runs_quantised_and_packed():
