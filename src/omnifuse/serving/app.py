@@ -81,10 +81,11 @@ class Prepared:
 @dataclass
 class _Gathered:
     """A chat request read and checked, nothing processed yet: messages with a placeholder where
-    each media part was, and the parts' bytes (modality, bytes, where in the request)."""
+    each media part was, and the parts (modality, bytes, what the processor reads: the bytes, or an
+    image opened with its header checked; where in the request)."""
 
     messages: list[dict]
-    parts: list[tuple[str, bytes, str]]
+    parts: list[tuple[str, bytes, Any, str]]
 
 
 class _Preparer:
@@ -99,13 +100,10 @@ class _Preparer:
         # Every processing and encoder setting, serialised once (each media item's cache key holds it).
         self.settings_of = json.dumps(dataclasses.asdict(pipeline.model.config), sort_keys=True, default=str)
 
-    def _item(self, modality: str, data: bytes, param: str):
+    def _item(self, modality: str, data: bytes, source: Any, param: str):
         limits, pipe = self.limits, self.pipe
-        source: Any = data
         options: dict[str, Any] = {}
-        if modality == "image":
-            source = check_image(data, param, limits)
-        elif modality == "video":
+        if modality == "video":
             options["max_frames"] = limits.max_video_frames
         try:
             item = pipe.process(modality, [source], **options)[0]
@@ -152,17 +150,17 @@ class _Preparer:
             if modality not in self.pipe.layout.tokens:
                 kinds = ", ".join(self.pipe.layout.tokens) or "no media (it is a text-only model)"
                 raise MediaError(f"{where}: {self.settings.model_name} takes {kinds}, not {modality}", where)
-            if modality == "image":
-                check_image(data, where, self.limits)  # the header only: a size over the limit is never decoded
-            parts.append((modality, data, where))
+            # An image's header only: one over the pixel limit is never decoded.
+            source = check_image(data, where, self.limits) if modality == "image" else data
+            parts.append((modality, data, source, where))
             text += self.pipe.layout.tokens[modality]
         return text
 
     def process(self, gathered: _Gathered) -> Prepared:
         media: dict[str, list] = {}
         keys: dict[str, list] = {}
-        for modality, data, where in gathered.parts:
-            item, key = self._item(modality, data, where)
+        for modality, data, source, where in gathered.parts:
+            item, key = self._item(modality, data, source, where)
             media.setdefault(modality, []).append(item)
             keys.setdefault(modality, []).append(key)
         ids, items, order = self.pipe.conversation_and_media(gathered.messages, media)

@@ -344,9 +344,9 @@ class Engine:
                 keys[i] = f"{key}:{hashlib.sha256(json.dumps(instruction.tolist()).encode()).hexdigest()}"
         return keys
 
-    def _with_features(self, request: EngineRequest) -> list:
+    def _with_features(self, request: EngineRequest, keys: list[str | None]) -> list:
         items = []
-        for item, key in zip(request.items, self._item_keys(request)):
+        for item, key in zip(request.items, keys):
             if key is None or item.features is not None:
                 items.append(item)
                 continue
@@ -359,10 +359,9 @@ class Engine:
             items.append(dataclasses.replace(item, features=features))
         return items
 
-    def _prefix_key(self, request: EngineRequest) -> tuple[str | None, int]:
+    def _prefix_key(self, request: EngineRequest, keys: list[str | None]) -> tuple[str | None, int]:
         """The prefix cache's key for the prompt up to (and with) its last media item, and that
         length; (None, 0) where nothing would be kept (no media, a media item without a digest)."""
-        keys = self._item_keys(request)
         if not self.prefix_cache.budget or not keys or None in keys:
             return None, 0
         ids = request.prompt_ids
@@ -375,13 +374,14 @@ class Engine:
     @torch.inference_mode()
     def _prefill(self, request: EngineRequest) -> int:
         """Into the batch (its first token sampled); the request's tokens are its row's."""
-        key, length = self._prefix_key(request)
+        item_keys = self._item_keys(request)
+        key, length = self._prefix_key(request, item_keys)
         prefix = self.prefix_cache.get(key) if key is not None else None
         if prefix is not None:  # the media and the ids before them computed already: the rest only
             request._cached_tokens = length
             request._slot = self.batch.add(request.prompt_ids, None, request.params.sampling(), prefix=prefix)
         else:
-            request._slot = self.batch.add(request.prompt_ids, self._with_features(request),
+            request._slot = self.batch.add(request.prompt_ids, self._with_features(request, item_keys),
                                            request.params.sampling(), keep=length)
             if key is not None and request._slot.kept is not None:
                 self.prefix_cache.put(key, request._slot.kept)
