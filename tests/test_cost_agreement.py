@@ -104,7 +104,8 @@ def per_image(info: dict) -> dict:
 
 def expected_cache(info: dict, positions: int, prefill: int, decode: int) -> dict:
     per_state = info.get("cross_attention_kv_bytes_per_state", 0)
-    return {"self_attention": positions * info["kv_cache_bytes_per_token"],
+    # bounded layers (sliding, chunked) hold their spans' rings: every context here is longer than them
+    return {"self_attention": positions * info["kv_cache_bytes_per_token"] + info.get("kv_cache_bytes_bounded_layers", 0),
             "cross_attention_prefill": prefill * per_state, "cross_attention_decode": decode * per_state}
 
 

@@ -437,9 +437,12 @@ class LayerSpec:
     config (``ModelConfig.layer_specs``). The kinds are names in the decoder builder's registries
     (``omnifuse.decoder.builder``)."""
 
-    attention: str = "full"  # full: every earlier position
-    feed_forward: str = "dense"  # dense: SwiGLU
-    rope: bool = True  # False: a NoPE layer (no rotary positions)
+    # full: every earlier position; sliding: the last decoder.sliding_window positions (Mistral);
+    # chunked: the positions of the query's decoder.attention_chunk_size block (Llama 4).
+    attention: str = "full"
+    feed_forward: str = "dense"  # dense: SwiGLU; moe: mixture of experts (decoder.num_experts ...)
+    rope: bool = True  # False: a NoPE layer (no rotary positions; decoder.attn_temperature_* apply)
+    qk_norm: bool = False  # q and k RMS-normalised without a weight after RoPE (Llama 4)
     cross_attention: bool = False
 
     def __post_init__(self) -> None:
@@ -487,6 +490,14 @@ class DecoderConfig:
     expert_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     router: str = "softmax"
+    # Bounded attention (layers whose spec has attention "sliding" / "chunked"): the window, the
+    # query's own position included, and the chunk, aligned to position 0. Their caches keep that many slots.
+    sliding_window: int = 0
+    attention_chunk_size: int = 0
+    # Llama 4's attention-temperature tuning on NoPE layers (rope false): queries at position p scaled
+    # by 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor)); 0: off.
+    attn_temperature_floor: int = 0
+    attn_temperature_scale: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -523,6 +534,13 @@ class DecoderConfig:
             _check(self.router in ROUTERS, f"decoder.router {self.router!r} unknown; known: {', '.join(ROUTERS)}")
             _check(self.expert_intermediate_size >= 0 and self.shared_expert_intermediate_size >= 0,
                    "decoder expert sizes must be positive (or 0)")
+        kinds = {s.attention for s in self.layer_pattern}
+        for kind, name in (("sliding", "sliding_window"), ("chunked", "attention_chunk_size")):
+            _check(getattr(self, name) >= 0, f"decoder.{name} must be positive (or 0), got {getattr(self, name)}")
+            _check(kind not in kinds or getattr(self, name) > 0,
+                   f"decoder.layer_pattern has {kind} attention layers: decoder.{name} must be positive")
+        _check(self.attn_temperature_floor >= 0,
+               f"decoder.attn_temperature_floor must be positive (or 0: off), got {self.attn_temperature_floor}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from omnifuse.config import (
     DecoderConfig,
     FusionConfig,
     ImageConfig,
+    LayerSpec,
     ModelConfig,
     TextConfig,
     VideoConfig,
@@ -122,6 +123,26 @@ PRESETS["tiny-pool"] = dataclasses.replace(
     _early, name="tiny-pool", connector=ConnectorConfig(type="pool", tokens=16, bias=False))
 PRESETS["tiny-tome"] = dataclasses.replace(
     _early, name="tiny-tome", vision=dataclasses.replace(_early.vision, merge_tokens=8))
+
+# Decoder layer kinds on tiny-early: a softmax top-2 mixture of 4 experts on every other layer
+# (Mixtral's router), a 16-position sliding window on every layer (Mistral), and Llama 4's pattern:
+# 16-position chunked attention with the weightless q/k norm on three of every four layers, a NoPE
+# full-attention layer with temperature tuning as the fourth, and top-1 sigmoid-routed experts
+# beside a shared expert on every layer.
+_dense = _early.decoder
+PRESETS["tiny-moe"] = dataclasses.replace(
+    _early, name="tiny-moe", decoder=dataclasses.replace(
+        _dense, layer_pattern=(LayerSpec(), LayerSpec(feed_forward="moe")), num_experts=4, experts_per_token=2,
+        expert_intermediate_size=128))
+PRESETS["tiny-sliding"] = dataclasses.replace(
+    _early, name="tiny-sliding", decoder=dataclasses.replace(
+        _dense, layer_pattern=(LayerSpec(attention="sliding"),), sliding_window=16))
+PRESETS["tiny-llama4"] = dataclasses.replace(
+    _early, name="tiny-llama4", decoder=dataclasses.replace(
+        _dense, layer_pattern=(*[LayerSpec(attention="chunked", feed_forward="moe", qk_norm=True)] * 3,
+                               LayerSpec(feed_forward="moe", rope=False)),
+        attention_chunk_size=16, attn_temperature_floor=32, num_experts=4, experts_per_token=1, router="sigmoid",
+        expert_intermediate_size=128, shared_expert_intermediate_size=128))
 
 # SmolVLM-256M (Hugging Face 2025, Idefics3 architecture): SigLIP base/16 at 512 px (no class
 # token, no pre-norm, post-norm), pixel shuffle by 4 (32 x 32 patches -> 64 tokens per 512 px

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from omnifuse.nn.attention import Attention
+from omnifuse.nn.attention import Attention, LocalAttention
+from omnifuse.nn.masks import LocalSpan
 from omnifuse.nn.mlp import SwiGLU
 
 if TYPE_CHECKING:
@@ -20,9 +21,24 @@ if TYPE_CHECKING:
 __all__ = ["ATTENTION", "FEED_FORWARD", "build_decoder", "build_layer"]
 
 
+def _attention_kwargs(d: DecoderConfig, spec: LayerSpec) -> dict:
+    temperature = (d.attn_temperature_floor, d.attn_temperature_scale) if d.attn_temperature_floor and not spec.rope else None
+    return dict(bias=d.attention_bias or d.qkv_bias, out_bias=d.attention_bias, rope_qk_norm=spec.qk_norm,
+                norm_eps=d.norm_eps, temperature=temperature)
+
+
 def _full_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
-    return Attention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, bias=d.attention_bias or d.qkv_bias,
-                     out_bias=d.attention_bias)
+    return Attention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, **_attention_kwargs(d, spec))
+
+
+def _sliding_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    return LocalAttention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
+                          span=LocalSpan(window=d.sliding_window), **_attention_kwargs(d, spec))
+
+
+def _chunked_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    return LocalAttention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim,
+                          span=LocalSpan(chunk=d.attention_chunk_size), **_attention_kwargs(d, spec))
 
 
 def _dense(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
@@ -37,7 +53,8 @@ def _moe(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
 
 
 # kind -> builder(decoder config, layer spec) -> module
-ATTENTION: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"full": _full_attention}
+ATTENTION: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {
+    "full": _full_attention, "sliding": _sliding_attention, "chunked": _chunked_attention}
 FEED_FORWARD: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"dense": _dense, "moe": _moe}
 
 

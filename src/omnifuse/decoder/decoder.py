@@ -57,8 +57,10 @@ class TextDecoder(nn.Module):
         if max_len > self.max_position:
             raise ContextOverflowError(f"cache length {max_len} exceeds the context length {self.max_position}")
         p = self.embed_tokens.weight
+        rings = [min(span.capacity, max_len) if (span := layer.self_attn.cache_span) is not None else None
+                 for layer in self.layers]
         return KVCache(len(self.layers), batch_size, self.num_kv_heads, max_len, self.head_dim,
-                       dtype=p.dtype, device=p.device)
+                       dtype=p.dtype, device=p.device, rings=rings)
 
     def forward(
         self,
@@ -88,7 +90,7 @@ class TextDecoder(nn.Module):
                 layer = self.cross_layers[key]
                 x = layer(x, *cross.for_layer(i, layer, outputs if i > last else None))
             if i <= last:
-                x = self.layers[i](x, rope, pos.mask, cache.layer(i) if cache is not None else None, pos,
+                x = self.layers[i](x, rope, pos, cache.layer(i) if cache is not None else None,
                                    outputs if i == last else None)
         if cache is not None:
             cache.advance(attention_mask)

@@ -28,14 +28,13 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, D)
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, 1, T, Dh)
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, or None for plain causal / full cache
-        cache=None,  # this layer's LayerKVCache
-        slots: SelfAttentionMask | None = None,  # where the chunk goes in the cache
+        slots: SelfAttentionMask,  # where the chunk goes in the cache, its positions and masks
+        cache=None,  # this layer's LayerKVCache or RingKVCache
         queries: torch.Tensor | None = None,  # (B, K) long: compute only these positions
     ) -> torch.Tensor:  # (B, T, D), or (B, K, D) with queries
         h = self.input_layernorm(x)
         if queries is not None:
             x = select_rows(x, queries)
-        x = x + self.self_attn(h, rope=rope if self.use_rope else None, mask=mask, causal=True, cache=cache,
+        x = x + self.self_attn(h, rope=rope if self.use_rope else None, causal=True, cache=cache,
                                slots=slots, queries=queries)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -75,7 +75,8 @@ class DecodeBatch:
         ``prefix``: the keys and values of ``prompt_ids[:prefix.length]``, every media item inside
         it (``images`` is then not needed): only the rest is prefilled. ``keep``: also keep the first
         ``keep`` positions as the request's ``kept`` prefix, where they can start another prompt
-        (self-attention only, every position a real token at its own index; else ``kept`` is None)."""
+        (self-attention only, every position a real token at its own index, no bounded layer, whose
+        ring no longer holds the first positions; else ``kept`` is None)."""
         free = self.free_rows
         if not free:
             raise BatchFullError(f"the batch is full ({len(self.requests)} requests); wait for a request to finish")
@@ -86,6 +87,8 @@ class DecodeBatch:
                                        f"{self.max_len} (at most {self.max_len - 1} prompt tokens)")
         own = self.model.new_cache(1, len(prompt_ids))
         start = 0
+        if prefix is not None and own.self_attn.bounded:
+            raise RequestError("a model with bounded attention layers (sliding, chunked) cannot start from a prefix")
         if prefix is not None:
             start = prefix.length
             if not 0 < start < len(prompt_ids):
@@ -101,8 +104,8 @@ class DecodeBatch:
         logits = self.model(ids, images=[list(images)] if images else None, cache=own, last_only=True)[:, -1]
         request = Request(free[0], sampling or self.sampling)
         kv = own.self_attn
-        if 0 < keep < len(prompt_ids) and own.cross is None and int(kv.next_position[0]) == len(prompt_ids) \
-                and bool(kv.key_mask[0, :keep].all()):
+        if 0 < keep < len(prompt_ids) and own.cross is None and not kv.bounded \
+                and int(kv.next_position[0]) == len(prompt_ids) and bool(kv.key_mask[0, :keep].all()):
             request.kept = Prefix(tuple(layer.k[0, :, :keep].clone() for layer in kv.layers),
                                   tuple(layer.v[0, :, :keep].clone() for layer in kv.layers))
         if request.sampling.temperature > 0:

@@ -4,6 +4,9 @@ cross-attention cache computed once from the media at prefill.
 Every row of a batch is its own request: it has its own length (slots used, left padding
 included), its own next RoPE position and its own key mask, so a request prefilled alone can be
 inserted into a free row of a running batch (``insert``) and decode on with the others.
+
+A layer whose attention is bounded (sliding window, chunked) keeps a ``RingKVCache`` of the slots
+it can still see instead of the whole sequence: its memory does not grow with the context.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CrossAttentionCache", "InferenceCache", "KVCache", "LayerKVCache"]
+__all__ = ["CrossAttentionCache", "InferenceCache", "KVCache", "LayerKVCache", "RingKVCache"]
 
 
 class LayerKVCache:
@@ -49,6 +52,79 @@ class LayerKVCache:
             self.v[rows, :, index] = v.transpose(1, 2)
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def copy_row(self, row: int, other: LayerKVCache, other_row: int, n: int) -> None:
+        """Row ``other_row``'s first ``n`` slots of ``other`` into ``row``."""
+        self.k[row, :, :n] = other.k[other_row, :, :n]
+        self.v[row, :, :n] = other.v[other_row, :, :n]
+
+    def release_row(self, row: int) -> None:
+        pass  # the key mask says which slots hold tokens
+
+    def narrow(self, n: int) -> LayerKVCache:
+        return LayerKVCache.of(self.k[:n], self.v[:n])
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class RingKVCache:
+    """A bounded layer's keys and values: ``capacity`` slots per row, (B, Hkv, capacity, Dh), slot
+    ``s`` of the sequence kept at ring index ``s % capacity``, with the position (``pos``) and
+    realness (``valid``) of what each ring index holds. A chunk's attention reads the ring (what
+    is earlier) and the chunk's own keys; then the chunk's last ``capacity`` slots replace the
+    oldest entries. ``capacity`` is what the layer's span can still see (``LocalSpan.capacity``)."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, q_slot: torch.Tensor, pos: torch.Tensor,
+              real: torch.Tensor) -> torch.Tensor:
+        """Keep a chunk's k, v (B, Hkv, T, Dh) at slots ``q_slot`` (B, T), positions ``pos`` and
+        realness ``real`` (B, T); of a chunk longer than the ring only its last ``capacity`` slots.
+        Returns the ring indices written (B, T')."""
+        r = self.capacity
+        if q_slot.shape[1] > r:
+            k, v, q_slot, pos, real = k[:, :, -r:], v[:, :, -r:], q_slot[:, -r:], pos[:, -r:], real[:, -r:]
+        index = q_slot % r  # (B, T'): distinct per row, the slots being consecutive
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, index] = k.transpose(1, 2)
+        self.v[rows, :, index] = v.transpose(1, 2)
+        self.pos[rows, index] = pos
+        self.valid[rows, index] = real
+        return index
+
+    def copy_row(self, row: int, other: RingKVCache, other_row: int, n: int) -> None:
+        """Row ``other_row`` of ``other``, a row ``n`` slots long, into ``row`` (rings of another
+        capacity included: each kept slot goes to its own ring index here)."""
+        self.release_row(row)
+        r, ro = self.capacity, other.capacity
+        device = self.k.device
+        j = torch.arange(ro, device=device)
+        held = n - 1 - torch.remainder(n - 1 - j, ro)  # the slot each of other's ring indices holds
+        keep = held >= max(0, n - r)
+        src, dst = j[keep], held[keep] % r
+        self.k[row, :, dst] = other.k[other_row, :, src]
+        self.v[row, :, dst] = other.v[other_row, :, src]
+        self.pos[row, dst] = other.pos[other_row, src]
+        self.valid[row, dst] = other.valid[other_row, src]
+
+    def release_row(self, row: int) -> None:
+        self.valid[row] = False
+
+    def narrow(self, n: int) -> RingKVCache:
+        view = RingKVCache.__new__(RingKVCache)
+        view.k, view.v, view.pos, view.valid = self.k[:n], self.v[:n], self.pos[:n], self.valid[:n]
+        return view
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -62,9 +138,14 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        self.layers = [LayerKVCache(batch_size, num_kv_heads, max_len, head_dim, dtype, device)
-                       for _ in range(num_layers)]
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 rings: list[int | None] | None = None) -> None:
+        """``rings[i]``: the ring capacity of bounded layer i (``RingKVCache``), None for a layer
+        that keeps every slot."""
+        rings = rings or [None] * num_layers
+        self.layers: list[LayerKVCache | RingKVCache] = [
+            LayerKVCache(batch_size, num_kv_heads, max_len, head_dim, dtype, device) if r is None
+            else RingKVCache(batch_size, num_kv_heads, r, head_dim, dtype, device) for r in rings]
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths = [0] * batch_size  # on the host: slicing the cache needs no device sync
@@ -79,8 +160,13 @@ class KVCache:
         """The longest row's length (0 for an empty cache)."""
         return max(self.lengths, default=0)
 
-    def layer(self, i: int) -> LayerKVCache:
+    def layer(self, i: int) -> LayerKVCache | RingKVCache:
         return self.layers[i]
+
+    @property
+    def bounded(self) -> bool:
+        """Some layer keeps only a ring of recent slots (a prefix cannot be cut out of it)."""
+        return any(isinstance(layer, RingKVCache) for layer in self.layers)
 
     def advance(self, attention_mask: torch.Tensor) -> None:
         """Record a chunk (B, T) after its keys were written: a row with any real token in it
@@ -95,8 +181,7 @@ class KVCache:
             raise ValueError(f"a request of {n} cached tokens does not fit a cache of {self.max_len}")
         self.release(row)
         for mine, theirs in zip(self.layers, other.layers, strict=True):
-            mine.k[row, :, :n] = theirs.k[other_row, :, :n]
-            mine.v[row, :, :n] = theirs.v[other_row, :, :n]
+            mine.copy_row(row, theirs, other_row, n)
         self.key_mask[row, :n] = other.key_mask[other_row, :n]
         self.next_position[row] = other.next_position[other_row]
         self.lengths[row] = n
@@ -106,13 +191,15 @@ class KVCache:
         self.key_mask[row] = False
         self.next_position[row] = 0
         self.lengths[row] = 0
+        for layer in self.layers:
+            layer.release_row(row)
 
     def narrow(self, n: int) -> KVCache:
         """Rows ``0..n-1`` as a cache of their own over the same storage: a step run on it writes
         this cache's keys, values, key mask and positions; its ``lengths`` are a copy, which
         ``absorb`` takes back."""
         view = KVCache.__new__(KVCache)
-        view.layers = [LayerKVCache.of(layer.k[:n], layer.v[:n]) for layer in self.layers]
+        view.layers = [layer.narrow(n) for layer in self.layers]
         view.key_mask, view.next_position = self.key_mask[:n], self.next_position[:n]
         view.lengths, view.max_len = self.lengths[:n], self.max_len
         return view

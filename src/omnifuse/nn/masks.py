@@ -7,11 +7,11 @@ Cross-attention: which media each text token may read, from the placeholder posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SelfAttentionMask", "chunk_positions", "cross_attention_mask", "query_rows_mask", "select_rows", "self_attention_mask",
+__all__ = ["LocalSpan", "SelfAttentionMask", "chunk_positions", "cross_attention_mask", "query_rows_mask", "select_rows", "self_attention_mask",
            "visible_images"]
 
 
@@ -20,15 +20,85 @@ def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
-@dataclass
+@dataclass(frozen=True)
+class LocalSpan:
+    """Which earlier positions a bounded self-attention layer sees (besides causality and padding):
+    the last ``window`` positions, the query's own included (Mistral, Gemma 3 sliding window), or
+    the positions of the query's ``chunk``-sized block aligned to position 0 (Llama 4 chunked
+    attention: the token at position C sees only itself)."""
+
+    window: int = 0
+    chunk: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots a layer of this span needs: every key a later query can still see."""
+        return self.window or self.chunk
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Broadcast positions -> bool: key position ``k_pos`` is inside the span of ``q_pos``
+        (``k_pos <= q_pos`` is the caller's to ensure)."""
+        if self.window:
+            return q_pos - k_pos < self.window
+        return torch.div(q_pos, self.chunk, rounding_mode="floor") == torch.div(k_pos, self.chunk, rounding_mode="floor")
+
+
+@dataclass(eq=False)
 class SelfAttentionMask:
-    """Where a chunk goes in the cache and what each of its queries may see."""
+    """Where a chunk goes in the cache and what each of its queries may see.
+
+    ``mask`` (full attention over slots ``:end``) is built on first use, so a model whose layers
+    are all bounded never builds it; ``local(span)`` is the mask of a bounded layer over the
+    chunk's own keys, built once per span and shared by the layers of that span."""
 
     position_ids: torch.Tensor  # (B, T) RoPE positions
-    mask: torch.Tensor | None  # (B, 1, T, S) bool, or None when plain causal attention suffices
     start: int | None  # the slot every row's chunk starts at, or None when rows differ ...
     index: torch.Tensor | None  # ... and then (B, T) each row's slots
     end: int  # keys are slots :end of every row
+    real: torch.Tensor  # (B, T) bool: the chunk's real tokens (not padding, not an idle row)
+    keys: torch.Tensor | None = None  # (B, end) bool: slots holding real tokens; None: all of them
+    plain: bool = True  # plain causal attention (or a single query over a full cache) needs no mask
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def q_slot(self) -> torch.Tensor:  # (B, T): each query's slot
+        if self.index is not None:
+            return self.index
+        b, t = self.real.shape
+        return torch.arange(self.start, self.start + t, device=self.real.device).expand(b, t)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, S) bool over slots ``:end``, or None when plain causal attention suffices."""
+        if self.plain:
+            return None
+        if "full" not in self._masks:
+            q_slot = self.q_slot
+            k_slot = torch.arange(self.end, device=q_slot.device)  # (S,)
+            keys = self.keys if self.keys is not None else torch.ones(q_slot.shape[0], self.end, dtype=torch.bool,
+                                                                      device=q_slot.device)
+            causal = k_slot[None, None, :] <= q_slot[:, :, None]  # (B, T, S)
+            mask = (keys[:, None, :] & causal) | (k_slot[None, None, :] == q_slot[:, :, None])  # padding sees itself
+            self._masks["full"] = mask[:, None]
+        return self._masks["full"]
+
+    def local(self, span: LocalSpan, queries: slice = slice(None), keys: slice = slice(None)) -> torch.Tensor:
+        """(B, 1, Tq, Tk) bool: what the chunk's queries ``queries`` see among the chunk's own keys
+        ``keys`` under ``span`` (causal, real keys, inside the span; a padding query sees itself).
+        The whole chunk's mask is built once per span and shared by the layers of that span."""
+        whole = queries == slice(None) and keys == slice(None)
+        if whole and span in self._masks:
+            return self._masks[span]
+        t = self.real.shape[1]
+        qi = torch.arange(t, device=self.real.device)[queries]
+        ki = torch.arange(t, device=self.real.device)[keys]
+        pos = self.position_ids
+        inside = span.visible(pos[:, queries, None], pos[:, None, keys])  # (B, Tq, Tk)
+        mask = ((ki[None, :] <= qi[:, None]) & inside & self.real[:, None, keys]) | (ki[None, :] == qi[:, None])
+        mask = mask[:, None]
+        if whole:
+            self._masks[span] = mask
+        return mask
 
 
 def chunk_positions(attention_mask: torch.Tensor, cache=None) -> torch.Tensor:
@@ -46,36 +116,28 @@ def self_attention_mask(attention_mask: torch.Tensor, cache=None,
     lengths: a request joined a running batch); the chunk's padding is recorded in the key mask
     and each row's next RoPE position advances by its real tokens."""
     b, t = attention_mask.shape
+    real = attention_mask.bool()
     if position_ids is None:
         position_ids = chunk_positions(attention_mask, cache)
     if cache is None:
-        keys = attention_mask.bool()
-        if bool(keys.all()):
-            return SelfAttentionMask(position_ids, None, 0, None, t)
-        start, index, end = 0, None, t
-        q_slot = torch.arange(t, device=keys.device).expand(b, t)  # (B, T)
+        plain = bool(real.all())
+        return SelfAttentionMask(position_ids, 0, None, t, real, None if plain else real, plain)
+    lo, hi = min(cache.lengths), max(cache.lengths)
+    end = hi + t
+    if end > cache.max_len:
+        raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+    device = cache.key_mask.device
+    if lo == hi:  # every row at the same length (a left-padded batch): plain slices
+        start, index = lo, None
+        cache.key_mask[:, lo:end] = real
     else:
-        lo, hi = min(cache.lengths), max(cache.lengths)
-        end = hi + t
-        if end > cache.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
-        device = cache.key_mask.device
-        if lo == hi:  # every row at the same length (a left-padded batch): plain slices
-            start, index = lo, None
-            cache.key_mask[:, lo:end] = attention_mask.bool()
-        else:
-            start = None
-            index = torch.tensor(cache.lengths, device=device)[:, None] + torch.arange(t, device=device)  # (B, T)
-            cache.key_mask[torch.arange(b, device=device)[:, None], index] = attention_mask.bool()
-        cache.next_position += attention_mask.long().sum(1)
-        keys = cache.key_mask[:, :end]
-        if start is not None and bool(keys.all()) and (start == 0 or t == 1):
-            return SelfAttentionMask(position_ids, None, start, None, end)  # plain causal / full
-        q_slot = index if index is not None else torch.arange(start, end, device=device).expand(b, t)  # (B, T)
-    k_slot = torch.arange(end, device=keys.device)  # (S,)
-    causal = k_slot[None, None, :] <= q_slot[:, :, None]  # (B, T, S)
-    mask = (keys[:, None, :] & causal) | (k_slot[None, None, :] == q_slot[:, :, None])  # padding sees itself
-    return SelfAttentionMask(position_ids, mask[:, None], start, index, end)
+        start = None
+        index = torch.tensor(cache.lengths, device=device)[:, None] + torch.arange(t, device=device)  # (B, T)
+        cache.key_mask[torch.arange(b, device=device)[:, None], index] = real
+    cache.next_position += attention_mask.long().sum(1)
+    keys = cache.key_mask[:, :end]
+    plain = start is not None and (start == 0 or t == 1) and bool(keys.all())  # plain causal / full
+    return SelfAttentionMask(position_ids, start, index, end, real, keys, plain)
 
 
 def query_rows_mask(mask: torch.Tensor | None, queries: torch.Tensor, num_keys: int) -> torch.Tensor:

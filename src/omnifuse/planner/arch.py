@@ -192,11 +192,18 @@ class DecoderArch:
     experts_per_token: int = 1
     shared_experts: int = 0
     expert_intermediate: int = 0
+    shared_intermediate: int = 0  # a shared expert's width (0: expert_intermediate)
     moe_every: int = 1
     # Attention span: ``window`` > 0 limits all but every ``global_every``-th layer to the last
-    # ``window`` positions (Gemma 3 sliding window, Llama 4 chunked attention).
+    # ``window`` positions (Gemma 3 sliding window), or, with ``chunked``, to the query's
+    # ``window``-sized block (Llama 4 chunked attention).
     window: int = 0
     global_every: int = 0
+    chunked: bool = False
+    # Per layer, when the layers differ otherwise than the rules above say (an omnifuse config's
+    # layer specs): each layer's (attention kind, span) and whether its feed-forward is MoE.
+    layer_attention: tuple[tuple[str, int], ...] = ()
+    layer_moe: tuple[bool, ...] = ()
     # Gated cross-attention layers (Llama 3.2 Vision), each with its own MLP of ``intermediate``,
     # keys and values projected from media states ``cross_kv_dim`` wide (0: hidden; IDEFICS: the
     # perceiver's width), q/k RMSNorm when ``cross_qk_norm``.
@@ -204,15 +211,34 @@ class DecoderArch:
     cross_kv_dim: int = 0
     cross_qk_norm: bool = True
 
+    def __post_init__(self) -> None:
+        if self.layer_attention and len(self.layer_attention) != self.layers:
+            raise ValueError(f"layer_attention describes {len(self.layer_attention)} layers, not {self.layers}")
+        if self.layer_moe and len(self.layer_moe) != self.layers:
+            raise ValueError(f"layer_moe describes {len(self.layer_moe)} layers, not {self.layers}")
+
     @property
     def moe_layers(self) -> int:
+        if self.layer_moe:
+            return sum(self.layer_moe)
         return self.layers // self.moe_every if self.experts else 0
+
+    def attention_kinds(self) -> tuple[tuple[str, int], ...]:
+        """Each layer's (kind, span): ("full", 0), ("sliding", window) or ("chunked", chunk)."""
+        if self.layer_attention:
+            return self.layer_attention
+        bounded = ("chunked" if self.chunked else "sliding", self.window)
+        every = self.global_every
+        return tuple(("full", 0) if not self.window or (every and (i + 1) % every == 0) else bounded
+                     for i in range(self.layers))
 
     @property
     def windowed_layers(self) -> int:
-        if not self.window:
-            return 0
-        return self.layers - (self.layers // self.global_every if self.global_every else 0)
+        return sum(kind != "full" for kind, _ in self.attention_kinds())
+
+    @property
+    def full_layers(self) -> int:
+        return self.layers - self.windowed_layers
 
     def _attention_params(self) -> int:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -225,13 +251,16 @@ class DecoderArch:
         h = self.hidden
         moe = self.moe_layers
         mlps = (self.layers - moe) * self._mlp_params(self.intermediate) + moe * (
-            (self.experts + self.shared_experts) * self._mlp_params(self.expert_intermediate) + h * self.experts)
+            self.experts * self._mlp_params(self.expert_intermediate) + self._shared_params() + h * self.experts)
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         cross_attention = 2 * h * q + 2 * (self.cross_kv_dim or h) * kv  # q, o; k, v from the media
         cross = self.cross_layers * (cross_attention + self._mlp_params(self.intermediate) + 2 * h
                                      + 2 * self.head_dim * self.cross_qk_norm + 2)  # + norms, q/k norms, the two gates
         body = self.layers * (self._attention_params() + 2 * h) + mlps + cross + h
         return body + (self.vocab + self.extra_embeddings) * h + (0 if self.tied else self.vocab * h)
+
+    def _shared_params(self) -> int:
+        return self.shared_experts * self._mlp_params(self.shared_intermediate or self.expert_intermediate)
 
     def inactive_parameters(self) -> int:
         """Routed-expert weights a token does not use."""
@@ -244,18 +273,37 @@ class DecoderArch:
         moe = self.moe_layers
         per = self.layers * (self._attention_params() - (self.heads + 2 * self.kv_heads) * self.head_dim * self.qkv_bias)
         per += (self.layers - moe) * self._mlp_params(self.intermediate)
-        per += moe * ((self.experts_per_token + self.shared_experts) * expert + h * self.experts)
+        per += moe * (self.experts_per_token * expert + self._shared_params() + h * self.experts)
         return 2 * per
 
     def attention_span(self, position: int) -> int:
-        """Key positions summed over layers for a query at ``position`` (1-based context length)."""
-        windowed = self.windowed_layers
-        return (self.layers - windowed) * position + windowed * min(position, self.window)
+        """Keys summed over layers that a query at ``position`` (1-based context length) is
+        computed against: a bounded layer's ring of its span (a chunked layer's masks what is
+        outside the query's block; masking is not discounted)."""
+        return sum(position if kind == "full" else min(position, span) for kind, span in self.attention_kinds())
+
+    def prefill_span(self, positions: int) -> int:
+        """Keys summed over every query of a ``positions``-token prefill and every layer: the
+        attention rectangles the prefill computes. A full layer's is positions x positions; a
+        bounded layer of span R (``LocalAttention``) runs its queries in blocks of R, each over
+        its own and the previous block's keys."""
+        total = 0
+        for kind, span in self.attention_kinds():
+            if kind == "full" or positions <= span:
+                total += positions * positions
+                continue
+            total += span * span  # the first block
+            for start in range(span, positions, span):
+                q = min(span, positions - start)
+                total += q * (q + span)
+        return total
 
     def kv_bytes(self, positions: int, dtype_bytes: float) -> float:
-        """Self-attention cache for ``positions`` context tokens (windowed layers keep ``window``)."""
-        per_layer = 2 * self.kv_heads * self.head_dim * dtype_bytes
-        return per_layer * self.attention_span(positions)
+        """Self-attention cache for ``positions`` context tokens: a bounded layer keeps a ring of
+        its span (``RingKVCache``), at most the context."""
+        per_slot = 2 * self.kv_heads * self.head_dim * dtype_bytes
+        return per_slot * sum(positions if kind == "full" else min(positions, span)
+                              for kind, span in self.attention_kinds())
 
     def cross_kv_bytes(self, states: int, dtype_bytes: float) -> float:
         """Cross-attention cache for ``states`` media states (K/V in every cross-attention layer)."""
@@ -340,7 +388,7 @@ class Architecture:
         s = context_tokens
         states = sum(m.cross_states_prefill for m in media)  # K/V and attention over every encoded state
         encoder = sum(self.encoder_flops(m) for m in media)
-        span = s * d.attention_span(s)  # every query against the full key range (windowed layers: the window)
+        span = d.prefill_span(s)  # every query against the key range it computes
         decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span
         cross = 0
         if d.cross_layers and states:
@@ -386,13 +434,19 @@ def from_model_config(config: ModelConfig) -> Architecture:
     the same per-layer specs the decoder builder reads (``ModelConfig.layer_specs``)."""
     v, d = config.vision, config.decoder
     specs = config.layer_specs
-    priced = {("full", "dense")}  # the layer kinds these formulas cover
+    spans = {"full": 0, "sliding": d.sliding_window, "chunked": d.attention_chunk_size}
     for i, spec in enumerate(specs):
-        if (spec.attention, spec.feed_forward) not in priced:
+        if spec.attention not in spans or spec.feed_forward not in ("dense", "moe"):
             raise PlanError(f"decoder layer {i} ({spec.attention} attention, {spec.feed_forward} feed-forward) "
                             "has no cost formula in planner/arch.py yet")
+    moe = tuple(s.feed_forward == "moe" for s in specs)
     decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
+                          layer_attention=tuple((s.attention, spans[s.attention]) for s in specs),
+                          layer_moe=moe if any(moe) else (), experts=d.num_experts if any(moe) else 0,
+                          experts_per_token=d.experts_per_token, shared_experts=int(d.shared_expert_intermediate_size > 0),
+                          expert_intermediate=d.expert_intermediate_size or d.intermediate_size,
+                          shared_intermediate=d.shared_expert_intermediate_size,
                           tied=d.tie_embeddings, qkv_bias=d.attention_bias or d.qkv_bias, extra_embeddings=d.extra_embeddings,
                           cross_layers=sum(s.cross_attention for s in specs) + int(config.final_cross_attention),
                           cross_kv_dim=config.media_width, cross_qk_norm=config.fusion.cross_attention_qk_norm)

@@ -37,6 +37,7 @@ __all__ = [
     "VideoCost",
     "audio_cost",
     "audio_encoder_flops",
+    "bounded_kv_bytes",
     "count_parameters",
     "cross_kv_bytes_per_state",
     "image_cost",
@@ -77,8 +78,17 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: float = 4) -> int:
-    """Self-attention K/V of one context position, all layers."""
-    return cache_bytes(from_model_config(config).decoder, 1, 0, 0, dtype_bytes).self_attention
+    """Self-attention K/V of one more context position: every layer that keeps the whole context
+    (a bounded layer's ring stops growing at its span: ``bounded_kv_bytes``)."""
+    d = from_model_config(config).decoder
+    return int(d.kv_bytes(1, dtype_bytes) * d.full_layers / d.layers)
+
+
+def bounded_kv_bytes(config: ModelConfig, dtype_bytes: float = 4) -> int:
+    """The rings of the bounded (sliding, chunked) layers once the context reaches their spans."""
+    d = from_model_config(config).decoder
+    per_slot = d.kv_bytes(1, dtype_bytes) / d.layers
+    return int(per_slot * sum(span for kind, span in d.attention_kinds() if kind != "full"))
 
 
 def cross_kv_bytes_per_state(config: ModelConfig, dtype_bytes: float = 4) -> int:
@@ -300,6 +310,10 @@ def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int,
                     video_tokens_per_second=video_cost(config, 1.0, side, side).media_tokens)
     info.update(context_length=config.decoder.max_position, cache_dtype_bytes=dtype_bytes,
                 kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
+    kinds = [kind for kind, _ in from_model_config(config).decoder.attention_kinds()]
+    if any(kind != "full" for kind in kinds):
+        info.update(attention_layers={k: kinds.count(k) for k in dict.fromkeys(kinds)},
+                    kv_cache_bytes_bounded_layers=bounded_kv_bytes(config, dtype_bytes))
     if config.vision is None:
         return info
     if not _fusion(config).in_sequence:
