@@ -187,6 +187,61 @@ def save_llama(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2
     return folder
 
 
+def save_mistral(folder: Path, *, model_type: str = "mistral", seed: int = 0, heads: int = 4, kv_heads: int = 2,
+                 layers: int = 2, vocab: int = 320, window: int | None = 6, experts: int = 4, top_k: int = 2,
+                 head_dim: int | None = None, tie: bool = False) -> Path:
+    """A tiny random ``MistralForCausalLM`` / ``MixtralForCausalLM`` (``model_type``) with a sliding
+    window of ``window`` positions (None: full attention) and a word-level tokenizer."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie, rms_norm_eps=1e-5, head_dim=head_dim,
+                  sliding_window=window)
+    if model_type == "mixtral":
+        cfg, cls = MixtralConfig(**common, num_local_experts=experts, num_experts_per_tok=top_k), MixtralForCausalLM
+    else:
+        cfg, cls = MistralConfig(**common), MistralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    randomise(model, seed=seed)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2})
+    return folder
+
+
+def save_llama4_text(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, layers: int = 4,
+                     vocab: int = 320, chunk: int | None = 5, experts: int = 3, moe_step: int = 2, top_k: int = 1,
+                     qk_norm: bool = True, floor_scale: int = 8192, nope_interval: int = 4,
+                     rope_scaling: bool = False) -> Path:
+    """A tiny random ``Llama4ForCausalLM``: chunked attention of ``chunk`` positions on RoPE layers,
+    every ``nope_interval``-th layer NoPE (temperature tuning from ``floor_scale``), MoE every
+    ``moe_step``-th layer, a word-level tokenizer."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64} if rope_scaling else None
+    cfg = Llama4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           head_dim=16, num_local_experts=experts, num_experts_per_tok=top_k,
+                           interleave_moe_layer_step=moe_step, attention_chunk_size=chunk, use_qk_norm=qk_norm,
+                           floor_scale=floor_scale, no_rope_layer_interval=nope_interval, max_position_embeddings=512,
+                           bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+                           **({"rope_parameters": rope} if rope else {}))
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(cfg).eval()
+    randomise(model, seed=seed)
+    with torch.no_grad():  # the fused experts at the spread of other weights; routers decisive
+        for name, p in model.named_parameters():
+            if "experts.gate_up_proj" in name:
+                p.mul_(0.08)
+            elif "router" in name:
+                p.mul_(1 / 0.08)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2})
+    return folder
+
+
 def save_qwen2_audio(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, mel_bins: int = 32,
                      chunk_seconds: int = 2, audio_layers: int = 2, text_layers: int = 2, vocab: int = 320,
                      audio_token_id: int = 300, layout: str = "v5") -> Path:

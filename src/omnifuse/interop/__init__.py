@@ -10,8 +10,10 @@ from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.idefics import idefics_config, load_idefics
 from omnifuse.interop.idefics3 import idefics3_config, load_idefics3
 from omnifuse.interop.llama import llama_config, load_llama
+from omnifuse.interop.llama4 import llama4_text_config, load_llama4_text
 from omnifuse.interop.llava import llava_config, load_llava
 from omnifuse.interop.llava_next_video import llava_next_video_config, load_llava_next_video
+from omnifuse.interop.mistral import load_mistral, mistral_config
 from omnifuse.interop.mllama import load_mllama, mllama_config
 from omnifuse.interop.qwen2_audio import load_qwen2_audio, qwen2_audio_config
 
@@ -23,8 +25,11 @@ ARCHITECTURES = {
     "idefics3": load_idefics3,
     "instructblip": load_blip2,
     "llama": load_llama,
+    "llama4_text": load_llama4_text,
     "llava": load_llava,
     "llava_next_video": load_llava_next_video,
+    "mistral": load_mistral,
+    "mixtral": load_mistral,
     "mllama": load_mllama,
     "qwen2_audio": load_qwen2_audio,
     "smolvlm": load_idefics3,
@@ -44,8 +49,11 @@ CONFIG_READERS = {
     "idefics3": idefics3_config,
     "instructblip": blip2_config,
     "llama": llama_config,
+    "llama4_text": llama4_text_config,
     "llava": llava_config,
     "llava_next_video": llava_next_video_config,
+    "mistral": mistral_config,
+    "mixtral": mistral_config,
     "mllama": mllama_config,
     "qwen2_audio": qwen2_audio_config,
     "smolvlm": idefics3_config,

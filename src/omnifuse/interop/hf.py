@@ -28,9 +28,11 @@ from omnifuse.config import CLIP_MEAN, CLIP_STD, ImageConfig
 
 __all__ = [
     "KeyMap",
+    "Mapped",
     "Reshaped",
     "Rows",
     "Split",
+    "Stacked",
     "build_on_meta",
     "check_pixel_steps",
     "iter_safetensors",
@@ -71,7 +73,26 @@ class Rows:
     start: int
 
 
-KeyMap = list[tuple[str, "str | Split | Reshaped | Rows | None"]]
+@dataclass(frozen=True)
+class Stacked:
+    """A checkpoint tensor (E, ...) holding one matrix per expert, stored input-major when
+    ``transpose`` (Llama 4's fused ``gate_up_proj`` (E, D, 2I)): expert e's matrix (transposed)
+    is cut along dim 0 into ``targets``, templates in which ``{e}`` stands for the expert."""
+
+    targets: tuple[str, ...]
+    transpose: bool = True
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A checkpoint tensor copied into ``target`` through ``fn`` (same shape in and out: a
+    permutation of rows, such as interleaved RoPE pairs into omnifuse's half-split layout)."""
+
+    target: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+KeyMap = list[tuple[str, "str | Split | Reshaped | Rows | Stacked | Mapped | None"]]
 Piece = Callable[[torch.Tensor], torch.Tensor]  # the part of a checkpoint tensor one model tensor takes
 Fill = tuple[str, Piece, "slice | None"]  # (model key, its part of the checkpoint tensor, the rows it fills)
 
@@ -125,7 +146,7 @@ def _map_key(key: str, key_map: KeyMap) -> tuple[bool, list[tuple[str, Any]] | N
             continue
         if repl is None:
             return True, None
-        if isinstance(repl, Split):
+        if isinstance(repl, (Split, Stacked)):
             return True, [(m.expand(t), repl) for t in repl.targets]
         return True, [(m.expand(repl if isinstance(repl, str) else repl.target), repl)]
     return False, None
@@ -146,8 +167,24 @@ def _pieces(shape: tuple[int, ...], repl: Any, targets: list[tuple[str, Any]],
                 bad.append(f"-> {name}: part {part} vs model {tuple(own[name].shape)}")
             out.append((name, lambda t, i=i: t[i * step:(i + 1) * step], None))
         return out, bad
+    if isinstance(repl, Stacked):
+        out, bad = [], []
+        per = len(repl.targets)
+        matrix = (shape[2], shape[1]) if repl.transpose and len(shape) == 3 else shape[1:]
+        if matrix[0] % per:
+            return [], [f"file {shape}: an expert's {matrix} does not split into {per} equal parts along dim 0"]
+        step = matrix[0] // per
+        for j, (name, _) in enumerate(targets):
+            e, i = divmod(j, per)
+            part = (step, *matrix[1:])
+            if part != tuple(own[name].shape):
+                bad.append(f"-> {name}: part {part} vs model {tuple(own[name].shape)}")
+            out.append((name, lambda t, e=e, i=i: (t[e].T if repl.transpose else t[e])[i * step:(i + 1) * step], None))
+        return out, bad
     name = targets[0][0]
     want = tuple(own[name].shape)
+    if isinstance(repl, Mapped):
+        return ([(name, repl.fn, None)], []) if shape == want else ([], [f"file {shape} vs model {want}"])
     if isinstance(repl, Rows):
         rows = slice(repl.start, repl.start + shape[0])
         if shape[1:] != want[1:] or rows.stop > want[0]:
@@ -205,6 +242,8 @@ def load_mapped(model: torch.nn.Module, folder: str | Path, key_map: KeyMap, nor
             continue
         if targets is None:
             continue  # deliberately unused
+        if isinstance(targets[0][1], Stacked):  # one set of targets per expert
+            targets = [(name.replace("{e}", str(e)), repl) for e in range(shape[0]) for name, repl in targets]
         absent = [name for name, _ in targets if name not in own]
         if absent:
             unexpected.append(f"{key} (-> {', '.join(absent)})")
