@@ -242,6 +242,49 @@ def save_llama4_text(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: i
     return folder
 
 
+LLAMA4_SPECIALS = {"<|image_start|>": 300, "<|image_end|>": 301, "<|image|>": 302, "<|patch|>": 303,
+                   "<|tile_x_separator|>": 304, "<|tile_y_separator|>": 305}
+
+
+def save_llama4(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, layers: int = 4, vocab: int = 320,
+                chunk: int | None = 5, experts: int = 3, moe_step: int = 2, tile: int = 56, patch: int = 14,
+                vision_layers: int = 2, vision_hidden: int = 32, vision_heads: int = 2, max_tiles: int = 4,
+                floor_scale: int = 8192) -> Path:
+    """A tiny random ``Llama4ForConditionalGeneration`` (a ``tile`` px vision tower of
+    ``vision_heads`` heads, pixel shuffle 0.5, the text model of ``save_llama4_text``), a
+    word-level tokenizer with Llama 4's image tokens, and the image processor's settings as
+    ``Llama4ImageProcessor`` saves them (it cannot be built here: it needs torchvision)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                num_local_experts=experts, interleave_moe_layer_step=moe_step, attention_chunk_size=chunk,
+                floor_scale=floor_scale, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                rms_norm_eps=1e-5)
+    vision = dict(hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                  intermediate_size=vision_hidden * 4, image_size=tile, patch_size=patch, pixel_shuffle_ratio=0.5,
+                  projector_input_dim=48, projector_output_dim=48, vision_output_dim=48)
+    cfg = Llama4Config(text_config=text, vision_config=vision, image_token_index=LLAMA4_SPECIALS["<|patch|>"],
+                       boi_token_index=LLAMA4_SPECIALS["<|image_start|>"], eoi_token_index=LLAMA4_SPECIALS["<|image_end|>"])
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(cfg).eval()
+    randomise(model, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts.gate_up_proj" in name:
+                p.mul_(0.08)
+            elif "router" in name:
+                p.mul_(1 / 0.08)
+    model.save_pretrained(folder)
+    write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, **LLAMA4_SPECIALS})
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Llama4ImageProcessor", "size": {"height": tile, "width": tile},
+        "max_patches": max_tiles, "resize_to_max_canvas": False, "resample": 2, "do_resize": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}))
+    return folder
+
+
 def save_qwen2_audio(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, mel_bins: int = 32,
                      chunk_seconds: int = 2, audio_layers: int = 2, text_layers: int = 2, vocab: int = 320,
                      audio_token_id: int = 300, layout: str = "v5") -> Path:

@@ -188,7 +188,7 @@ def test_bad_connector_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="pixel_shuffle needs patch features on a grid"):
         dataclasses.replace(base, vision=dataclasses.replace(base.vision, feature_select="full"),
                             connector=ConnectorConfig(type="pixel_shuffle"))
-    with pytest.raises(ConfigError, match="connector.projection must be linear, mlp or none"):
+    with pytest.raises(ConfigError, match="connector.projection must be linear, mlp, llama4 or none"):
         ConnectorConfig(type="pool", projection="conv")
     with pytest.raises(ConfigError, match="projection none .* is a perceiver setting, not pool's"):
         ConnectorConfig(type="pool", projection="none")

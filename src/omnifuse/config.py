@@ -105,6 +105,11 @@ class VisionConfig:
     # A LayerNorm on the features handed on (SigLIP's post_layernorm, as Idefics3 and SmolVLM read
     # the last layer); needs a single feature_layer.
     post_norm: bool = False
+    # Where the class token goes: "first" (CLIP) or "last", after the patches (Llama 4).
+    cls_position: str = "first"
+    # > 0: 2-D rotary positions (patch column and row) in every layer's attention, at this base
+    # (Llama 4: 10000); 0: none.
+    rope_theta: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
@@ -124,6 +129,10 @@ class VisionConfig:
         _check(not bad, f"vision.intermediate_layers {bad} out of range for num_layers {self.num_layers}")
         _check(self.type in ("vit", "mllama"), f"vision.type must be vit or mllama, got {self.type!r}")
         _check(self.stem in ("patch", "conv"), f"vision.stem must be patch or conv, got {self.stem!r}")
+        _check(self.cls_position in ("first", "last"), f"vision.cls_position must be first or last, got {self.cls_position!r}")
+        _check(self.rope_theta >= 0, f"vision.rope_theta must be >= 0 (0: no 2-D rotary positions), got {self.rope_theta}")
+        _check(not self.rope_theta or (self.hidden_size // self.num_heads) % 4 == 0,
+               f"vision.rope_theta needs a head width divisible by 4, got {self.hidden_size // self.num_heads}")
         if self.stem == "conv":
             _check(self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
                    f"vision.stem conv needs a power-of-two patch_size, got {self.patch_size}")
@@ -195,6 +204,13 @@ class ImageConfig:
     std: tuple[float, ...] = CLIP_STD
     max_pixels: int = 64_000_000  # refuse to decode larger images (decompression bombs)
     longest_edge: int = 0  # split mode: the longest side is resized to this (0: 4 tiles' worth)
+    # tiles mode's overview crop: "always", or only when the canvas has several tiles ("several",
+    # Llama 4's global tile), resized bicubic or bilinear (Llama 4).
+    overview_when: str = "always"
+    overview_resample: str = "bicubic"
+    # The dtype pixels are rescaled and normalised in: float32, or bfloat16 as Llama 4's processor
+    # does (values rounded to bfloat16, handed on as float32).
+    normalise_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.mode in ("fixed", "dynamic", "tiles", "split"),
@@ -207,6 +223,12 @@ class ImageConfig:
                f"image.min_patches {self.min_patches} / max_patches {self.max_patches} invalid")
         _check(self.max_tiles >= 1, f"image.max_tiles must be >= 1, got {self.max_tiles}")
         _check(not (self.pad_tiles and self.overview), "image.pad_tiles and image.overview cannot both be set")
+        _check(self.overview_when in ("always", "several"),
+               f"image.overview_when must be always or several, got {self.overview_when!r}")
+        _check(self.overview_resample in ("bicubic", "bilinear"),
+               f"image.overview_resample must be bicubic or bilinear, got {self.overview_resample!r}")
+        _check(self.normalise_dtype in ("float32", "bfloat16"),
+               f"image.normalise_dtype must be float32 or bfloat16, got {self.normalise_dtype!r}")
         _set(self, "mean", tuple(float(x) for x in self.mean))
         _set(self, "std", tuple(float(x) for x in self.std))
         _check(len(self.mean) == 3 and len(self.std) == 3, "image.mean and image.std need 3 values")
@@ -314,7 +336,8 @@ class ConnectorConfig:
       cross-attending to the features every ``cross_attention_every``-th layer (BLIP-2);
     - ``perceiver``: ``tokens`` latents (default 64), ``num_layers`` perceiver layers (Flamingo);
     - ``pixel_shuffle``: each ``scale_factor`` x ``scale_factor`` block of patches one token,
-      then a ``projection`` (Idefics3, SmolVLM);
+      then a ``projection`` (Idefics3, SmolVLM; ``llama4``: Llama 4's two-layer adapter of
+      ``hidden_size`` and its projector);
     - ``pool``: the patch grid average-pooled to ``tokens`` (a square, default 256), normalised,
       then a ``projection`` (Gemma 3).
 
@@ -361,8 +384,10 @@ class ConnectorConfig:
                f"connector.instruction_vocab_size is a Q-Former setting (InstructBLIP), not {self.type}'s")
         for name in ("num_layers", "num_heads", "cross_attention_every", "scale_factor"):
             _check(getattr(self, name) >= 1, f"connector.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.projection in ("linear", "mlp", "none"),
-               f"connector.projection must be linear, mlp or none, got {self.projection!r}")
+        _check(self.projection in ("linear", "mlp", "none", "llama4"),
+               f"connector.projection must be linear, mlp, llama4 or none, got {self.projection!r}")
+        _check(self.projection != "llama4" or self.type == "pixel_shuffle",
+               f"connector.projection llama4 (Llama 4's adapter and projector) follows a pixel_shuffle, not {self.type}")
         _check(self.projection != "none" or self.type == "perceiver",
                f"connector.projection none (no projection to the decoder width) is a perceiver setting, not {self.type}'s")
         _check(self.activation in ("gelu", "relu"), f"connector.activation must be gelu or relu, got {self.activation!r}")
@@ -565,7 +590,8 @@ class TextConfig:
     bos_after_leading_images: bool = False
     # Marker tokens around each image's crops ("" none; "idefics3": Idefics3 / SmolVLM's tile and
     # global-image markers; "idefics": IDEFICS's <fake_token_around_image> on both sides, one shared
-    # between adjacent images; processing/prompt.py).
+    # between adjacent images; "llama4": Llama 4's image start/end, tile separators and <|image|>
+    # before the global tile; processing/prompt.py).
     image_span: str = ""
     # BLIP-2 / InstructBLIP's processor: the image tokens of a prompt without placeholders go in
     # front of the tokenizer's bos ("<image>...<image><s>text").
@@ -573,11 +599,17 @@ class TextConfig:
     # The folder (inside the checkpoint) of a second tokenizer, whose ids of the prompt the
     # connector reads with each image (InstructBLIP's Q-Former: "qformer_tokenizer"); "" none.
     instruction_tokenizer: str = ""
+    # The token a prompt marks each image with, where it is not the image placeholder the features
+    # are written over (Llama 4: "<|image|>" in the prompt; its span, text.image_span llama4, puts
+    # the features over <|patch|> tokens); "" the placeholder itself.
+    prompt_image_token: str = ""
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in ("bytes", "file"), f"text.tokenizer must be bytes or file, got {self.tokenizer!r}")
-        _check(self.image_span in ("", "idefics3", "idefics"),
-               f"text.image_span must be '', idefics3 or idefics, got {self.image_span!r}")
+        _check(self.image_span in ("", "idefics3", "idefics", "llama4"),
+               f"text.image_span must be '', idefics3, idefics or llama4, got {self.image_span!r}")
+        _check(not self.prompt_image_token or self.image_span == "llama4",
+               "text.prompt_image_token needs a span rule that writes the features elsewhere (text.image_span llama4)")
         for name, kind in (("placeholder_tokens", str), ("placeholder_ids", int)):
             value = getattr(self, name)
             _check(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, kind)

@@ -57,7 +57,8 @@ def build_vision_encoder(config: ModelConfig) -> nn.Module:
         num_heads=v.num_heads, hidden=v.intermediate_size, num_channels=v.num_channels, use_cls=v.use_cls,
         activation=v.activation, eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
         qkv_bias=v.qkv_bias, feature_layers=v.feature_layers, drop_cls=v.feature_select == "default", stem=v.stem,
-        merge_tokens=v.merge_tokens, post_norm=v.post_norm,
+        merge_tokens=v.merge_tokens, post_norm=v.post_norm, cls_last=v.cls_position == "last",
+        rope_theta=v.rope_theta,
     )
 
 

@@ -14,9 +14,13 @@ from omnifuse.errors import ConfigError
 from omnifuse.nn.norm import RMSNorm
 
 
-def _projection(kind: str, in_dim: int, out_dim: int, bias: bool) -> nn.Module:
+def _projection(kind: str, in_dim: int, out_dim: int, bias: bool, hidden: int = 0) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, out_dim, bias=bias), nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias))
+    if kind == "llama4":  # Llama 4's vision adapter (two layers, GELU after each) and projector
+        hidden = hidden or out_dim
+        return nn.Sequential(nn.Linear(in_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, hidden, bias=bias),
+                             nn.GELU(), nn.Linear(hidden, out_dim, bias=bias))
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
@@ -39,7 +43,8 @@ def pixel_shuffle(x: torch.Tensor, rows: int, cols: int, s: int) -> torch.Tensor
 
 class PixelShuffleConnector(Connector):
     """Pixel shuffle by ``scale_factor`` s (s^2 fewer tokens, s^2 times the channels), then a
-    linear (Idefics3's ``modality_projection``, no bias) or MLP projection."""
+    linear (Idefics3's ``modality_projection``, no bias), MLP or ``llama4`` projection (Llama 4:
+    two ``hidden_size`` layers with GELU after each, then a linear to the decoder)."""
 
     @staticmethod
     def num_output_tokens(config, tokens: int, grid: tuple[int, int] | None) -> int:
@@ -52,13 +57,13 @@ class PixelShuffleConnector(Connector):
 
     @classmethod
     def build(cls, config, in_dim: int, out_dim: int, positions: int = 0) -> PixelShuffleConnector:
-        return cls(in_dim, out_dim, config.scale_factor, config.projection, config.bias, positions)
+        return cls(in_dim, out_dim, config.scale_factor, config.projection, config.bias, positions, config.hidden_size)
 
     def __init__(self, in_dim: int, out_dim: int, scale_factor: int = 2, projection: str = "linear",
-                 bias: bool = False, positions: int = 0) -> None:
+                 bias: bool = False, positions: int = 0, hidden: int = 0) -> None:
         super().__init__()
         self.scale_factor = scale_factor
-        self.proj = _projection(projection, in_dim * scale_factor**2, out_dim, bias)
+        self.proj = _projection(projection, in_dim * scale_factor**2, out_dim, bias, hidden)
         self._init_positions(positions, out_dim)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from omnifuse.interop.hf import read_hf_config, stop_token_ids
 from omnifuse.interop.idefics import idefics_config, load_idefics
 from omnifuse.interop.idefics3 import idefics3_config, load_idefics3
 from omnifuse.interop.llama import llama_config, load_llama
-from omnifuse.interop.llama4 import llama4_text_config, load_llama4_text
+from omnifuse.interop.llama4 import llama4_config, llama4_text_config, load_llama4, load_llama4_text
 from omnifuse.interop.llava import llava_config, load_llava
 from omnifuse.interop.llava_next_video import llava_next_video_config, load_llava_next_video
 from omnifuse.interop.mistral import load_mistral, mistral_config
@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "idefics3": load_idefics3,
     "instructblip": load_blip2,
     "llama": load_llama,
+    "llama4": load_llama4,
     "llama4_text": load_llama4_text,
     "llava": load_llava,
     "llava_next_video": load_llava_next_video,
@@ -49,6 +50,7 @@ CONFIG_READERS = {
     "idefics3": idefics3_config,
     "instructblip": blip2_config,
     "llama": llama_config,
+    "llama4": llama4_config,
     "llama4_text": llama4_text_config,
     "llava": llava_config,
     "llava_next_video": llava_next_video_config,

@@ -85,8 +85,10 @@ class Stacked:
 
 @dataclass(frozen=True)
 class Mapped:
-    """A checkpoint tensor copied into ``target`` through ``fn`` (same shape in and out: a
-    permutation of rows, such as interleaved RoPE pairs into omnifuse's half-split layout)."""
+    """A checkpoint tensor copied into ``target`` through ``fn``: a permutation of rows (interleaved
+    RoPE pairs into omnifuse's half-split layout) or another view of the same elements (an unfold
+    patch embedding's linear as a convolution's weight). ``fn``'s output shape, worked out on the
+    meta device, must be the model tensor's."""
 
     target: str
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -184,7 +186,11 @@ def _pieces(shape: tuple[int, ...], repl: Any, targets: list[tuple[str, Any]],
     name = targets[0][0]
     want = tuple(own[name].shape)
     if isinstance(repl, Mapped):
-        return ([(name, repl.fn, None)], []) if shape == want else ([], [f"file {shape} vs model {want}"])
+        try:
+            out = tuple(repl.fn(torch.empty(shape, device="meta")).shape)
+        except RuntimeError:
+            out = None
+        return ([(name, repl.fn, None)], []) if out == want else ([], [f"file {shape} -> {out} vs model {want}"])
     if isinstance(repl, Rows):
         rows = slice(repl.start, repl.start + shape[0])
         if shape[1:] != want[1:] or rows.stop > want[0]:

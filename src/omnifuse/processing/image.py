@@ -314,8 +314,12 @@ class ImageProcessor:
         rows, cols = self.canvas(width, height)
         if cfg.mode == "split":  # the tiles and the whole image, or one crop
             return (1 if rows * cols == 1 else rows * cols + 1), (side, side), (rows, cols)
-        crops = cfg.max_tiles if cfg.pad_tiles else rows * cols + int(cfg.overview)
+        crops = cfg.max_tiles if cfg.pad_tiles else rows * cols + int(self._overview(rows, cols))
         return crops, (side, side), (rows, cols)
+
+    def _overview(self, rows: int, cols: int) -> bool:
+        """Whether a tiles-mode canvas of (rows, cols) gets the overview crop."""
+        return self.config.overview and (self.config.overview_when == "always" or rows * cols > 1)
 
     def num_tokens(self, width: int, height: int) -> int:
         """Visual tokens for a ``width x height`` image (size after EXIF transpose)."""
@@ -337,6 +341,9 @@ class ImageProcessor:
     def _normalise(self, img: Image.Image) -> torch.Tensor:
         """RGB uint8 image -> (3, H, W) float32, (x / 255 - mean) / std."""
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+        if self.config.normalise_dtype == "bfloat16":  # Llama 4: x * (1/255), then the normalisation, in bf16
+            x = x.to(torch.bfloat16) * (1 / 255)
+            return ((x - self._mean.to(torch.bfloat16)) / self._std.to(torch.bfloat16)).float()
         return (x.to(torch.float32) / 255.0 - self._mean) / self._std
 
     def _fixed(self, img: Image.Image) -> Image.Image:
@@ -389,8 +396,8 @@ class ImageProcessor:
         canvas.paste(img.resize(self.target_size(*img.size), _BILINEAR), (0, 0))
         crops = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
                  for r in range(rows) for c in range(cols)]
-        if cfg.overview:
-            crops.append(img.resize((s, s), _BICUBIC))  # whole image, low resolution
+        if self._overview(rows, cols):  # whole image, low resolution
+            crops.append(img.resize((s, s), _BILINEAR if cfg.overview_resample == "bilinear" else _BICUBIC))
         return crops, (rows, cols)
 
     def _split(self, img: Image.Image) -> tuple[list[Image.Image], tuple[int, int]]:

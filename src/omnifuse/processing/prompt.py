@@ -95,8 +95,30 @@ def _idefics3_span(shape: MediaShape) -> list[str | int]:
     return [*pieces, text + FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN, per_crop, FAKE_IMAGE_TOKEN]
 
 
+def _llama4_span(shape: MediaShape) -> list[str | int]:
+    """Llama 4's expanded image (transformers' ``Llama4Processor._prompt_split_image``): for a canvas
+    of several tiles, each row's tile runs separated by ``<|tile_x_separator|>`` and ended by
+    ``<|tile_y_separator|>``; then ``<|image|>`` and the global tile's run (the only one of a
+    one-tile image), inside ``<|image_start|>`` ... ``<|image_end|>``."""
+    rows, cols = shape.tiles
+    crops = rows * cols + 1 if rows * cols > 1 else 1
+    if shape.tokens % crops:
+        raise FeatureCountError(f"an image of {crops} crops cannot have {shape.tokens} tokens "
+                                "(the same number per crop)")
+    per_crop = shape.tokens // crops
+    pieces: list[str | int] = []
+    text = "<|image_start|>"
+    if crops > 1:
+        for _ in range(rows):
+            for c in range(cols):
+                pieces += [text, per_crop]
+                text = "<|tile_x_separator|>" if c < cols - 1 else ""
+            text += "<|tile_y_separator|>"
+    return [*pieces, text + "<|image|>", per_crop, "<|image_end|>"]
+
+
 # text.image_span -> the span rule: an item's shape -> text pieces and media-token runs, in order.
-IMAGE_SPANS = {"idefics3": _idefics3_span}
+IMAGE_SPANS = {"idefics3": _idefics3_span, "llama4": _llama4_span}
 
 
 def span_marker_tokens(rule: str, shape: MediaShape) -> int:
@@ -144,7 +166,9 @@ class PromptLayout:
         self.tokenizer = tokenizer
         self.text = text
         self.modalities = tuple(modalities)
-        self.tokens = {m: text.placeholder_tokens[m] for m in self.modalities}  # placeholder strings
+        # What a prompt marks each item with (Llama 4's prompt <|image|> is not its feature placeholder)
+        self.tokens = {m: (text.prompt_image_token if m == "image" and text.prompt_image_token else
+                           text.placeholder_tokens[m]) for m in self.modalities}
         self.image_token = text.image_token
         self.fusion = fusion  # the only thing asked of it: placeholder_tokens
         self.has_media = bool(self.modalities)
@@ -167,10 +191,22 @@ class PromptLayout:
 
     @cached_property
     def _modality_of(self) -> dict[int, str]:
-        return {self.tokenizer.placeholder_id(m): m for m in self.modalities}
+        out = {self.tokenizer.placeholder_id(m): m for m in self.modalities}
+        if "image" in self.modalities and self.text.prompt_image_token:
+            out = {(self._prompt_image_id if m == "image" else i): m for i, m in out.items()}
+        return out
+
+    @cached_property
+    def _prompt_image_id(self) -> int:
+        token = self.text.prompt_image_token
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise FeatureCountError(f"text.prompt_image_token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
 
     def placeholder_ids(self) -> dict[int, str]:
-        """Placeholder token id -> its modality, for the modalities this model takes."""
+        """The id a prompt marks an item with -> its modality, for the modalities this model takes
+        (the placeholder, or ``text.prompt_image_token`` for images)."""
         return self._modality_of
 
     # ------------------------------------------------------------------ placeholders in text
