@@ -104,8 +104,12 @@ def per_image(info: dict) -> dict:
 
 def expected_cache(info: dict, positions: int, prefill: int, decode: int) -> dict:
     per_state = info.get("cross_attention_kv_bytes_per_state", 0)
-    # bounded layers (sliding, chunked) hold their spans' rings: every context here is longer than them
-    return {"self_attention": positions * info["kv_cache_bytes_per_token"] + info.get("kv_cache_bytes_bounded_layers", 0),
+    bounded = 0  # bounded layers (sliding, chunked) hold rings of their span, at most the context
+    if "attention_spans" in info:
+        layers, spans = info["attention_layers"], info["attention_spans"]
+        per_slot = info["kv_cache_bytes_bounded_layers"] // sum(layers[k] * spans[k] for k in spans)
+        bounded = sum(layers[k] * min(positions, spans[k]) * per_slot for k in spans)
+    return {"self_attention": positions * info["kv_cache_bytes_per_token"] + bounded,
             "cross_attention_prefill": prefill * per_state, "cross_attention_decode": decode * per_state}
 
 
@@ -115,7 +119,8 @@ def check_plan(p: dict, info: dict, images: int, decode_images: int, text_tokens
         assert (i["tokens"], i["cross_attention_states_prefill"], i["cross_attention_states_decode"]) == \
             (one["context"], one["prefill"], one["decode"])
         # the encoder's output: in the context (early), or encoded at prefill (cross)
-        assert (i["cross_attention_states_prefill"] or i["tokens"]) == one["visual"]
+        # (plus the span's marker tokens: Llama 4's tile separators)
+        assert (i["cross_attention_states_prefill"] or i["tokens"]) in (one["visual"], one["context"])
     prefill, decode = images * one["prefill"], decode_images * one["decode"]
     assert (p["cross_attention_states_prefill"], p["cross_attention_states_decode"]) == (prefill, decode)
     assert p["context_tokens"] == text_tokens + images * one["context"]
@@ -140,7 +145,12 @@ def test_info_plan_and_processor_agree(capsys, name, size):
     if config.image.mode == "tiles":
         assert image.tiles == (info["tile_canvas"]["rows"], info["tile_canvas"]["cols"])
     cross = config.fusion.type == "cross"
-    assert one["context"] == (1 if cross else one["visual"])
+    markers = 0
+    if config.text.image_span and not cross:  # Llama 4: image start / end, tile separators, <|image|>
+        from omnifuse.processing.prompt import MediaShape, span_marker_tokens
+
+        markers = span_marker_tokens(config.text.image_span, MediaShape(image.num_tokens, image.tiles))
+    assert one["context"] == (1 if cross else one["visual"] + markers)
     assert one["prefill"] == (one["visual"] if cross else 0)
     if cross and config.image.pad_tiles:  # padding tiles are encoded and cached, never attended
         per_tile = one["visual"] // config.image.max_tiles

@@ -542,8 +542,8 @@ class DecoderConfig:
         _check(self.rope_type in ("default", "llama3"), f"decoder.rope_type {self.rope_type!r} unknown; "
                "known: default, llama3")
         if self.rope_type == "llama3":
-            _check(self.rope_factor > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor,
-                   "decoder llama3 rope scaling needs rope_factor > 0 and high_freq_factor > low_freq_factor")
+            _check(self.rope_factor > 0 and self.rope_high_freq_factor >= self.rope_low_freq_factor,
+                   "decoder llama3 rope scaling needs rope_factor > 0 and high_freq_factor >= low_freq_factor")
         _set(self, "layer_pattern", tuple(self.layer_pattern))
         _check(len(self.layer_pattern) > 0, "decoder.layer_pattern needs at least one layer spec")
         _check(all(isinstance(s, LayerSpec) for s in self.layer_pattern), "decoder.layer_pattern holds layer specs")

@@ -171,6 +171,51 @@ PRESETS["llama-3.2-90b-vision"] = dataclasses.replace(
                                 num_heads=64, num_kv_heads=8, intermediate_size=28672))
 
 
+# Llama 4 Scout and Maverick (Meta 2025; meta-llama/Llama-4-Scout-17B-16E and -Maverick-17B-128E
+# config.json, transformers' Llama4Config). Vision: 34 layers of 1408, 336 px tiles of 14 px
+# patches, the class token last, 2-D RoPE; pixel shuffle 0.5 (144 tokens a tile) into the 4096-wide
+# adapter and projector; up to 16 tiles plus a global tile. Decoder: 48 layers of 5120, 40 heads,
+# 8 K/V heads of 128; chunked attention (8192) with the weightless q/k norm on three layers of four,
+# a NoPE full-attention layer with temperature tuning the fourth; top-1 sigmoid-routed experts of
+# 8192 beside a shared one. Scout: 16 experts on every layer, RoPE scaled (llama3, factor 16), a
+# 10M context. Maverick: 128 experts on every other layer (dense 16384 between), no q/k norm,
+# a 1M context. Instantiated on the meta device only (parameter counts, the planner).
+def _llama4_preset(name: str, experts: int, moe_every: int, qk_norm: bool, context: int, rope: dict) -> ModelConfig:
+    def layer(i: int) -> LayerSpec:
+        nope = i % 4 == 3
+        return LayerSpec(attention="full" if nope else "chunked", rope=not nope, qk_norm=qk_norm and not nope,
+                         feed_forward="moe" if i % moe_every == moe_every - 1 else "dense")
+
+    return ModelConfig(
+        name=name,
+        vision=VisionConfig(image_size=336, patch_size=14, hidden_size=1408, num_layers=34, num_heads=16,
+                            intermediate_size=5632, use_cls=True, cls_position="last", activation="gelu",
+                            post_norm=True, feature_layer=-1, rope_theta=10000.0),
+        image=ImageConfig(mode="tiles", image_size=336, max_tiles=16, overview=True, overview_when="several",
+                          overview_resample="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                          normalise_dtype="bfloat16"),
+        connector=ConnectorConfig(type="pixel_shuffle", scale_factor=2, projection="llama4", hidden_size=4096,
+                                  bias=False),
+        fusion=FusionConfig(type="early"),
+        decoder=DecoderConfig(vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+                              head_dim=128, intermediate_size=16384, rope_theta=500000.0, max_position=context,
+                              layer_pattern=tuple(layer(i) for i in range(4)),  # tiled to the 48 layers
+                              num_experts=experts, experts_per_token=1, router="sigmoid",
+                              expert_intermediate_size=8192, shared_expert_intermediate_size=8192,
+                              attention_chunk_size=8192, attn_temperature_floor=8192, attn_temperature_scale=0.1,
+                              **rope),
+        text=TextConfig(tokenizer="file", placeholder_tokens={"image": "<|patch|>"},
+                        placeholder_ids={"image": 200092}, image_span="llama4", prompt_image_token="<|image|>"),
+    )
+
+
+PRESETS["llama-4-scout"] = _llama4_preset(
+    "llama-4-scout", 16, 1, True, 10_485_760,
+    dict(rope_type="llama3", rope_factor=16.0, rope_low_freq_factor=1.0, rope_high_freq_factor=1.0,
+         rope_original_max_position=8192))
+PRESETS["llama-4-maverick"] = _llama4_preset("llama-4-maverick", 128, 2, False, 1_048_576, {})
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 

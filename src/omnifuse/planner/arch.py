@@ -122,6 +122,7 @@ class ConnectorArch:
     cross_every: int = 2
     intermediate: int = 0
     mlp_out: bool = False
+    adapter: int = 0  # Llama 4: two layers of this width (d_in -> a, a -> a) before the projection a -> out
     attention: int = 0
     project: bool = True
 
@@ -145,6 +146,9 @@ class ConnectorArch:
             layer = 3 * 2 * h + 4 * h * a + 2 * h * i + (i + h) * self.bias  # 3 norms, attention, MLP
             proj = (h + 1) * self.out_dim if self.project else 0
             return self.queries * h + proj_in + self.layers * layer + 2 * h + proj
+        if self.adapter:
+            a = self.adapter
+            return d_in * a + a * a + a * self.out_dim + (2 * a + self.out_dim) * self.bias
         extra = self.out_dim * self.out_dim if self.mlp_out else 0
         return d_in * self.out_dim + extra + self.out_dim * self.bias
 
@@ -170,6 +174,9 @@ class ConnectorArch:
             return crops * (proj_in + self.layers * layer + proj)
         if self.kind == "pool_linear" and self.queries:  # pooled to a fixed count per crop
             tokens = crops * self.queries
+        if self.adapter:
+            a = self.adapter
+            return 2 * tokens * (d_in * a + a * a + a * self.out_dim)
         return 2 * tokens * (d_in * self.out_dim + (self.out_dim * self.out_dim if self.mlp_out else 0))
 
 
@@ -421,7 +428,8 @@ def connector_arch(config: ModelConfig) -> ConnectorArch:
                              intermediate=c.intermediate_size, attention=c.num_heads * c.head_dim,
                              project=c.projection != "none")
     if c.type == "pixel_shuffle":
-        return ConnectorArch(kind="linear", **common, merge=c.scale_factor ** 2, mlp_out=c.projection == "mlp")
+        return ConnectorArch(kind="linear", **common, merge=c.scale_factor ** 2, mlp_out=c.projection == "mlp",
+                             adapter=(c.hidden_size or d.hidden_size) if c.projection == "llama4" else 0)
     if c.type == "pool":
         side = config.image.image_size // v.patch_size
         return ConnectorArch(kind="pool_linear", **common, merge=max(1, side * side // c.output_tokens),

@@ -310,9 +310,11 @@ def model_info(config: ModelConfig, dtype_bytes: int = 4, image_size: tuple[int,
                     video_tokens_per_second=video_cost(config, 1.0, side, side).media_tokens)
     info.update(context_length=config.decoder.max_position, cache_dtype_bytes=dtype_bytes,
                 kv_cache_bytes_per_token=kv_bytes_per_token(config, dtype_bytes))
-    kinds = [kind for kind, _ in from_model_config(config).decoder.attention_kinds()]
-    if any(kind != "full" for kind in kinds):
-        info.update(attention_layers={k: kinds.count(k) for k in dict.fromkeys(kinds)},
+    kinds = from_model_config(config).decoder.attention_kinds()
+    if any(kind != "full" for kind, _ in kinds):
+        names = [kind for kind, _ in kinds]
+        info.update(attention_layers={k: names.count(k) for k in dict.fromkeys(names)},
+                    attention_spans={kind: span for kind, span in kinds if kind != "full"},
                     kv_cache_bytes_bounded_layers=bounded_kv_bytes(config, dtype_bytes))
     if config.vision is None:
         return info

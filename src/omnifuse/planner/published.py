@@ -27,20 +27,6 @@ _QWEN_STEM = ((3 * 2, 1280, 14, 14),)
 _QWEN_MERGER = ConnectorArch(kind="mlp", in_dim=1280, out_dim=3584, hidden=5120, merge=4)
 
 
-def _llama4(experts: int, moe_every: int) -> Architecture:
-    return Architecture(
-        name=f"llama-4-{'scout' if experts == 16 else 'maverick'}",
-        decoder=DecoderArch(hidden=5120, layers=48, heads=40, kv_heads=8, head_dim=128, intermediate=16384,
-                            vocab=202048, experts=experts, experts_per_token=1, shared_experts=1,
-                            expert_intermediate=8192, moe_every=moe_every, window=8192, global_every=4),
-        encoder=EncoderArch(hidden=1408, layers=34, heads=16, intermediate=5632, patch=14, image_size=336),
-        connector=ConnectorArch(kind="mlp", in_dim=1408, out_dim=5120, hidden=4096, merge=4, bias=False),
-        source="transformers models/llama4 (Llama4TextConfig, Llama4VisionConfig; "
-               f"meta-llama/Llama-4-{'Scout-17B-16E' if experts == 16 else 'Maverick-17B-128E'} config.json)",
-        notes=("chunked attention (8192) in 3 of every 4 layers is priced as a window",
-               "the vision adapter's two MLP layers and the projector are priced as one MLP (-17M params)"))
-
-
 PUBLISHED: dict[str, Architecture] = {
     "llava-next-7b": dataclasses.replace(
         from_model_config(get_preset("llava-1.5-7b")), name="llava-next-7b",
@@ -58,8 +44,6 @@ PUBLISHED: dict[str, Architecture] = {
         connector=_QWEN_MERGER,
         source="Qwen/Qwen2.5-VL-7B-Instruct config.json; transformers models/qwen2_5_vl",
         notes=("window attention (112 px windows) in 28 of 32 encoder layers is priced as full attention",)),
-    "llama-4-scout": _llama4(16, 1),
-    "llama-4-maverick": _llama4(128, 2),
     "idefics3-8b": Architecture(
         name="idefics3-8b",
         decoder=DecoderArch(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
