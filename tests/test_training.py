@@ -387,11 +387,62 @@ def test_progress_bar_shows_no_loss_before_the_first_step():
     assert "nan" not in text and "0/3 loss -" in text
 
 
-def test_fsdp_is_refused_with_or_without_torchrun(tmp_path):
-    from omnifuse.config import ConfigError
+def test_fsdp_in_a_world_of_one_trains_as_unsharded(tmp_path):
+    a = Trainer(TrainConfig(**{**TINY, "steps": 2, "out_dir": str(tmp_path / "a")}), quiet=True).run()
+    b = Trainer(TrainConfig(**{**TINY, "steps": 2, "distributed": "fsdp", "out_dir": str(tmp_path / "b")}),
+                quiet=True).run()
+    assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
 
-    with pytest.raises(ConfigError, match="fsdp is not supported yet"):
-        Trainer(TrainConfig(**{**TINY, "distributed": "fsdp", "out_dir": str(tmp_path)}), quiet=True)
+
+def _torchrun(args: list[str], port: int, script: str | None = None, check: bool = True):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    target = [script] if script else ["-m", "omnifuse"]
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), *target, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_and_a_killed_run_resumes_exactly(tmp_path):
+    """Sharded over two processes (gloo): the losses and the gathered weights of the one-process
+    run with the same global batch; killed after step 5 and resumed from its step-4 checkpoint
+    (each process's shards read back through torch.distributed.checkpoint), the losses and
+    weights of the uninterrupted sharded run, exactly."""
+    from safetensors.torch import load_file
+
+    settings = {**TINY, "steps": 8, "checkpoint_every": 4, "eval_every": 0}
+    _run_cli(["train", *_overrides({**settings, "batch_size": 8, "out_dir": tmp_path / "one"})])
+    sharded = {**settings, "batch_size": 4, "distributed": "fsdp"}
+    _torchrun(["train", *_overrides({**sharded, "out_dir": tmp_path / "whole"})], 29615)
+    one, whole = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "whole" / "metrics.jsonl")
+    assert len(one) == len(whole) == 8
+    for a, b in zip(one, whole):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+    final = "checkpoints/step-000008/model.safetensors"
+    w1, w2 = load_file(str(tmp_path / "one" / final)), load_file(str(tmp_path / "whole" / final))
+    for k in w1:  # the tolerance of the DDP test above, for the same reason
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3, msg=k)
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints" / "step-000008" / "dcp").iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED)
+    killed = _torchrun(["5", "train", *_overrides({**sharded, "out_dir": tmp_path / "cut"})], 29616, str(script),
+                       check=False)
+    assert killed.returncode != 0
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000004"
+    _torchrun(["train", *_overrides({**sharded, "out_dir": tmp_path / "cut"})], 29617)
+    assert _losses(tmp_path / "cut" / "metrics.jsonl") == whole
+    for k, v in load_file(str(tmp_path / "cut" / final)).items():
+        assert torch.equal(v, w2[k]), k
+    # an unsharded run cannot pick up the sharded optimizer state, and says so
+    proc = _run_cli(["train", *_overrides({**settings, "batch_size": 8, "out_dir": tmp_path / "cut", "steps": 12})],
+                    check=False)
+    assert proc.returncode == 1 and "written by an FSDP run" in proc.stderr
 
 
 def test_length_groups_keep_every_row_and_cut_padding():

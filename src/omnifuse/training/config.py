@@ -47,6 +47,10 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     clip_norm: float = 1.0
+    # Mixture-of-experts layers (nn/moe.py): the load-balancing loss and the router z-loss, each
+    # averaged over the MoE layers, added to the next-token loss with these weights (0: off).
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
     seed: int = 0
     # bookkeeping
     out_dir: str = "runs/train"
@@ -56,7 +60,7 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     log_seconds: float = 10.0  # off a terminal: a plain progress line at most this often
     max_new_tokens: int = 8  # answer length for accuracy evaluation
-    distributed: str = "ddp"  # under torchrun: ddp (fsdp is refused for now)
+    distributed: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (parameters, gradients, optimizer sharded)
     # where and in which float type: bfloat16 and float16 are mixed precision, the weights,
     # gradients, optimizer state and loss staying float32 (training/precision.py)
     device: str = "cpu"  # cpu | cuda (under torchrun: each process the GPU of its local rank)
@@ -77,6 +81,8 @@ class TrainConfig:
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         check(self.encoder_lr_scale > 0, f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         # One check for every entry point (omnifuse.runtime): cuda without a GPU torch can see and
         # float16 on a CPU are refused; bfloat16 on a CPU without native support warns.
         from omnifuse.runtime import choose_device, choose_dtype

@@ -1,8 +1,14 @@
-"""The processes of a run: one, or several under torchrun (one per device, DDP).
+"""The processes of a run: one, or several under torchrun (one per device), replicated (DDP) or
+sharded (FSDP: ``torch.distributed.fsdp.fully_shard``).
 
 torchrun names each process by the environment variables ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``; without them the run is a world of one and every collective is the identity. The
 process group's backend follows the training device: NCCL for CUDA tensors, gloo for CPU tensors.
+
+FSDP shards every layer of every stack (the encoders', the decoder's, the cross-attention blocks)
+as one unit and the rest of the model as the root unit. Each process keeps 1/N of the
+parameters, gradients and optimizer state. A unit's parameters are gathered for its forward and
+backward, and its gradients are reduce-scattered after its backward.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["World", "gradient_sync", "setup_world"]
+__all__ = ["World", "full_state_dict", "gradient_sync", "is_sharded", "setup_world"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,24 @@ class World:
         if self.size > 1:
             torch_dist.barrier()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module that trains: ``model`` itself in a world of one, else DDP around it."""
+    def wrap(self, model: nn.Module, strategy: str = "ddp") -> nn.Module:
+        """The module that trains: ``model`` itself in a world of one, else DDP around it, or,
+        with ``strategy`` fsdp, ``model`` sharded in place (its parameters become DTensors: build
+        the optimizer after this)."""
         if self.size == 1:
+            return model
+        if strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.size,))
+            for name, module in model.named_modules():
+                if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "global_layers"):
+                    for layer in module:
+                        fully_shard(layer, mesh=mesh)
+            for block in getattr(getattr(model, "decoder", None), "cross_layers", {}).values():
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Rows without images leave the encoder unused in some steps.
@@ -71,9 +92,27 @@ def setup_world(device: str) -> World:
     return World(size, rank, where, owns)
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded by ``World.wrap(..., "fsdp")``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def gradient_sync(module: nn.Module, sync: bool) -> AbstractContextManager:
-    """DDP's ``no_sync`` for the micro-batches before a step's last (their gradients are only
-    accumulated; the last backward all-reduces the sum), nothing otherwise."""
-    if not sync and isinstance(module, DistributedDataParallel):
+    """For the micro-batches before a step's last, gradients are only accumulated, and the last
+    backward reduces the sum: DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync``."""
+    if is_sharded(module):
+        module.set_requires_gradient_sync(sync)
+    elif not sync and isinstance(module, DistributedDataParallel):
         return module.no_sync()
     return nullcontext()
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded module's whole state dict on the CPU, on rank 0 (None on the others); every
+    process must call it (the shards are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if torch_dist.get_rank() == 0 else None

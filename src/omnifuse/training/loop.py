@@ -34,7 +34,13 @@ from omnifuse.training.progress import StepProgress
 from omnifuse.training.sampler import StepSampler
 from omnifuse.training.sources import build_sources
 from omnifuse.training.stages import STAGES, set_trainable
-from omnifuse.training.state import latest_checkpoint, load_training_state, save_training_state
+from omnifuse.training.state import (
+    latest_checkpoint,
+    load_sharded_training_state,
+    load_training_state,
+    save_sharded_training_state,
+    save_training_state,
+)
 
 __all__ = ["Trainer"]
 
@@ -67,14 +73,13 @@ class Trainer:
         from omnifuse.processing.text import load_tokenizer, with_placeholder_ids
 
         self.cfg, self.quiet = cfg, quiet
-        if cfg.distributed == "fsdp":
-            # Not yet: evaluation and checkpoints run on rank 0 alone, which a sharded model cannot
-            # do without gathering its parameters first. Refused with or without torchrun, so the
-            # setting is never silently ignored.
-            raise ConfigError("distributed: fsdp is not supported yet (evaluation and checkpoints need gathered "
-                              "parameters); use distributed: ddp (under torchrun) or leave it out")
         self.world = setup_world(cfg.device)
         self.main = self.world.main
+        # Sharded across processes: evaluation and checkpoints gather the model (a world of one
+        # has nothing to shard; it trains exactly as unsharded).
+        self.sharded = cfg.distributed == "fsdp" and self.world.size > 1
+        if self.sharded and shared_features is not None:
+            raise ConfigError("distributed: fsdp cannot share frozen encoder features between trainers")
         self.precision = Precision.for_run(self.world.device, cfg.dtype)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -114,16 +119,21 @@ class Trainer:
                                     shared_features if per_crop and not encoder_learns else None)
         self.sampler = StepSampler(len(self.train_source), cfg.seed, cfg.batch_size, cfg.grad_accum,
                                    self.world.size, self.world.rank)
+        # FSDP replaces the parameters by their shards: wrap before the optimizer takes them.
+        self.wrapped = self.world.wrap(self.model, cfg.distributed)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         named += [(f"head.{n}", p) for n, p in self.head.named_parameters()] if self.head is not None else []
         scale = cfg.encoder_lr_scale if cfg.stage != "contrastive" else 1.0  # contrastive: the encoder is all
         self.optimizer = build_optimizer(parameter_groups(named, cfg.lr, cfg.weight_decay, scale), cfg.lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        self.wrapped = self.world.wrap(self.model)
         self.out_dir = Path(cfg.out_dir)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.main)
         self.rows_trained = 0  # usable rows over all processes, this run
         self._unusable = 0  # records drawn since the last usable row
+        from omnifuse.nn.moe import MoE
+
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoE)]
+        self.router_losses: dict[str, float] = {}  # the last step's, averaged over its micro-batches
 
     # ------------------------------------------------------------------ steps
     def train_step(self, step: int) -> float:
@@ -161,10 +171,23 @@ class Trainer:
                                           images=batch["images"], outputs=positions)
                 loss_sum = selected_token_loss(logits, targets)  # float32
                 # DDP averages gradients over processes; scale so the result is the global token mean.
-                self.precision.backward(loss_sum / global_tokens * self.world.size)
+                objective = loss_sum / global_tokens * self.world.size
+                if self.moe_layers:  # averaged over processes and micro-batches as they are
+                    objective = objective + self._router_loss(len(micro))
+                self.precision.backward(objective)
             total += loss_sum.detach()
         self._optimizer_step()
         return float(self.world.sum(total) / global_tokens)
+
+    def _router_loss(self, micro_batches: int) -> torch.Tensor:
+        """The MoE layers' load-balancing and z losses of the last forward, weighted, for one of
+        ``micro_batches`` micro-batches; their values are kept in ``router_losses``."""
+        cfg, n = self.cfg, len(self.moe_layers)
+        aux = sum(m.aux_loss for m in self.moe_layers) / n
+        z = sum(m.z_loss for m in self.moe_layers) / n
+        for name, value in (("router_aux_loss", aux), ("router_z_loss", z)):
+            self.router_losses[name] = self.router_losses.get(name, 0.0) + float(value.detach()) / micro_batches
+        return (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z) / micro_batches
 
     def _contrastive_step(self, micro) -> float:
         examples = [e for mb in micro for e in mb]
@@ -182,17 +205,35 @@ class Trainer:
         optimizer_step(self.optimizer, self.scheduler, self.cfg.clip_norm, self.precision.scaler)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, source=None, size: int | None = None, batch_size: int = 32) -> dict:
+    def plain_model(self):
+        """The model as one module on this process: itself, or, sharded, its parameters gathered
+        into an unsharded copy on rank 0 (None on the others; every process must call this)."""
+        if not self.sharded:
+            return self.model
+        from omnifuse.model import build_model
+        from omnifuse.training.distributed import full_state_dict
+
+        state = full_state_dict(self.model)
+        if not self.main:
+            return None
+        plain = build_model(self.model_config).to(self.world.device)
+        plain.load_state_dict(state)
+        return plain
+
+    def evaluate(self, source=None, size: int | None = None, batch_size: int = 32, model=None) -> dict:
         """Validation loss and exact-match accuracy of greedy answers, overall and per skill, on
         ``source`` (default: the validation records; none in the contrastive stage)."""
         source = source if source is not None else self.val_source
         if source is None or self.head is not None:
             return {}
-        return evaluate(self.model, self.tokenizer, self.reader, source, self.cfg.max_new_tokens, size, batch_size,
-                        self.precision)
+        return evaluate(model or self.model, self.tokenizer, self.reader, source, self.cfg.max_new_tokens, size,
+                        batch_size, self.precision)
 
     def _evaluate_on_main(self) -> dict:
-        result = self.evaluate() if self.main else {}
+        if self.sharded and (self.val_source is None or self.head is not None):
+            return {}
+        plain = self.plain_model()
+        result = self.evaluate(model=plain) if self.main else {}
         self.world.barrier()
         return result
 
@@ -203,14 +244,19 @@ class Trainer:
         if path is None:
             self.metrics.restart()  # a fresh run starts a fresh log
             return 0
-        state = load_training_state(path, self.model, self.optimizer, self.scheduler, self.precision.scaler)
+        load = load_sharded_training_state if self.sharded else load_training_state
+        state = load(path, self.model, self.optimizer, self.scheduler, self.precision.scaler)
         step = int(state["step"])
         self.metrics.keep_until(step)  # forget what was logged after that checkpoint
         return step
 
     def _checkpoint(self, step: int) -> None:
         self.world.barrier()
-        if self.main:
+        if self.sharded:
+            save_sharded_training_state(self.out_dir, step, self.model, self.plain_model(), self.optimizer,
+                                        self.scheduler, {"config": config_dict(self.cfg)}, self.world,
+                                        keep=self.cfg.keep_checkpoints, scaler=self.precision.scaler)
+        elif self.main:
             save_training_state(self.out_dir, step, self.model, self.optimizer, self.scheduler,
                                 {"config": config_dict(self.cfg)}, keep=self.cfg.keep_checkpoints,
                                 scaler=self.precision.scaler)
@@ -233,7 +279,9 @@ class Trainer:
                 loss = self.train_step(step)
                 done = step + 1
                 progress.update(done, loss)
-                record = {"step": done, "loss": None if math.isnan(loss) else loss, "lr": self.scheduler.get_last_lr()[0]}
+                record = {"step": done, "loss": None if math.isnan(loss) else loss, "lr": self.scheduler.get_last_lr()[0],
+                          **self.router_losses}
+                self.router_losses = {}
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     last_eval = self._evaluate_on_main()
                     record.update(last_eval)

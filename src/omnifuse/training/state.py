@@ -7,6 +7,11 @@ ordinary omnifuse checkpoint), ``optimizer.safetensors`` (every tensor of the op
 checkpoint is written into a temporary folder and renamed into place; the ``latest`` file naming
 it is replaced atomically after that, so a kill at any moment leaves the previous checkpoint
 intact. No pickle anywhere.
+
+A sharded (FSDP) run writes the same folder, its model gathered into ``model.safetensors`` (an
+ordinary checkpoint, for inference and for evaluation), and the shards of the model and the
+optimizer state through ``torch.distributed.checkpoint`` into ``dcp/``, every process its own,
+in place of ``optimizer.safetensors``; a resumed run reads its shards back from there.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from omnifuse.checkpoint import CheckpointError, load_state_dict_checked, save_checkpoint, upgrade_key
 
-__all__ = ["latest_checkpoint", "load_training_state", "save_training_state"]
+__all__ = ["latest_checkpoint", "load_sharded_training_state", "load_training_state", "save_sharded_training_state",
+           "save_training_state"]
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,24 +53,28 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dic
 
 
 def save_training_state(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2,
-                        scaler: torch.amp.GradScaler | None = None) -> Path:
+                        scaler: torch.amp.GradScaler | None = None, tmp: Path | None = None) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it, keeping the newest ``keep``.
-    ``scaler``: float16 training's loss scale, part of an exact resume."""
+    ``scaler``: float16 training's loss scale, part of an exact resume. ``tmp``: the folder being
+    written, when the sharded state is in it already (``optimizer`` is then None)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is None:
+        tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(model, tmp)
-    tensors, scalars = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    scalars = None
+    if optimizer is not None:
+        tensors, scalars = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     device = next(model.parameters()).device
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     save_file(rng, str(tmp / "rng.safetensors"))
     py_state = random.getstate()
-    trainer = {"step": step, "optimizer": scalars, "scheduler": scheduler.state_dict(),
+    trainer = {"step": step, "scheduler": scheduler.state_dict(), **({"optimizer": scalars} if scalars else {}),
                "python_rng": [py_state[0], list(py_state[1]), py_state[2]], **extra}
     if scaler is not None:
         trainer["grad_scaler"] = scaler.state_dict()
@@ -77,6 +87,46 @@ def save_training_state(out_dir: Path, step: int, model, optimizer, scheduler, e
     for old in sorted(p for p in root.glob("step-*") if p != final)[:-max(keep - 1, 0) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded_training_state(out_dir: Path, step: int, model, plain_model, optimizer, scheduler, extra: dict,
+                                world, keep: int = 2, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Every process of a sharded run: write its shards of the model and optimizer state into
+    checkpoint ``step``'s ``dcp/``; rank 0 adds ``plain_model`` (the gathered model) and the rest
+    as ``save_training_state`` does, then renames the folder into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(out_dir) / "checkpoints"
+    tmp = root / f".tmp-step-{step:06d}-sharded"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "dcp"))
+    world.barrier()
+    if world.main:
+        save_training_state(out_dir, step, plain_model, None, scheduler, extra, keep, scaler, tmp=tmp)
+    world.barrier()
+
+
+def load_sharded_training_state(path: Path, model, optimizer, scheduler,
+                                scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Every process of a sharded run: restore what ``save_sharded_training_state`` wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / "dcp").is_dir():
+        raise CheckpointError(f"{path} holds no sharded state (dcp/): it was written by an unsharded run; "
+                              "resume it with distributed: ddp, or start a new out_dir")
+    trainer = json.loads((path / "trainer.json").read_text())
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _restore_rest(path, trainer, model, scheduler, scaler)
+    return trainer
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -92,9 +142,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_training_state(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Restore everything ``save_training_state`` wrote; returns trainer.json's contents."""
     trainer = json.loads((path / "trainer.json").read_text())
+    if not (path / "optimizer.safetensors").is_file():
+        raise CheckpointError(f"{path} holds a sharded optimizer state (dcp/): it was written by an FSDP run; "
+                              "resume it with distributed: fsdp under torchrun")
     tensors = {upgrade_key(k): t for k, t in load_file(str(path / "model.safetensors")).items()}
     load_state_dict_checked(model, tensors, str(path / "model.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"]))
+    _restore_rest(path, trainer, model, scheduler, scaler)
+    return trainer
+
+
+def _restore_rest(path: Path, trainer: dict, model, scheduler, scaler) -> None:
+    """The schedule, the loss scale and the RNG states of a checkpoint."""
     scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer.get("grad_scaler"):
         scaler.load_state_dict(trainer["grad_scaler"])
@@ -105,4 +164,3 @@ def load_training_state(path: Path, model, optimizer, scheduler, scaler: torch.a
         torch.cuda.set_rng_state(rng["cuda"], device)
     version, internal, gauss = trainer["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return trainer
