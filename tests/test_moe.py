@@ -39,6 +39,8 @@ def test_the_routed_sum_equals_a_token_by_token_reference(router, top_k, shared)
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         assert torch.allclose(moe(x), _reference(moe, x), atol=1e-5)
+        one = x[:1, :1]  # a single token (decoding at batch 1) takes a path of its own
+        assert torch.allclose(moe(one), _reference(moe, one), atol=1e-5)
 
 
 def test_only_the_experts_a_batch_routes_to_run():

@@ -61,6 +61,14 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, chosen, weights = self.route(flat)
+        if flat.shape[0] == 1 and not self.training:  # one token (decoding at batch 1): no grouping
+            out = None
+            for e, w in zip(chosen[0].tolist(), weights[0, :, None], strict=True):
+                y = self.experts[e](flat) * w if self.router_kind == "softmax" else self.experts[e](flat * w)
+                out = y if out is None else out + y
+            if self.shared_expert is not None:
+                out = out + self.shared_expert(flat)
+            return out.reshape(shape)
         out = torch.zeros_like(flat)
         slot_expert = chosen.reshape(-1)  # (N*k,): the expert of each routed slot
         order = slot_expert.argsort(stable=True)  # slots grouped by expert
