@@ -37,13 +37,13 @@ def test_layer_pattern_round_trips_and_bad_kinds_are_named():
     assert data["vision"] is None and data["decoder"]["layer_pattern"][1]["rope"] is False
     assert config_from_dict(ModelConfig, data) == cfg
     data["decoder"]["layer_pattern"][0]["attention"] = "sparse"
-    with pytest.raises(ConfigError, match=r"attention 'sparse' unknown; known: \['chunked', 'full', 'sliding'\]"):
+    with pytest.raises(ConfigError, match=r"attention 'sparse' unknown; known: \['chunked', 'full', 'infini', 'sliding'\]"):
         config_from_dict(ModelConfig, data)
     with pytest.raises(ConfigError, match=r"feed_forward 'sparse' unknown; known: \['dense', 'moe'\]"):
         LayerSpec(feed_forward="sparse")
     with pytest.raises(ConfigError, match="fusion.cross_attention_layers"):
         DecoderConfig(layer_pattern=(LayerSpec(cross_attention=True),))
-    assert set(ATTENTION) == {"full", "sliding", "chunked"} and set(FEED_FORWARD) == {"dense", "moe"}
+    assert set(ATTENTION) == {"full", "sliding", "chunked", "infini"} and set(FEED_FORWARD) == {"dense", "moe"}
 
 
 def _decoder(pattern, seed=0) -> TextDecoder:

@@ -463,7 +463,8 @@ class LayerSpec:
     (``omnifuse.decoder.builder``)."""
 
     # full: every earlier position; sliding: the last decoder.sliding_window positions (Mistral);
-    # chunked: the positions of the query's decoder.attention_chunk_size block (Llama 4).
+    # chunked: the positions of the query's decoder.attention_chunk_size block (Llama 4);
+    # infini: the query's decoder.memory_segment block plus a compressive memory of the earlier ones.
     attention: str = "full"
     feed_forward: str = "dense"  # dense: SwiGLU; moe: mixture of experts (decoder.num_experts ...)
     rope: bool = True  # False: a NoPE layer (no rotary positions; decoder.attn_temperature_* apply)
@@ -519,6 +520,11 @@ class DecoderConfig:
     # query's own position included, and the chunk, aligned to position 0. Their caches keep that many slots.
     sliding_window: int = 0
     attention_chunk_size: int = 0
+    # Infini-attention layers (attention "infini", nn/infini.py): local attention within segments of
+    # memory_segment positions plus a compressive memory of the earlier ones, updated by the
+    # "linear" or "delta" rule.
+    memory_segment: int = 0
+    memory_rule: str = "delta"
     # Llama 4's attention-temperature tuning on NoPE layers (rope false): queries at position p scaled
     # by 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor)); 0: off.
     attn_temperature_floor: int = 0
@@ -560,7 +566,9 @@ class DecoderConfig:
             _check(self.expert_intermediate_size >= 0 and self.shared_expert_intermediate_size >= 0,
                    "decoder expert sizes must be positive (or 0)")
         kinds = {s.attention for s in self.layer_pattern}
-        for kind, name in (("sliding", "sliding_window"), ("chunked", "attention_chunk_size")):
+        _check(self.memory_rule in ("linear", "delta"), f"decoder.memory_rule must be linear or delta, got {self.memory_rule!r}")
+        for kind, name in (("sliding", "sliding_window"), ("chunked", "attention_chunk_size"),
+                           ("infini", "memory_segment")):
             _check(getattr(self, name) >= 0, f"decoder.{name} must be positive (or 0), got {getattr(self, name)}")
             _check(kind not in kinds or getattr(self, name) > 0,
                    f"decoder.layer_pattern has {kind} attention layers: decoder.{name} must be positive")

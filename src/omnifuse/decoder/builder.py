@@ -52,9 +52,17 @@ def _moe(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
                d.experts_per_token, d.router, d.shared_expert_intermediate_size)
 
 
+def _infini_attention(d: DecoderConfig, spec: LayerSpec) -> nn.Module:
+    from omnifuse.nn.infini import InfiniAttention
+
+    return InfiniAttention(d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, segment=d.memory_segment,
+                           rule=d.memory_rule, **_attention_kwargs(d, spec))
+
+
 # kind -> builder(decoder config, layer spec) -> module
 ATTENTION: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {
-    "full": _full_attention, "sliding": _sliding_attention, "chunked": _chunked_attention}
+    "full": _full_attention, "sliding": _sliding_attention, "chunked": _chunked_attention,
+    "infini": _infini_attention}
 FEED_FORWARD: dict[str, Callable[[DecoderConfig, LayerSpec], nn.Module]] = {"dense": _dense, "moe": _moe}
 
 

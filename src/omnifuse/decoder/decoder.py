@@ -59,8 +59,12 @@ class TextDecoder(nn.Module):
         p = self.embed_tokens.weight
         rings = [min(span.capacity, max_len) if (span := layer.self_attn.cache_span) is not None else None
                  for layer in self.layers]
-        return KVCache(len(self.layers), batch_size, self.num_kv_heads, max_len, self.head_dim,
-                       dtype=p.dtype, device=p.device, rings=rings)
+        cache = KVCache(len(self.layers), batch_size, self.num_kv_heads, max_len, self.head_dim,
+                        dtype=p.dtype, device=p.device, rings=rings)
+        for i, layer in enumerate(self.layers):  # a layer kind with a cache of its own (InfiniAttention)
+            if hasattr(layer.self_attn, "new_cache"):
+                cache.layers[i] = layer.self_attn.new_cache(batch_size, rings[i], p.dtype, p.device)
+        return cache
 
     def forward(
         self,

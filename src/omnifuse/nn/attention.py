@@ -79,6 +79,7 @@ class Attention(nn.Module):
         self.rope_qk_norm, self.norm_eps, self.temperature = rope_qk_norm, norm_eps, temperature
 
     cache_span: LocalSpan | None = None  # what a cache row of this layer keeps: None, every slot
+    keeps_unrotated = False
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, Hq, T, Dh)
         b, t, _ = x.shape
@@ -97,16 +98,16 @@ class Attention(nn.Module):
         and the temperature applied as configured. ``positions`` (B, T): the tokens' positions;
         ``queries`` (B, K): only these positions are queries (q is (B, Hq, K, Dh))."""
         k, v = self.memory_kv(x)
-        if rope is not None:
-            k = apply_rope(k, *rope)
         if queries is not None:
             x = select_rows(x, queries)
             if rope is not None:
                 rope = tuple(select_rows(c.squeeze(1), queries).unsqueeze(1) for c in rope)
             positions = positions if positions is None else select_rows(positions, queries)
         q = self._queries(x)
+        if self.keeps_unrotated:  # a layer that also reads q and k without positions (InfiniAttention)
+            self._unrotated = (q, k)
         if rope is not None:
-            q = apply_rope(q, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.rope_qk_norm:
             q, k = _weightless_rms(q, self.norm_eps), _weightless_rms(k, self.norm_eps)
         if self.temperature is not None and positions is not None:

@@ -281,6 +281,9 @@ class DecoderArch:
         per = self.layers * (self._attention_params() - (self.heads + 2 * self.kv_heads) * self.head_dim * self.qkv_bias)
         per += (self.layers - moe) * self._mlp_params(self.intermediate)
         per += moe * (self.experts_per_token * expert + self._shared_params() + h * self.experts)
+        # Infini-attention's memory: a retrieval and an update (delta: and the update's retrieval), Dh x Dh per head
+        infini = sum(kind == "infini" for kind, _ in self.attention_kinds())
+        per += infini * 3 * self.heads * self.head_dim * self.head_dim
         return 2 * per
 
     def attention_span(self, position: int) -> int:
@@ -309,8 +312,9 @@ class DecoderArch:
         """Self-attention cache for ``positions`` context tokens: a bounded layer keeps a ring of
         its span (``RingKVCache``), at most the context."""
         per_slot = 2 * self.kv_heads * self.head_dim * dtype_bytes
-        return per_slot * sum(positions if kind == "full" else min(positions, span)
-                              for kind, span in self.attention_kinds())
+        memory = 4 * self.heads * (2 * self.head_dim * self.head_dim + 2 * self.head_dim)  # float32 M, z, pending
+        return sum(per_slot * (positions if kind == "full" else min(positions, span)) + memory * (kind == "infini")
+                   for kind, span in self.attention_kinds())
 
     def cross_kv_bytes(self, states: int, dtype_bytes: float) -> float:
         """Cross-attention cache for ``states`` media states (K/V in every cross-attention layer)."""
@@ -442,7 +446,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
     the same per-layer specs the decoder builder reads (``ModelConfig.layer_specs``)."""
     v, d = config.vision, config.decoder
     specs = config.layer_specs
-    spans = {"full": 0, "sliding": d.sliding_window, "chunked": d.attention_chunk_size}
+    spans = {"full": 0, "sliding": d.sliding_window, "chunked": d.attention_chunk_size, "infini": d.memory_segment}
     for i, spec in enumerate(specs):
         if spec.attention not in spans or spec.feed_forward not in ("dense", "moe"):
             raise PlanError(f"decoder layer {i} ({spec.attention} attention, {spec.feed_forward} feed-forward) "
