@@ -98,6 +98,9 @@ class Attention(nn.Module):
         and the temperature applied as configured. ``positions`` (B, T): the tokens' positions;
         ``queries`` (B, K): only these positions are queries (q is (B, Hq, K, Dh))."""
         k, v = self.memory_kv(x)
+        unrotated = k
+        if rope is not None:
+            k = apply_rope(k, *rope)
         if queries is not None:
             x = select_rows(x, queries)
             if rope is not None:
@@ -105,9 +108,9 @@ class Attention(nn.Module):
             positions = positions if positions is None else select_rows(positions, queries)
         q = self._queries(x)
         if self.keeps_unrotated:  # a layer that also reads q and k without positions (InfiniAttention)
-            self._unrotated = (q, k)
+            self._unrotated = (q, unrotated)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = apply_rope(q, *rope)
         if self.rope_qk_norm:
             q, k = _weightless_rms(q, self.norm_eps), _weightless_rms(k, self.norm_eps)
         if self.temperature is not None and positions is not None:
