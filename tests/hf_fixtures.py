@@ -210,6 +210,17 @@ def save_mistral(folder: Path, *, model_type: str = "mistral", seed: int = 0, he
     return folder
 
 
+def _spread_llama4_experts(model: torch.nn.Module) -> None:
+    """After ``randomise``: Llama 4's fused experts (named ``gate_up_proj``, which ``randomise``
+    spreads like a gate) at the spread of the other weights, its routers decisive."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts.gate_up_proj" in name:
+                p.mul_(0.08)
+            elif "router" in name:
+                p.mul_(1 / 0.08)
+
+
 def save_llama4_text(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 2, layers: int = 4,
                      vocab: int = 320, chunk: int | None = 5, experts: int = 3, moe_step: int = 2, top_k: int = 1,
                      qk_norm: bool = True, floor_scale: int = 8192, nope_interval: int = 4,
@@ -231,12 +242,7 @@ def save_llama4_text(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: i
     torch.manual_seed(seed)
     model = Llama4ForCausalLM(cfg).eval()
     randomise(model, seed=seed)
-    with torch.no_grad():  # the fused experts at the spread of other weights; routers decisive
-        for name, p in model.named_parameters():
-            if "experts.gate_up_proj" in name:
-                p.mul_(0.08)
-            elif "router" in name:
-                p.mul_(1 / 0.08)
+    _spread_llama4_experts(model)
     model.save_pretrained(folder)
     write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2})
     return folder
@@ -269,12 +275,7 @@ def save_llama4(folder: Path, *, seed: int = 0, heads: int = 4, kv_heads: int = 
     torch.manual_seed(seed)
     model = Llama4ForConditionalGeneration(cfg).eval()
     randomise(model, seed=seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "experts.gate_up_proj" in name:
-                p.mul_(0.08)
-            elif "router" in name:
-                p.mul_(1 / 0.08)
+    _spread_llama4_experts(model)
     model.save_pretrained(folder)
     write_word_tokenizer(folder, vocab, {"<unk>": 0, "<s>": 1, "</s>": 2, **LLAMA4_SPECIALS})
     (folder / "preprocessor_config.json").write_text(json.dumps({

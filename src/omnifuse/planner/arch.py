@@ -311,10 +311,18 @@ class DecoderArch:
     def kv_bytes(self, positions: int, dtype_bytes: float) -> float:
         """Self-attention cache for ``positions`` context tokens: a bounded layer keeps a ring of
         its span (``RingKVCache``), at most the context."""
-        per_slot = 2 * self.kv_heads * self.head_dim * dtype_bytes
-        memory = 4 * self.heads * (2 * self.head_dim * self.head_dim + 2 * self.head_dim)  # float32 M, z, pending
-        return sum(per_slot * (positions if kind == "full" else min(positions, span)) + memory * (kind == "infini")
-                   for kind, span in self.attention_kinds())
+        per_slot = self.slot_bytes(dtype_bytes)
+        return sum(per_slot * (positions if kind == "full" else min(positions, span))
+                   + self.memory_bytes * (kind == "infini") for kind, span in self.attention_kinds())
+
+    def slot_bytes(self, dtype_bytes: float) -> float:
+        """K and V of one cache slot in one layer."""
+        return 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        """An Infini-attention layer's memory state: float32 M, z and their pending update."""
+        return 4 * self.heads * (2 * self.head_dim * self.head_dim + 2 * self.head_dim)
 
     def cross_kv_bytes(self, states: int, dtype_bytes: float) -> float:
         """Cross-attention cache for ``states`` media states (K/V in every cross-attention layer)."""

@@ -81,14 +81,16 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: float = 4) -> int:
     """Self-attention K/V of one more context position: every layer that keeps the whole context
     (a bounded layer's ring stops growing at its span: ``bounded_kv_bytes``)."""
     d = from_model_config(config).decoder
-    return int(d.kv_bytes(1, dtype_bytes) * d.full_layers / d.layers)
+    return int(d.slot_bytes(dtype_bytes) * d.full_layers)
 
 
 def bounded_kv_bytes(config: ModelConfig, dtype_bytes: float = 4) -> int:
-    """The rings of the bounded (sliding, chunked) layers once the context reaches their spans."""
+    """The bounded (sliding, chunked, infini) layers' caches once the context reaches their spans:
+    their rings, and Infini-attention's memory."""
     d = from_model_config(config).decoder
-    per_slot = d.kv_bytes(1, dtype_bytes) / d.layers
-    return int(per_slot * sum(span for kind, span in d.attention_kinds() if kind != "full"))
+    bounded = [(kind, span) for kind, span in d.attention_kinds() if kind != "full"]
+    return int(d.slot_bytes(dtype_bytes) * sum(span for _, span in bounded)
+               + d.memory_bytes * sum(kind == "infini" for kind, _ in bounded))
 
 
 def cross_kv_bytes_per_state(config: ModelConfig, dtype_bytes: float = 4) -> int:

@@ -74,15 +74,22 @@ MediaCounts = Mapping[str, Sequence]  # modality -> its items in order (counts, 
 FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
 
 
-def _idefics3_span(shape: MediaShape) -> list[str | int]:
-    """Idefics3 / SmolVLM's expanded image: text pieces and runs of media tokens, in order
-    (transformers' ``get_image_prompt_string``; a one-crop image is its ``rows == cols == 0`` case)."""
+def _tile_crops(shape: MediaShape) -> tuple[int, int]:
+    """(crops, tokens per crop) of a tiled image whose canvas of several tiles adds a whole-image
+    crop (Idefics3, Llama 4); an image of one tile is one crop."""
     rows, cols = shape.tiles
     crops = rows * cols + 1 if rows * cols > 1 else 1
     if shape.tokens % crops:
         raise FeatureCountError(f"an image of {crops} crops cannot have {shape.tokens} tokens "
                                 "(the same number per crop)")
-    per_crop = shape.tokens // crops
+    return crops, shape.tokens // crops
+
+
+def _idefics3_span(shape: MediaShape) -> list[str | int]:
+    """Idefics3 / SmolVLM's expanded image: text pieces and runs of media tokens, in order
+    (transformers' ``get_image_prompt_string``; a one-crop image is its ``rows == cols == 0`` case)."""
+    rows, cols = shape.tiles
+    crops, per_crop = _tile_crops(shape)
     pieces: list[str | int] = []
     text = ""
     if crops > 1:
@@ -101,11 +108,7 @@ def _llama4_span(shape: MediaShape) -> list[str | int]:
     ``<|tile_y_separator|>``; then ``<|image|>`` and the global tile's run (the only one of a
     one-tile image), inside ``<|image_start|>`` ... ``<|image_end|>``."""
     rows, cols = shape.tiles
-    crops = rows * cols + 1 if rows * cols > 1 else 1
-    if shape.tokens % crops:
-        raise FeatureCountError(f"an image of {crops} crops cannot have {shape.tokens} tokens "
-                                "(the same number per crop)")
-    per_crop = shape.tokens // crops
+    crops, per_crop = _tile_crops(shape)
     pieces: list[str | int] = []
     text = "<|image_start|>"
     if crops > 1:
