@@ -263,7 +263,7 @@ def test_preset_names():
     assert preset_names() == ["llama-3.2-11b-vision", "llama-3.2-90b-vision", "llama-4-maverick", "llama-4-scout",
                               "llava-1.5-7b", "smolvlm-256m",
                               "tiny-blip2", "tiny-cross", "tiny-early", "tiny-flamingo", "tiny-idefics3",
-                              "tiny-llama4", "tiny-moe", "tiny-omni-cross", "tiny-omni-early", "tiny-pool",
+                              "tiny-infini", "tiny-llama4", "tiny-moe", "tiny-omni-cross", "tiny-omni-early", "tiny-pool",
                               "tiny-sliding", "tiny-tome"]
 
 

@@ -128,7 +128,8 @@ PRESETS["tiny-tome"] = dataclasses.replace(
 # (Mixtral's router), a 16-position sliding window on every layer (Mistral), and Llama 4's pattern:
 # 16-position chunked attention with the weightless q/k norm on three of every four layers, a NoPE
 # full-attention layer with temperature tuning as the fourth, and top-1 sigmoid-routed experts
-# beside a shared expert on every layer.
+# beside a shared expert on every layer; and Infini-attention (16-position segments plus the
+# compressive memory, delta rule) on every layer.
 _dense = _early.decoder
 PRESETS["tiny-moe"] = dataclasses.replace(
     _early, name="tiny-moe", decoder=dataclasses.replace(
@@ -137,6 +138,9 @@ PRESETS["tiny-moe"] = dataclasses.replace(
 PRESETS["tiny-sliding"] = dataclasses.replace(
     _early, name="tiny-sliding", decoder=dataclasses.replace(
         _dense, layer_pattern=(LayerSpec(attention="sliding"),), sliding_window=16))
+PRESETS["tiny-infini"] = dataclasses.replace(
+    _early, name="tiny-infini", decoder=dataclasses.replace(
+        _dense, layer_pattern=(LayerSpec(attention="infini"),), memory_segment=16))
 PRESETS["tiny-llama4"] = dataclasses.replace(
     _early, name="tiny-llama4", decoder=dataclasses.replace(
         _dense, layer_pattern=(*[LayerSpec(attention="chunked", feed_forward="moe", qk_norm=True)] * 3,

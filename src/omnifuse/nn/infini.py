@@ -119,32 +119,52 @@ class InfiniAttention(LocalAttention):
                 state: list[torch.Tensor]) -> torch.Tensor:
         """Retrieval for every query of the chunk, each from the memory of the segments before its
         own; ``state`` (M, z, pending M, pending z) is moved on past the chunk. q: (B, Hq, T, Dh);
-        k, v: (B, Hkv, T, Dh), repeated over their query heads."""
+        k, v: (B, Hkv, T, Dh), repeated over their query heads.
+
+        The chunk's tokens are laid out as a grid of the segments it touches (R) by
+        ``min(segment, T)`` cells, each token in the cell of its segment and its offset from that
+        segment's first position in the chunk (rows start at different positions); empty cells hold
+        zeros, which neither retrieve nor update. Each segment's retrieval and update then run over
+        its own cells only: decoding a token is one cell, a prefill about T."""
         s = self.cache_span.chunk
+        b, h, t, dh = q.shape
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1).float()
         pos, real = slots.position_ids, slots.real  # (B, T)
+        if not bool(real.any()):
+            return torch.zeros(b, h, t, dh, dtype=torch.float32, device=q.device)
+        start = torch.where(real, pos, pos.new_full((), 1 << 62)).min(dim=1, keepdim=True).values  # (B, 1)
         segment = torch.div(pos, s, rounding_mode="floor")
-        first = torch.where(real, segment, segment.new_full((), 1 << 62)).min(dim=1, keepdim=True).values
-        rel = torch.where(real, segment - first, -1)  # each real token's segment, counted from the row's first
-        ends = real & (pos % s == s - 1)  # tokens that complete their segment
-        sq, sk = _phi(q), _phi(k)  # (B, H, T, D)
-        out = torch.zeros_like(sq)
+        rel = segment - torch.div(start, s, rounding_mode="floor")  # each token's segment, from the row's first
+        width = min(s, t)
+        offset = pos - torch.maximum(segment * s, start)  # from the segment's first position in this chunk
+        segments = int(torch.where(real, rel, -1).max()) + 1
+        cells = segments * width
+        index = torch.where(real, rel * width + offset, cells)  # padding goes to a spare cell, dropped
+        index = index[:, None, :, None].expand(b, h, t, dh)
+
+        def grid(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, H, R, width, D)
+            g = x.new_zeros(b, h, cells + 1, dh).scatter(2, index, x)
+            return g[:, :, :cells].view(b, h, segments, width, dh)
+
+        sq, sk, gv = grid(_phi(q)), grid(_phi(k)), grid(v)
+        # (B, R): whether segment r completes in this chunk (its last position is here)
+        completes = torch.where(real & (pos % s == s - 1), rel, segments)
+        done_at = torch.zeros(b, segments + 1, dtype=torch.bool, device=q.device).scatter(1, completes, True)
         mem, norm, pending_mem, pending_norm = state
-        for r in range(int(rel.max()) + 1 if bool(real.any()) else 0):
-            here = (rel == r)[:, None, :, None]  # (B, 1, T, 1)
-            retrieved = (sq @ mem) / (sq * norm[:, :, None, :]).sum(-1, keepdim=True).clamp(min=1e-6)
-            out = torch.where(here, retrieved, out)
-            keys = sk * here
-            values = v
+        out = []
+        for r in range(segments):
+            qr, kr, vr = sq[:, :, r], sk[:, :, r], gv[:, :, r]
+            out.append((qr @ mem) / (qr * norm[:, :, None, :]).sum(-1, keepdim=True).clamp(min=1e-6))
             if self.rule == "delta":  # what the memory already retrieves for these keys is not added again
-                values = v - (sk @ mem) / (sk * norm[:, :, None, :]).sum(-1, keepdim=True).clamp(min=1e-6)
-            pending_mem = pending_mem + keys.transpose(-1, -2) @ (values * here)
-            pending_norm = pending_norm + keys.sum(dim=2)
-            done = ((rel == r) & ends).any(dim=1)[:, None, None]  # (B, 1, 1): the segment completes here
+                vr = vr - (kr @ mem) / (kr * norm[:, :, None, :]).sum(-1, keepdim=True).clamp(min=1e-6)
+            pending_mem = pending_mem + kr.transpose(-1, -2) @ vr
+            pending_norm = pending_norm + kr.sum(dim=2)
+            done = done_at[:, r, None, None]  # (B, 1, 1)
             mem = torch.where(done[..., None], mem + pending_mem, mem)
             norm = torch.where(done, norm + pending_norm, norm)
             pending_mem = torch.where(done[..., None], torch.zeros_like(pending_mem), pending_mem)
             pending_norm = torch.where(done, torch.zeros_like(pending_norm), pending_norm)
         state[:] = [mem, norm, pending_mem, pending_norm]
-        return out
+        retrieved = torch.cat([torch.stack(out, dim=2).view(b, h, cells, dh), sq.new_zeros(b, h, 1, dh)], dim=2)
+        return retrieved.gather(2, index)

@@ -211,6 +211,7 @@ class DecoderArch:
     # layer specs): each layer's (attention kind, span) and whether its feed-forward is MoE.
     layer_attention: tuple[tuple[str, int], ...] = ()
     layer_moe: tuple[bool, ...] = ()
+    memory_rule: str = "delta"  # Infini-attention layers' update: delta (one more retrieval) or linear
     # Gated cross-attention layers (Llama 3.2 Vision), each with its own MLP of ``intermediate``,
     # keys and values projected from media states ``cross_kv_dim`` wide (0: hidden; IDEFICS: the
     # perceiver's width), q/k RMSNorm when ``cross_qk_norm``.
@@ -281,10 +282,20 @@ class DecoderArch:
         per = self.layers * (self._attention_params() - (self.heads + 2 * self.kv_heads) * self.head_dim * self.qkv_bias)
         per += (self.layers - moe) * self._mlp_params(self.intermediate)
         per += moe * (self.experts_per_token * expert + self._shared_params() + h * self.experts)
-        # Infini-attention's memory: a retrieval and an update (delta: and the update's retrieval), Dh x Dh per head
-        infini = sum(kind == "infini" for kind, _ in self.attention_kinds())
-        per += infini * 3 * self.heads * self.head_dim * self.head_dim
         return 2 * per
+
+    def memory_flops(self, positions: int) -> int:
+        """Infini-attention's memory work for a forward of ``positions`` tokens from position 0:
+        per head, a retrieval and an update (delta: and the update's own retrieval), each
+        Dh x Dh per cell. ``InfiniAttention`` lays a chunk out as the segments it touches, each
+        ``min(segment, positions)`` cells wide (decoding: one cell)."""
+        matmuls = 3 if self.memory_rule == "delta" else 2
+        flops = 0
+        for kind, segment in self.attention_kinds():
+            if kind == "infini":
+                cells = -(-positions // segment) * min(segment, positions)
+                flops += 2 * matmuls * self.heads * self.head_dim * self.head_dim * cells
+        return flops
 
     def attention_span(self, position: int) -> int:
         """Keys summed over layers that a query at ``position`` (1-based context length) is
@@ -408,7 +419,7 @@ class Architecture:
         states = sum(m.cross_states_prefill for m in media)  # K/V and attention over every encoded state
         encoder = sum(self.encoder_flops(m) for m in media)
         span = d.prefill_span(s)  # every query against the key range it computes
-        decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span
+        decoder = s * d.token_matmul_flops() + 4 * d.heads * d.head_dim * span + d.memory_flops(s)
         cross = 0
         if d.cross_layers and states:
             q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
@@ -422,7 +433,8 @@ class Architecture:
         """FLOPs of one generated token whose context (itself included) is ``position`` long and
         whose cross-attention reads ``cross_states_decode`` states."""
         d = self.decoder
-        flops = d.token_matmul_flops() + 4 * d.heads * d.head_dim * d.attention_span(position) + 2 * d.hidden * d.vocab
+        flops = (d.token_matmul_flops() + 4 * d.heads * d.head_dim * d.attention_span(position) + d.memory_flops(1)
+                 + 2 * d.hidden * d.vocab)
         if d.cross_layers and cross_states_decode:
             q = d.heads * d.head_dim
             flops += d.cross_layers * (2 * 2 * d.hidden * q + 2 * d.mlp_matrices * d.hidden * d.intermediate
@@ -463,7 +475,7 @@ def from_model_config(config: ModelConfig) -> Architecture:
     decoder = DecoderArch(hidden=d.hidden_size, layers=len(specs), heads=d.num_heads, kv_heads=d.num_kv_heads,
                           head_dim=d.head_dim, intermediate=d.intermediate_size, vocab=d.vocab_size,
                           layer_attention=tuple((s.attention, spans[s.attention]) for s in specs),
-                          layer_moe=moe if any(moe) else (), experts=d.num_experts if any(moe) else 0,
+                          layer_moe=moe if any(moe) else (), memory_rule=d.memory_rule, experts=d.num_experts if any(moe) else 0,
                           experts_per_token=d.experts_per_token, shared_experts=int(d.shared_expert_intermediate_size > 0),
                           expert_intermediate=d.expert_intermediate_size or d.intermediate_size,
                           shared_intermediate=d.shared_expert_intermediate_size,

@@ -74,6 +74,8 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     media = sum(counts.values())
     counts["total"] = n(model)
     counts["decoder"] = counts["total"] - media  # what is left: embeddings, layers, head
+    # what one token runs through: the experts a mixture-of-experts layer does not route it to are idle
+    counts["active"] = counts["total"] - from_model_config(config).decoder.inactive_parameters()
     return counts
 
 

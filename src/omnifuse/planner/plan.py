@@ -330,8 +330,7 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
         if model.config is not None:  # an omnifuse config: count the parameters of the built model
             from omnifuse.planner.costs import count_parameters
 
-            total = count_parameters(model.config)["total"]
-            params = {"total": total, "active": total}
+            params = count_parameters(model.config)
         else:
             params = arch.parameters()
         out["sources"]["architecture"] = arch.source
