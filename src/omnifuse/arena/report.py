@@ -8,6 +8,7 @@ __all__ = ["add_intervals", "print_summary", "write_report"]
 
 _COST_COLUMNS = [
     ("parameters", "params", "{:,.0f}"),
+    ("active_parameters", "active params", "{:,.0f}"),
     ("visual_tokens_per_image", "visual tokens / image", "{:.0f}"),
     ("audio_tokens_per_second", "audio tokens / s", "{:.0f}"),
     ("video_tokens_per_frame", "video tokens / frame", "{:g}"),
@@ -33,8 +34,10 @@ def _encoder_training(t: dict) -> str:
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """The cost columns some strategy has (audio and video ones only for models that take them)."""
-    return [c for c in _COST_COLUMNS if any(c[0] in r for r in rows)]
+    """The cost columns some strategy has (audio and video ones only for models that take them,
+    active parameters only where some strategy has idle experts)."""
+    sparse = any(r.get("active_parameters", r["parameters"]) != r["parameters"] for r in rows)
+    return [c for c in _COST_COLUMNS if any(c[0] in r for r in rows) and (sparse or c[0] != "active_parameters")]
 
 
 def _media_tokens(r: dict) -> str:
@@ -50,6 +53,13 @@ def _weights(t: dict) -> str:
         return ""
     return " Training samples per skill are weighted (" + ", ".join(f"{k} x{v}" for k, v in weights.items()) + \
         "; the others x1); test samples are balanced."
+
+
+def _distances(skills: list[str]) -> list[tuple[int, str]]:
+    """(N, skill) of the long-context recall-N skills, nearest first."""
+    from omnifuse.training.diagnostic_text import recall_distance
+
+    return sorted((recall_distance(s), s) for s in skills if recall_distance(s) is not None)
 
 
 def _acc(r: dict, skill: str) -> float:
@@ -85,6 +95,9 @@ def write_report(report: dict, out: Path) -> None:
     compression = compression_findings(rows, skills, chance)
     if compression:
         plot_skills_vs_tokens(report, out / "accuracy_vs_tokens.png")
+    distances = _distances(skills)
+    if distances:
+        plot_accuracy_vs_distance(report, out / "accuracy_vs_distance.png")
     t = report["train"]
     lines = [
         "# Fusion arena",
@@ -132,6 +145,18 @@ def write_report(report: dict, out: Path) -> None:
                   "need? Each strategy with fewer visual tokens per image against the one with the most "
                   "(accuracy [95% interval]):", "", *[f"- {f}" for f in compression], "",
                   "![accuracy per skill against tokens and KV cache](accuracy_vs_tokens.png)", ""]
+    if distances:
+        lines += ["## Long context", "",
+                  "A key stated at the start of the prompt, then N characters (tokens) of distractors, then the "
+                  "question. Each cell: accuracy [95% interval] · the KV cache of one such sample (its attention "
+                  "caches and any compressive memory, float32).", "",
+                  "| strategy | " + " | ".join(f"N = {n}" for n, _ in distances) + " |",
+                  "|---|" + "---:|" * len(distances)]
+        for r in rows:
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{_cell(r, s, f'accuracy/{s}')} · {r[f'kv_cache_bytes/{s}'] / 1024:,.0f} KiB"
+                if f"kv_cache_bytes/{s}" in r else _cell(r, s, f"accuracy/{s}") for _, s in distances) + " |")
+        lines += ["", "![accuracy and cache against distance](accuracy_vs_distance.png)", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -181,6 +206,42 @@ def plot_accuracy_vs_cache(report: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_xlim(0, 1.4 * max(r["kv_cache_bytes_per_sample"] for r in report["strategies"]) / 1024)  # room for labels
     ax.set_title("Accuracy against KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_distance(report: dict, path: Path) -> None:
+    """Left: recall accuracy against the key's distance, one line per strategy (whiskers: 95%
+    intervals, dashed: chance). Right: the KV cache of one sample at that distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distances = _distances(report["skills"])
+    xs = [n for n, _ in distances]
+    fig, (acc_ax, kv_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in report["strategies"]:
+        acc = [_acc(r, s) for _, s in distances]
+        err = [[max(0.0, a - r["interval"][s][0]) for a, (_, s) in zip(acc, distances)],
+               [max(0.0, r["interval"][s][1] - a) for a, (_, s) in zip(acc, distances)]]
+        acc_ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=r["name"])
+        if all(f"kv_cache_bytes/{s}" in r for _, s in distances):
+            kv_ax.plot(xs, [r[f"kv_cache_bytes/{s}"] / 1024 for _, s in distances], marker="o", label=r["name"])
+    acc_ax.axhline(report["chance"][distances[0][1]], color="black", ls="dashed", lw=0.8, label="chance")
+    for ax in (acc_ax, kv_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(n) for n in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("distractor tokens between the key and the question")
+        ax.legend(fontsize=8)
+    acc_ax.set_ylim(0, 1.05)
+    acc_ax.set_ylabel("test accuracy (exact match)")
+    acc_ax.set_title("Recall against distance")
+    kv_ax.set_ylim(bottom=0)
+    kv_ax.set_ylabel("KV cache per sample (KiB, float32)")
+    kv_ax.set_title("Cache against distance")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -246,10 +307,14 @@ def print_summary(report: dict, console) -> None:
     console.print(table)
     costs = Table(title="fusion arena: cost per sample")
     costs.add_column("strategy")
+    costs.add_column("params", justify="right")
     for col in ("media tokens", "context tokens", "KV cache", "prefill ms", "decode tok/s"):
         costs.add_column(col, justify="right")
     for r in report["strategies"]:
-        costs.add_row(f"{r['name']} ({r['fusion']})", _media_tokens(r), f"{r['context_tokens_per_sample']:.0f}",
+        active = r.get("active_parameters", r["parameters"])
+        costs.add_row(f"{r['name']} ({r['fusion']})",
+                      f"{r['parameters'] / 1e6:.2f}M" + (f" ({active / 1e6:.2f}M active)" if active != r["parameters"] else ""),
+                      _media_tokens(r), f"{r['context_tokens_per_sample']:.0f}",
                       f"{r['kv_cache_bytes_per_sample'] / 1024:,.0f} KiB", f"{r['prefill_ms']:.1f}",
                       f"{r['decode_tokens_per_s']:.0f}")
     console.print(costs)

@@ -47,6 +47,9 @@ class ArenaConfig:
     out_dir: str = "runs/arena"
     quick_steps: int = 60  # --quick: steps per strategy
     param_tolerance: float = 0.10  # strategies' parameter counts must agree within this fraction
+    # which count: total, or active (what a token runs through: a mixture of experts against a dense
+    # model of the same compute per token)
+    match: str = "total"
     latency_prompts: int = 5
     decode_tokens: int = 32
     # Shared image-text pre-training of the vision encoder before the strategies train (as LLaVA
@@ -85,6 +88,8 @@ def load_arena_config(path: str | Path | None = None) -> ArenaConfig:
         raise ConfigError(f"{path}: strategy names repeat: {names}")
     known = {f.name for f in dataclasses.fields(ArenaConfig)} - {"strategies", "train"}
     arena = {k: data.pop(k) for k in list(data) if k in known}
+    if arena.get("match", "total") not in ("total", "active"):
+        raise ConfigError(f"{path}: match must be total or active (parameters), got {arena['match']!r}")
     return ArenaConfig(strategies=tuple(strategies), train=resolve_input_paths(data, path.parent), **arena)
 
 
@@ -139,6 +144,11 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
         rows.append((ids, items, answer, record[2]["skill"]))
     kv = [request_cost(cfg, len(ids) + answer, [item_cost(cfg, x, model.processors) for x in items])
           .kv_cache_bytes.decode for ids, items, answer, _ in rows]
+    per_skill = {}  # skills differ in context (the recall-N skills by N)
+    for skill in dict.fromkeys(row[3] for row in rows):
+        mine = [k for k, row in enumerate(rows) if row[3] == skill]
+        per_skill[f"kv_cache_bytes/{skill}"] = statistics.mean(kv[k] for k in mine)
+        per_skill[f"context_tokens/{skill}"] = statistics.mean(len(rows[k][0]) for k in mine)
     # one prompt of each skill (every modality mix the test set has), repeated up to latency_prompts
     first_of_skill = list({skill: (ids, items) for ids, items, _, skill in reversed(rows)}.values())[::-1]
     prompts = [first_of_skill[k % len(first_of_skill)] for k in range(max(arena.latency_prompts, len(first_of_skill)))]
@@ -163,6 +173,7 @@ def _measure(trainer, test_source, arena: ArenaConfig) -> dict[str, Any]:
         "kv_cache_bytes_per_sample": statistics.mean(kv),
         "prefill_ms": 1000 * statistics.median(prefill),
         "decode_tokens_per_s": 1 / min(t_steps),
+        **per_skill,
     }
 
 
@@ -200,10 +211,13 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = [(s, _train_config(config, s, quick)) for s in config.strategies]
-    params = {s.name: count_parameters(_model_config(tc))["total"] for s, tc in plans}
-    low, high = min(params.values()), max(params.values())
+    counts = {s.name: count_parameters(_model_config(tc)) for s, tc in plans}
+    params = {name: c["total"] for name, c in counts.items()}
+    matched = {name: c[config.match] for name, c in counts.items()}
+    low, high = min(matched.values()), max(matched.values())
     if high > low * (1 + config.param_tolerance):
-        raise ConfigError(f"strategies' parameter counts differ by more than {config.param_tolerance:.0%}: {params}")
+        raise ConfigError(f"strategies' {config.match} parameter counts differ by more than "
+                          f"{config.param_tolerance:.0%}: {matched}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     runs: dict[str, list[dict]] = {s.name: [] for s, _ in plans}
@@ -218,7 +232,9 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
                 continue  # evaluated right after the strategy it comes from trained
             tc = base if seeds == 1 else dataclasses.replace(base, seed=base.seed + k,
                                                              out_dir=str(Path(base.out_dir) / f"seed-{base.seed + k}"))
-            console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters, {tc.steps} steps of "
+            active = counts[strategy.name]["active"]
+            console.print(f"[bold]{strategy.name}[/]: {params[strategy.name]:,} parameters"
+                          + (f" ({active:,} active)" if active != params[strategy.name] else "") + f", {tc.steps} steps of "
                           f"{tc.batch_size * tc.grad_accum} samples" + (f", seed {tc.seed}" if seeds > 1 else ""))
             trainer = Trainer(tc, shared_features=shared_features)
             if encoder is not None:
@@ -229,8 +245,10 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
             test = DiagnosticSource("test", config.test_size, base)  # one test set for every seed
             scores = trainer.evaluate(test)
             measured = _measure(trainer, test, config) if k == 0 else {}
-            row = {"name": strategy.name, "model": strategy.model, "fusion": trainer.model_config.fusion.type,
-                   "parameters": params[strategy.name], "steps": tc.steps, "train_seconds": train_seconds,
+            fusion = trainer.model_config.fusion.type if trainer.model_config.modalities else "text only"
+            row = {"name": strategy.name, "model": strategy.model, "fusion": fusion,
+                   "parameters": params[strategy.name], "active_parameters": counts[strategy.name]["active"],
+                   "steps": tc.steps, "train_seconds": train_seconds,
                    "final_train_loss": summary["loss"]}
             runs[strategy.name].append({**row, **scores, **measured})
             for derived, _ in plans:
@@ -248,7 +266,7 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
                         if k in ("steps", "batch_size", "lr", "seed", "train_size", "image_size", "train_encoder",
                                  "encoder_lr_scale", "skill_weights")},
               "pretrain_steps": pretrain_steps,  # as run (--quick runs fewer than the config's)
-              "test_size": config.test_size, "seeds": [plans[0][1].seed + k for k in range(seeds)]}
+              "test_size": config.test_size, "match": config.match, "seeds": [plans[0][1].seed + k for k in range(seeds)]}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     write_report(report, out)
     print_summary(report, console)

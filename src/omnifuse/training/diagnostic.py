@@ -14,8 +14,10 @@ language model:
 
 The audio (``beeps``, ``pitch``), video (``motion``, ``order``) and audio-visual (``flash``) skills
 are described in ``training/diagnostic_media.py``; ``skill_media(skill)`` names what each needs.
+The text-only long-context skills ``recall-N`` (a key, ``N`` tokens of distractors, the question)
+are in ``training/diagnostic_text.py``.
 
-Answers are one short lowercase word, scored by exact match. They are drawn uniformly from
+Answers are one short lowercase word (a digit for recall-N), scored by exact match. They are drawn uniformly from
 ``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that ignores the media and
 only learns the answer prior can reach.
 
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from omnifuse.errors import ConfigError
-from omnifuse.training import diagnostic_media
+from omnifuse.training import diagnostic_media, diagnostic_text
 from omnifuse.training.synth import BACKGROUND, COLOURS, SHAPES, Shape, canvas, draw_shape, side_range
 
 __all__ = [
@@ -83,8 +85,9 @@ _FONT = (0.42, 0.55)
 
 
 def _check_skill(skill: str) -> None:
-    if skill not in SKILLS:
-        raise ConfigError(f"unknown skill {skill!r}; expected one of {SKILLS}")
+    if skill not in SKILLS and not diagnostic_text.is_recall_skill(skill):
+        raise ConfigError(f"unknown skill {skill!r}; expected one of {SKILLS} or recall-N (N distractor tokens, "
+                          f"1 to {diagnostic_text.MAX_DISTANCE})")
 
 
 @functools.cache
@@ -93,6 +96,8 @@ def answer_set(skill: str) -> tuple[str, ...]:
     _check_skill(skill)
     if skill in MEDIA_SKILLS:
         return diagnostic_media.MEDIA_ANSWERS[skill]
+    if diagnostic_text.is_recall_skill(skill):
+        return diagnostic_text.recall_answers()
     if skill == "colour":
         return tuple(COLOURS)
     if skill == "shape":
@@ -114,13 +119,15 @@ def chance_level(skill: str) -> float:
 def skill_media(skill: str) -> tuple[str, ...]:
     """The modalities a ``skill`` sample carries (and a model needs to answer it)."""
     _check_skill(skill)
+    if diagnostic_text.is_recall_skill(skill):
+        return ()
     return diagnostic_media.SKILL_MEDIA.get(skill, ("image",))
 
 
 @dataclass(frozen=True)
 class Sample:
     images: tuple[Image.Image, ...]  # RGB, image_size x image_size; two for "compare", one for the
-    # other image skills, none for the media skills
+    # other image skills, none for the media and recall skills
     question: str  # plain text without media placeholders: the prompt builder adds those
     answer: str  # one short lowercase word, a member of answer_set(skill)
     skill: str
@@ -247,6 +254,8 @@ class DiagnosticSet:
     def _draw_key(self, skill: str, rng: random.Random, turn: int) -> tuple:
         if skill in MEDIA_SKILLS:
             return diagnostic_media.draw_key(skill, rng, self.image_size)
+        if diagnostic_text.is_recall_skill(skill):
+            return diagnostic_text.draw_key(skill, rng)
         if skill in ("colour", "shape"):
             return (skill, self._shape(rng, _BIG))
         if skill == "spatial":
@@ -337,6 +346,8 @@ def _render(key: tuple, n: int) -> Sample:
     if skill in MEDIA_SKILLS:
         question, answer, audio, video = diagnostic_media.render(key, n)
         return Sample((), question, answer, skill, audio=audio, video=video)
+    if diagnostic_text.is_recall_skill(skill):
+        return Sample((), *diagnostic_text.render(key), skill)
     if skill in ("colour", "shape"):
         shape = key[1]
         img, draw = canvas(n)
@@ -377,7 +388,7 @@ def caption(key: tuple) -> str:
     """A plain description of a sample's first image from its generating key (for the contrastive
     stage): every attribute the skills ask about is named, so image-text pre-training learns them."""
     kind = key[0]
-    if kind in MEDIA_SKILLS:
+    if kind in MEDIA_SKILLS or diagnostic_text.is_recall_skill(kind):
         raise ConfigError(f"captions describe images; the {kind} skill has none (contrastive pre-training takes "
                           f"the image skills {IMAGE_SKILLS})")
     if kind in ("colour", "shape"):
