@@ -12,7 +12,7 @@ import pytest
 
 from omnifuse.arena.run import load_arena_config, run_arena
 from omnifuse.config import ConfigError, load_config
-from omnifuse.planner.costs import count_parameters
+from omnifuse.planner.costs import active_parameters, count_parameters
 from omnifuse.training.diagnostic import DiagnosticSet, answer_set, chance_level, skill_media
 from omnifuse.training.diagnostic_text import KEY_ALPHABET, RECALL_QUESTION
 
@@ -102,7 +102,10 @@ def test_the_shipped_long_context_arena_gives_both_bounded_caches_the_same_memor
 def test_the_moe_arena_matches_active_parameters_and_refuses_a_total_mismatch(tmp_path):
     config = load_arena_config(ROOT / "configs" / "arena-moe.yaml")
     assert config.match == "active"
-    counts = {s.name: count_parameters(load_config(s.model)) for s in config.strategies}
+    counts = {}
+    for s in config.strategies:
+        model = load_config(s.model)
+        counts[s.name] = {"total": count_parameters(model)["total"], "active": active_parameters(model)}
     dense, moe = counts["dense"], counts["moe"]
     assert dense["active"] == dense["total"] and abs(moe["active"] - dense["active"]) / dense["active"] < 0.01
     assert moe["total"] > 1.5 * dense["total"]

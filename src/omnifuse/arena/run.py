@@ -202,7 +202,7 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
     from rich.console import Console
 
     from omnifuse.arena.report import print_summary, write_report
-    from omnifuse.planner.costs import count_parameters
+    from omnifuse.planner.costs import active_parameters, count_parameters
     from omnifuse.training.diagnostic import chance_level
     from omnifuse.training.loop import Trainer
     from omnifuse.training.sources import DiagnosticSource
@@ -211,7 +211,11 @@ def run_arena(config: ArenaConfig, quick: bool = False, console=None, seeds: int
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = [(s, _train_config(config, s, quick)) for s in config.strategies]
-    counts = {s.name: count_parameters(_model_config(tc)) for s, tc in plans}
+    counts = {}
+    for s, tc in plans:
+        model_config = _model_config(tc)
+        total = count_parameters(model_config)["total"]
+        counts[s.name] = {"total": total, "active": active_parameters(model_config, total)}
     params = {name: c["total"] for name, c in counts.items()}
     matched = {name: c[config.match] for name, c in counts.items()}
     low, high = min(matched.values()), max(matched.values())

@@ -35,6 +35,7 @@ __all__ = [
     "ImageCost",
     "RequestCost",
     "VideoCost",
+    "active_parameters",
     "audio_cost",
     "audio_encoder_flops",
     "bounded_kv_bytes",
@@ -74,9 +75,14 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     media = sum(counts.values())
     counts["total"] = n(model)
     counts["decoder"] = counts["total"] - media  # what is left: embeddings, layers, head
-    # what one token runs through: the experts a mixture-of-experts layer does not route it to are idle
-    counts["active"] = counts["total"] - from_model_config(config).decoder.inactive_parameters()
     return counts
+
+
+def active_parameters(config: ModelConfig, total: int | None = None) -> int:
+    """What one token runs through: the total less the routed experts a mixture-of-experts layer
+    does not send it to. ``total``: ``count_parameters(config)["total"]`` when already counted."""
+    total = count_parameters(config)["total"] if total is None else total
+    return total - from_model_config(config).decoder.inactive_parameters()
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: float = 4) -> int:

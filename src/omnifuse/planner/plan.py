@@ -328,9 +328,10 @@ def plan(model: PlanModel, workload: Workload, options: rules.TokenOptions | Non
     arch = model.arch
     if arch is not None:
         if model.config is not None:  # an omnifuse config: count the parameters of the built model
-            from omnifuse.planner.costs import count_parameters
+            from omnifuse.planner.costs import active_parameters, count_parameters
 
-            params = count_parameters(model.config)
+            total = count_parameters(model.config)["total"]
+            params = {"total": total, "active": active_parameters(model.config, total)}
         else:
             params = arch.parameters()
         out["sources"]["architecture"] = arch.source
