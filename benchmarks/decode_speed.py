@@ -26,6 +26,7 @@ from omnifuse.config import (
 from omnifuse.inference import SamplingConfig, generate_stream
 from omnifuse.model import build_model
 from omnifuse.nn.packed import pack_linears
+from omnifuse.planner.resources import machine_line
 from omnifuse.presets import get_preset
 
 LLAVA_130M = ModelConfig(
@@ -51,6 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
     torch.manual_seed(0)
     config = get_preset(args.preset) if args.preset else LLAVA_130M
     model = build_model(config).eval()

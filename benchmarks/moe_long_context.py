@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import time
 
 import torch
@@ -31,6 +30,7 @@ from omnifuse.inference.cache import RingKVCache
 from omnifuse.model import build_model
 from omnifuse.nn.moe import MoE
 from omnifuse.nn.packed import pack_linears
+from omnifuse.planner.resources import machine_line
 
 BASE = DecoderConfig(vocab_size=8000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
                      intermediate_size=2048, max_position=40000)
@@ -99,8 +99,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--plot", default="long_context.png")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(machine_line(), flush=True)
 
     from omnifuse.planner.arch import from_model_config
 

@@ -289,6 +289,9 @@ def main() -> None:
     ap.add_argument("--keep", help="build (or reuse) the checkpoint in this folder")
     ap.add_argument("--no-transformers-serve", action="store_true")
     args = ap.parse_args()
+    from omnifuse.planner.resources import machine_line
+
+    print(machine_line(), flush=True)
     loads = [int(c) for c in args.concurrency.split(",")]
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="serve-load-"))
     folder = build_checkpoint(root / "llava-130m")

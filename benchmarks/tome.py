@@ -30,6 +30,7 @@ from rich.table import Table
 from omnifuse.config import VisionConfig
 from omnifuse.connectors import encoder_tokens
 from omnifuse.encoders import VisionTransformer
+from omnifuse.planner.resources import machine_line
 
 ENCODERS = {
     # CLIP ViT-L/14-336 as LLaVA-1.5 reads it (feature layer -2)
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     console = Console(width=120)
+    console.print(machine_line())
     if args.checkpoint:
         encoder, v, pixels = trained_encoder(args.checkpoint, max(args.batch, 32))
         name = args.checkpoint

@@ -287,7 +287,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from omnifuse.planner.resources import machine_line
+
     console = Console(width=140)
+    console.print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -14,20 +14,48 @@ import torch
 
 from omnifuse.config import ConfigError, LoudDefaultWarning
 
-__all__ = ["DEVICES", "DTYPES", "choose_device", "choose_dtype", "cpu_has_fast_bfloat16"]
+__all__ = ["CPU_FEATURES", "DEVICES", "DTYPES", "choose_device", "choose_dtype", "cpu_features", "cpu_has_fast_bfloat16",
+           "cpu_model"]
 
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo."""
+# The CPU features that decide which kernels and dtypes are fast here (Linux /proc/cpuinfo names).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo(text: str | None) -> str:
+    if text is not None:
+        return text
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+            return f.read()
+    except OSError:  # not Linux: no flags known
+        return ""
+
+
+def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """Which of ``CPU_FEATURES`` this CPU has (``cpuinfo``: the text of /proc/cpuinfo; default:
+    this machine's), in ``CPU_FEATURES`` order."""
+    line = next((ln for ln in _cpuinfo(cpuinfo).splitlines() if ln.startswith(("flags", "Features"))), "")
+    flags = set(line.partition(":")[2].split())
+    return tuple(f for f in CPU_FEATURES if f in flags)
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (x86 ``model name``; else the platform's processor or machine)."""
+    import platform
+
+    for line in _cpuinfo(cpuinfo).splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
 
 
 def choose_device(name: str | None = None) -> torch.device:

@@ -14,7 +14,7 @@ import yaml
 
 from omnifuse.config import ConfigError
 
-__all__ = ["Accelerator", "Prices", "load_hardware", "load_prices", "local_cpu"]
+__all__ = ["Accelerator", "Prices", "load_hardware", "load_prices", "local_cpu", "local_cpu_measurement", "machine_line"]
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_HARDWARE = DATA / "hardware.yaml"
@@ -81,36 +81,71 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnifuse"
 
 
-def local_cpu(remeasure: bool = False) -> Accelerator:
-    """This machine's CPU as an accelerator: float32 matmul FLOP/s and the bandwidth at which a
-    decode step's small-batch matmuls stream their weights, measured once with torch and cached in
-    ``$XDG_CACHE_HOME/omnifuse/local_cpu.json`` (edit or delete it; a file from an earlier way of
-    measuring is measured again)."""
+def _this_cpu() -> dict[str, Any]:
+    """What identifies this machine's CPU for the cache: a measurement taken on another CPU (a
+    home folder shared between machines, a moved container) is measured again."""
+    import torch
+
+    from omnifuse.runtime import cpu_features, cpu_model
+
+    return {"cpu": cpu_model(), "features": list(cpu_features()), "threads": torch.get_num_threads()}
+
+
+def local_cpu_measurement(remeasure: bool = False) -> dict[str, Any]:
+    """This machine's CPU, measured once with torch and cached in
+    ``$XDG_CACHE_HOME/omnifuse/local_cpu.json`` (edit or delete it): its model and features
+    (``runtime.CPU_FEATURES``), float32 and bfloat16 matmul GFLOP/s, the bandwidth at which a
+    decode step's small-batch matmuls stream their weights, and its memory. A file from an earlier
+    way of measuring, or from another CPU or thread count, is measured again."""
     path = _cache_dir() / "local_cpu.json"
     data = _read_measurement(path) if path.is_file() and not remeasure else None
-    if data is None or data.get("bandwidth_method") != BANDWIDTH_METHOD:
-        data = _measure_cpu()
+    here = _this_cpu()
+    if data is None or any(data.get(k) != v for k, v in here.items()):
+        data = {**_measure_cpu(), **here}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(path)
-    return Accelerator("cpu", data["name"], {"fp32": data["fp32_gflops"] / 1e3}, data["memory_gb"],
-                       data["bandwidth_gb_s"], f"measured {data['date']} ({path})")
+    return {**data, "path": str(path)}
 
 
-def _read_measurement(path: Path) -> dict[str, Any]:
-    """The cached ``local_cpu.json``; a file edited into something else is one ConfigError naming it."""
-    keys = ("name", "fp32_gflops", "memory_gb", "bandwidth_gb_s", "date")
+def machine_line() -> str:
+    """One line for a benchmark's header: this CPU, its features and measured rates, torch."""
+    import torch
+
+    d = local_cpu_measurement()
+    return (f"machine: {d['cpu']}, {d['threads']} threads, features {' '.join(d['features']) or 'none'}; "
+            f"float32 {d['fp32_gflops']:,.0f} GFLOP/s, bfloat16 {d['bf16_gflops']:,.0f} GFLOP/s "
+            f"({d['bf16_vs_fp32']:.2f}x float32 on the same torch.mm), "
+            f"weight streaming {d['bandwidth_gb_s']:.1f} GB/s; torch {torch.__version__}")
+
+
+def local_cpu(remeasure: bool = False) -> Accelerator:
+    """This machine's CPU as an accelerator (``local_cpu_measurement``): float32 and bfloat16
+    matmul rates and the weight-streaming bandwidth."""
+    data = local_cpu_measurement(remeasure)
+    tflops = {"fp32": data["fp32_gflops"] / 1e3, "bf16": data["bf16_gflops"] / 1e3}
+    return Accelerator("cpu", data["name"], tflops, data["memory_gb"], data["bandwidth_gb_s"],
+                       f"measured {data['date']} ({data['path']})")
+
+
+def _read_measurement(path: Path) -> dict[str, Any] | None:
+    """The cached ``local_cpu.json``, or None for one measured an earlier way (measured again); a
+    file edited into something else is one ConfigError naming it."""
+    keys = ("name", "fp32_gflops", "bf16_gflops", "bf16_vs_fp32", "memory_gb", "bandwidth_gb_s", "date")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read the CPU measurement {path}: {e}; delete it to measure again") from None
+    if isinstance(data, dict) and data.get("bandwidth_method") != BANDWIDTH_METHOD:
+        return None
     if not isinstance(data, dict) or any(k not in data for k in keys):
         raise ConfigError(f"the CPU measurement {path} must hold {', '.join(keys)}; delete it to measure again")
     return data
 
 
-BANDWIDTH_METHOD = "packed float32 linears, 256 MiB of weights: 8 rows for bandwidth, 512 rows for FLOP/s"
+BANDWIDTH_METHOD = ("packed float32 linears, 256 MiB of weights: 8 rows for bandwidth, 512 rows for FLOP/s; "
+                    "bfloat16 and float32: torch.mm of 256 x 1024 by 1024 x 1024")
 
 
 def _measure_cpu() -> dict[str, Any]:
@@ -141,12 +176,25 @@ def _measure_cpu() -> dict[str, Any]:
 
     bandwidth = 8 * 2048 * 4096 * 4 / best_time(torch.randn(8, 2048), 4) / 1e9
     gflops = 2 * 512 * 2048 * 4096 * 8 / best_time(torch.randn(512, 2048), 3) / 1e9
+    # bfloat16 is ~100x slower than float32 without native support (AVX2 only): a small product,
+    # so the probe stays well under a second there, against what float32 does on the same shape
+    def mm_gflops(dtype: torch.dtype) -> float:
+        a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * 256 * 1024 * 1024 / best / 1e9
+
+    bf16_gflops, mm_fp32_gflops = mm_gflops(torch.bfloat16), mm_gflops(torch.float32)
     try:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError):
         memory_gb = 0.0
     return {"name": f"local CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "fp32_gflops": round(gflops, 1), "bandwidth_gb_s": round(bandwidth, 1),
+            "fp32_gflops": round(gflops, 1), "bf16_gflops": round(bf16_gflops, 1),
+            "bf16_vs_fp32": round(bf16_gflops / mm_fp32_gflops, 2), "bandwidth_gb_s": round(bandwidth, 1),
             "memory_gb": round(memory_gb, 1), "date": time.strftime("%Y-%m-%d"), "bandwidth_method": BANDWIDTH_METHOD}
 
 
