@@ -17,9 +17,9 @@ are described in ``training/diagnostic_media.py``; ``skill_media(skill)`` names 
 The text-only long-context skills ``recall-N`` (a key, ``N`` tokens of distractors, the question)
 are in ``training/diagnostic_text.py``.
 
-Answers are one short lowercase word (a digit for recall-N), scored by exact match. They are drawn uniformly from
-``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that ignores the media and
-only learns the answer prior can reach.
+Answers are one short lowercase word (a digit for recall-N), scored by exact match. They are
+drawn uniformly from ``answer_set(skill)``, so ``chance_level(skill)`` is also what a model that
+ignores the media and only learns the answer prior can reach.
 
 Splits never share a sample: the generating parameters of a sample (its *key*) are hashed into ten
 buckets, 0-7 train, 8 val, 9 test, and each split rejection-samples keys from its own buckets. This
