@@ -11,9 +11,10 @@ own process (so peak memory is per framework): prefill latency (1 image + 32 tex
 tokens/s at batch 1 and 8 (greedy, forced to run all steps), peak RSS. omnifuse runs in float32 and
 with ``--quantize int8``; transformers in float32. Prints a table with the ratios, the int8
 greedy-token agreement with float32 over ``--agree-steps`` steps, and for the cross-attention
-model the decode time per token with 1 and with 4 images. Targets: decode batch 1 >= 1.3x,
-batch 8 >= 1.5x, prefill >= 1.1x, int8 decode >= 3x transformers float32 with >= 95% agreement,
-cross-attention decode with 4 images within 10% of 1 image.
+model the decode time per token with 1 and with 4 images, then one PASS/FAIL line per target
+(``TARGETS``): float32 decode batch 1 >= 1.3x and batch 8 >= 1.5x transformers float32; prefill
+>= 1.5x (LLaVA) and >= 1.3x (Mllama); int8 decode batch 1 >= 4x and batch 8 >= 3x, with >= 95%
+greedy agreement; cross-attention decode with 4 images within 10% of 1 image.
 """
 
 from __future__ import annotations
@@ -341,6 +342,43 @@ def main() -> None:
         diff = (m["ms_per_token_4img"] - m["ms_per_token_1img"]) / m["ms_per_token_1img"]
         console.print(f"mllama decode per token: {m['ms_per_token_1img']:.2f} ms with 1 image, "
                       f"{m['ms_per_token_4img']:.2f} ms with 4 images ({100 * diff:+.1f}%)")
+    for line in target_lines(results, folders):
+        console.print(line)
+
+
+# (model, framework, measure, at least): a ratio against transformers float32 on the same model
+TARGETS = [
+    *[(arch, "omnifuse", "decode_b1_tps", 1.3) for arch in ("llava", "mllama")],
+    *[(arch, "omnifuse", "decode_b8_tps", 1.5) for arch in ("llava", "mllama")],
+    ("llava", "omnifuse", "prefill_ms", 1.5),
+    ("mllama", "omnifuse", "prefill_ms", 1.3),
+    *[(arch, "omnifuse-int8", "decode_b1_tps", 4.0) for arch in ("llava", "mllama")],
+    *[(arch, "omnifuse-int8", "decode_b8_tps", 3.0) for arch in ("llava", "mllama")],
+]
+
+
+def target_lines(results: dict, folders) -> list[str]:
+    """One PASS/FAIL line per target this run measured: speed ratios against transformers,
+    int8's greedy agreement with float32, and cross-attention decode with 4 images against 1."""
+    lines = []
+    for arch, worker, key, least in TARGETS:
+        if arch not in folders:
+            continue
+        ours, ref = results[(arch, worker)][key], results[(arch, "transformers")][key]
+        ratio = ref / ours if key == "prefill_ms" else ours / ref  # a time: lower is faster
+        what = "prefill" if key == "prefill_ms" else f"decode batch {key[8]}"
+        lines.append(f"{'PASS' if ratio >= least else 'FAIL'}: {arch} {worker} {what} {ratio:.2f}x transformers "
+                     f"float32 (target >= {least}x)")
+    for arch in folders:
+        agreement = results[(arch, "omnifuse-int8")]["agreement"]
+        lines.append(f"{'PASS' if agreement >= 0.95 else 'FAIL'}: {arch} int8 greedy agreement with float32 "
+                     f"{100 * agreement:.1f}% (target >= 95%)")
+    m = results.get(("mllama", "omnifuse"))
+    if m:
+        diff = (m["ms_per_token_4img"] - m["ms_per_token_1img"]) / m["ms_per_token_1img"]
+        lines.append(f"{'PASS' if diff <= 0.10 else 'FAIL'}: mllama decode with 4 images {100 * diff:+.1f}% against 1 "
+                     "image (target within +10%)")
+    return lines
 
 
 def _peak_rss_mb() -> float:
