@@ -196,9 +196,9 @@ def _machine_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="omnifuse info: this machine", show_header=False)
     from omnifuse.runtime import CPU_FEATURES
 
+    table = Table(title="omnifuse info: this machine", show_header=False)
     rows = [("cpu", data["cpu"]), ("features", " ".join(data["features"]) or "none of " + ", ".join(CPU_FEATURES)),
             ("threads", str(data["threads"])), ("float32 matmul", f"{data['fp32_gflops']:,.1f} GFLOP/s (packed linears, as omnifuse runs them)"),
             ("bfloat16 matmul", f"{data['bf16_gflops']:,.1f} GFLOP/s ({data['bf16_vs_fp32']:.2f}x float32 on the same torch.mm)"),

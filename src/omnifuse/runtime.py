@@ -8,6 +8,8 @@ a GPU that supports it.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
 
 import torch
@@ -25,14 +27,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
-def _cpuinfo(text: str | None) -> str:
-    if text is not None:
-        return text
+@functools.cache
+def _first_cpu() -> str:
+    """This machine's /proc/cpuinfo block of its first processor (every core repeats it), read once."""
     try:
         with open("/proc/cpuinfo") as f:
-            return f.read()
+            return "".join(itertools.takewhile(str.strip, f))
     except OSError:  # not Linux: no flags known
         return ""
+
+
+def _cpuinfo(text: str | None) -> str:
+    return _first_cpu() if text is None else text
 
 
 def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:

@@ -164,28 +164,26 @@ def _measure_cpu() -> dict[str, Any]:
     layers = torch.nn.Sequential(*(torch.nn.Linear(2048, 4096, bias=False) for _ in range(8)))  # 256 MiB
     pack_linears(layers)
 
-    def best_time(rows: torch.Tensor, repeats: int) -> float:
+    def best_time(run, repeats: int) -> float:
         best = float("inf")
         with torch.inference_mode():
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                for layer in layers:
-                    layer(rows)
+                run()
                 best = min(best, time.perf_counter() - t0)
         return best
 
-    bandwidth = 8 * 2048 * 4096 * 4 / best_time(torch.randn(8, 2048), 4) / 1e9
-    gflops = 2 * 512 * 2048 * 4096 * 8 / best_time(torch.randn(512, 2048), 3) / 1e9
+    def through_layers(rows: torch.Tensor):
+        return lambda: [layer(rows) for layer in layers]
+
+    bandwidth = 8 * 2048 * 4096 * 4 / best_time(through_layers(torch.randn(8, 2048)), 4) / 1e9
+    gflops = 2 * 512 * 2048 * 4096 * 8 / best_time(through_layers(torch.randn(512, 2048)), 3) / 1e9
+
     # bfloat16 is ~100x slower than float32 without native support (AVX2 only): a small product,
     # so the probe stays well under a second there, against what float32 does on the same shape
     def mm_gflops(dtype: torch.dtype) -> float:
         a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        return 2 * 256 * 1024 * 1024 / best / 1e9
+        return 2 * 256 * 1024 * 1024 / best_time(lambda: torch.mm(a, b), 3) / 1e9
 
     bf16_gflops, mm_fp32_gflops = mm_gflops(torch.bfloat16), mm_gflops(torch.float32)
     try:
